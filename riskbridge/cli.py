@@ -1,0 +1,187 @@
+"""The ``riskbridge`` command line: sandbox, doctor, synthetic cohort and version.
+
+Errors a person can fix (settings, missing packages, busy ports, unreachable servers) end in one line on stderr
+and exit status 2, never a stack trace.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from riskbridge import __version__
+from riskbridge.settings import Settings, SettingsError, load_settings
+
+app = typer.Typer(help="riskbridge: nightly imaging + EHR risk scoring.", no_args_is_help=True)
+sandbox_app = typer.Typer(help="Loopback Orthanc, HAPI FHIR and PostgreSQL servers for tests and demos.")
+app.add_typer(sandbox_app, name="sandbox")
+
+console = Console()
+err_console = Console(stderr=True)
+
+
+class _State:
+    config: Path | None = None
+
+
+def _fail(message: str) -> typer.Exit:
+    err_console.print(f"[bold red]error:[/] {message}", highlight=False)
+    return typer.Exit(code=2)
+
+
+def _settings() -> Settings:
+    try:
+        return load_settings(_State.config)
+    except SettingsError as exc:
+        raise _fail(str(exc)) from None
+
+
+@app.callback()
+def main(
+    config: Path | None = typer.Option(
+        None, "--config", "-c", help="TOML config file (default: $RISKBRIDGE_CONFIG, else ./riskbridge.toml)."
+    ),
+) -> None:
+    """riskbridge: DICOM and FHIR in, RiskAssessment out."""
+    _State.config = config
+
+
+@app.command()
+def version() -> None:
+    """Print the riskbridge version."""
+    console.print(f"riskbridge {__version__}")
+
+
+@contextmanager
+def _part_progress() -> Iterator[Callable[[str, str], None]]:
+    """Yield a sandbox progress callback that shows one spinner line per server."""
+    columns = (SpinnerColumn(), TextColumn("[bold]{task.fields[part]:<10}"), TextColumn("{task.description}"))
+    with Progress(*columns, TimeElapsedColumn(), console=console, transient=False) as progress:
+        tasks: dict[str, Any] = {}
+
+        def report(part: str, message: str) -> None:
+            if part not in tasks:
+                tasks[part] = progress.add_task(message, total=1, part=part)
+            done = message in ("ready", "stopped", "already running")
+            progress.update(tasks[part], description=message, completed=1 if done else 0)
+
+        yield report
+
+
+def _status_table(statuses: list[Any]) -> Table:
+    table = Table(title="riskbridge sandbox")
+    for column in ("part", "state", "pid", "endpoints"):
+        table.add_column(column)
+    colours = {"ready": "green", "starting": "yellow"}
+    for status in statuses:
+        colour = colours.get(status.state, "red")
+        table.add_row(
+            status.name, f"[{colour}]{status.state}[/]", str(status.pid or "-"), "\n".join(status.endpoints)
+        )
+    return table
+
+
+@sandbox_app.command("up")
+def sandbox_up() -> None:
+    """Start Orthanc, HAPI FHIR and PostgreSQL on 127.0.0.1 (idempotent) and wait until they answer."""
+    from riskbridge.sandbox import Sandbox, SandboxError
+
+    settings = _settings()
+    sandbox = Sandbox(settings)
+    try:
+        with _part_progress() as report:
+            statuses = sandbox.up(report)
+    except SandboxError as exc:
+        raise _fail(str(exc)) from None
+    console.print(_status_table(statuses))
+    console.print(f"state and logs: {sandbox.root}")
+
+
+@sandbox_app.command("down")
+def sandbox_down() -> None:
+    """Stop exactly the processes 'sandbox up' started."""
+    from riskbridge.sandbox import Sandbox, SandboxError
+
+    try:
+        stopped = Sandbox(_settings()).down()
+    except SandboxError as exc:
+        raise _fail(str(exc)) from None
+    console.print(f"stopped: {', '.join(stopped)}" if stopped else "nothing was running")
+
+
+@sandbox_app.command("status")
+def sandbox_status() -> None:
+    """Report each sandbox server; exit 1 unless all are ready."""
+    from riskbridge.sandbox import Sandbox
+
+    statuses = Sandbox(_settings()).status()
+    console.print(_status_table(statuses))
+    if any(status.state != "ready" for status in statuses):
+        raise typer.Exit(code=1)
+
+
+@app.command()
+def doctor() -> None:
+    """Check the PACS (C-ECHO), the FHIR server (/metadata) and the ledger database; exit 1 on any FAIL."""
+    from riskbridge.doctor import run_checks
+
+    results = run_checks(_settings())
+    table = Table(title="riskbridge doctor")
+    for column in ("check", "target", "result", "detail"):
+        table.add_column(column)
+    for result in results:
+        verdict = "[green]OK[/]" if result.ok else "[red]FAIL[/]"
+        table.add_row(result.name, result.target, verdict, result.detail)
+    console.print(table)
+    if not all(result.ok for result in results):
+        raise typer.Exit(code=1)
+
+
+@contextmanager
+def _count_progress() -> Iterator[Callable[[str, int, int], None]]:
+    """Yield a ``progress(stage, done, total)`` callback that shows one bar per stage."""
+    columns = (TextColumn("{task.description:<22}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, console=console) as progress:
+        tasks: dict[str, Any] = {}
+
+        def report(stage: str, done: int, total: int) -> None:
+            if stage not in tasks:
+                tasks[stage] = progress.add_task(stage, total=total)
+            progress.update(tasks[stage], completed=done, total=total)
+
+        yield report
+
+
+@app.command()
+def synth(
+    patients: int = typer.Option(30, "--patients", "-n", min=1, help="Number of patients."),
+    seed: int = typer.Option(7, "--seed", "-s", help="Random seed; the same seed gives the same cohort."),
+    out: Path = typer.Option(Path(".riskbridge/cohort"), "--out", "-o", help="Output directory."),
+    size: str = typer.Option("small", "--size", help="small (128x128 slices) or full (512x512)."),
+    load: bool = typer.Option(False, "--load", help="Upload to the configured Orthanc and FHIR server."),
+) -> None:
+    """Generate a deterministic synthetic cohort with ground truth (and optionally load it)."""
+    from riskbridge import synth as synthetic
+
+    if size not in ("small", "full"):
+        raise _fail(f"--size must be 'small' or 'full', not {size!r}")
+    settings = _settings()
+    with _count_progress() as report:
+        summary = synthetic.generate(out, patients=patients, seed=seed, size=size, progress=report)
+    console.print(summary.describe())
+    if not load:
+        return
+    orthanc_url = f"http://127.0.0.1:{settings.sandbox.orthanc_http_port}"
+    try:
+        with _count_progress() as report:
+            loaded = synthetic.load(out, orthanc_url=orthanc_url, fhir_base_url=settings.fhir.base_url, progress=report)
+    except synthetic.LoadError as exc:
+        raise _fail(str(exc)) from None
+    console.print(loaded.describe())

@@ -1,0 +1,195 @@
+"""One validated settings object for riskbridge: defaults < config file < ``RISKBRIDGE_*`` environment.
+
+The defaults point at the loopback sandbox (``riskbridge sandbox up``), so a fresh clone works with no
+configuration. A site writes a TOML file (``--config`` or ``RISKBRIDGE_CONFIG``) and overrides single keys
+through the environment with ``__`` between levels, e.g. ``RISKBRIDGE_PACS__PORT=104``.
+
+Every validation problem becomes one :class:`SettingsError` whose message names the key, e.g.
+``pacs.port: Input should be a valid integer (value 'abc')``.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+ENV_PREFIX = "RISKBRIDGE_"
+CONFIG_ENV = "RISKBRIDGE_CONFIG"
+DEFAULT_CONFIG_FILE = Path("riskbridge.toml")
+
+_AE_TITLE_CHARS = set("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_-. ")
+
+
+class SettingsError(Exception):
+    """Raised when settings cannot be loaded; the message names every offending key."""
+
+
+def _check_ae_title(value: str) -> str:
+    if not 1 <= len(value) <= 16:
+        raise ValueError("an AE title has 1 to 16 characters")
+    if not set(value) <= _AE_TITLE_CHARS or value.strip() != value:
+        raise ValueError("an AE title uses letters, digits, '_', '-', '.' and no leading/trailing spaces")
+    return value
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class TlsSettings(_Section):
+    """TLS files for a DICOM association; all three or none."""
+
+    ca_file: Path
+    cert_file: Path
+    key_file: Path
+
+    @field_validator("ca_file", "cert_file", "key_file")
+    @classmethod
+    def _exists(cls, path: Path) -> Path:
+        if not path.is_file():
+            raise ValueError(f"file not found: {path}")
+        return path
+
+
+class PacsSettings(_Section):
+    """The PACS riskbridge queries (C-FIND) and retrieves from, and riskbridge's own storage SCP."""
+
+    host: str = "127.0.0.1"
+    port: int = Field(14242, ge=1, le=65535)
+    called_ae: str = "ORTHANC"
+    calling_ae: str = "RISKBRIDGE"
+    scp_ae: str = "RISKBRIDGE_SCP"
+    scp_port: int = Field(11113, ge=1, le=65535)
+    dicomweb_url: str | None = "http://127.0.0.1:18042/dicom-web"
+    tls: TlsSettings | None = None
+
+    _ae = field_validator("called_ae", "calling_ae", "scp_ae")(_check_ae_title)
+
+
+class FhirAuth(_Section):
+    """How riskbridge authenticates to the FHIR server (OAuth2 and SMART Backend Services come with the FHIR client)."""
+
+    type: Literal["none", "basic", "bearer"] = "none"
+    username: str | None = None
+    password: SecretStr | None = None
+    token: SecretStr | None = None
+
+    @model_validator(mode="after")
+    def _required_for_type(self) -> FhirAuth:
+        required: dict[str, tuple[str, ...]] = {"none": (), "basic": ("username", "password"), "bearer": ("token",)}
+        missing = [name for name in required[self.type] if getattr(self, name) is None]
+        if missing:
+            raise ValueError(f"auth type {self.type!r} needs {', '.join(missing)}")
+        return self
+
+
+class FhirSettings(_Section):
+    """The FHIR R4 server labs and notes come from and RiskAssessments go to."""
+
+    base_url: str = "http://127.0.0.1:18080/fhir"
+    auth: FhirAuth = FhirAuth()
+    timeout_s: float = Field(30.0, gt=0)
+
+    @field_validator("base_url")
+    @classmethod
+    def _http_url(cls, value: str) -> str:
+        if not value.startswith(("http://", "https://")):
+            raise ValueError("must start with http:// or https://")
+        return value.rstrip("/")
+
+
+class DatabaseSettings(_Section):
+    """The PostgreSQL ledger."""
+
+    dsn: SecretStr = SecretStr("postgresql://riskbridge@127.0.0.1:15432/riskbridge")
+
+
+class SandboxSettings(_Section):
+    """Ports and state directory of the loopback sandbox (``riskbridge sandbox up``)."""
+
+    dir: Path = Path(".riskbridge/sandbox")
+    orthanc_http_port: int = Field(18042, ge=1, le=65535)
+    hapi_port: int = Field(18080, ge=1, le=65535)
+    hapi_java_opts: str = "-Xmx2g -XX:+UseSerialGC"
+    postgres_port: int = Field(15432, ge=1, le=65535)
+    # AE titles a test or site tool may call Orthanc from (dcmtk's findscu/movescu in the tests).
+    extra_calling_aes: list[str] = ["DCMTK"]
+    ready_timeout_s: float = Field(240.0, gt=0)
+
+    _ae = field_validator("extra_calling_aes")(lambda v: [_check_ae_title(a) for a in v])
+
+
+class Settings(BaseSettings):
+    """All of riskbridge's settings; build it with :func:`load_settings`."""
+
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX, env_nested_delimiter="__", extra="forbid", case_sensitive=False
+    )
+
+    pacs: PacsSettings = PacsSettings()
+    fhir: FhirSettings = FhirSettings()
+    database: DatabaseSettings = DatabaseSettings()
+    staging_dir: Path = Path(".riskbridge/staging")
+    model_dir: Path = Path(".riskbridge/models")
+    sandbox: SandboxSettings = SandboxSettings()
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # The config file arrives as init kwargs; the environment overrides it key by key.
+        return env_settings, init_settings
+
+
+def _read_config_file(path: Path) -> dict[str, Any]:
+    try:
+        with path.open("rb") as handle:
+            return tomllib.load(handle)
+    except FileNotFoundError:
+        raise SettingsError(f"config file not found: {path}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise SettingsError(f"config file {path} is not valid TOML: {exc}") from None
+
+
+def _describe(error: dict[str, Any]) -> str:
+    key = ".".join(str(part) for part in error["loc"]) or "(top level)"
+    message = error["msg"]
+    if error["type"] == "extra_forbidden":
+        message = "unknown setting"
+    value = error.get("input")
+    shown = "" if isinstance(value, dict) or error["type"] == "missing" else f" (value {value!r})"
+    if any(secret in key for secret in ("password", "token", "secret", "dsn")):
+        shown = ""
+    return f"{key}: {message}{shown}"
+
+
+def config_file_path(explicit: Path | None = None) -> Path | None:
+    """Return the config file to read: ``explicit``, else ``$RISKBRIDGE_CONFIG``, else ./riskbridge.toml if present."""
+    if explicit is not None:
+        return explicit
+    from_env = os.environ.get(CONFIG_ENV)
+    if from_env:
+        return Path(from_env)
+    return DEFAULT_CONFIG_FILE if DEFAULT_CONFIG_FILE.is_file() else None
+
+
+def load_settings(config_file: Path | None = None) -> Settings:
+    """Load and validate settings; raise :class:`SettingsError` naming each bad or missing key."""
+    path = config_file_path(config_file)
+    values = _read_config_file(path) if path is not None else {}
+    try:
+        return Settings(**values)
+    except ValidationError as exc:
+        source = f" (config file {path})" if path else ""
+        problems = "; ".join(_describe(dict(error)) for error in exc.errors())
+        raise SettingsError(f"invalid settings{source}: {problems}") from None
