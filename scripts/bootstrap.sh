@@ -1,0 +1,54 @@
+#!/usr/bin/env bash
+# Installs everything riskbridge needs on a Debian 12 machine, from packages only, and is safe to run again:
+# the Debian packages (Orthanc + DICOMweb, dcmtk, PostgreSQL, Java 17, Maven), a Python 3.11 environment built
+# from the committed constraints.txt, and the HAPI FHIR launcher jar (Maven, cached in ~/.m2).
+# The environment is cached outside the clone, keyed by the hash of constraints.txt, and linked as .venv.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+log() { printf '[bootstrap %(%H:%M:%S)T] %s\n' -1 "$*"; }
+sudo_cmd=()
+[ "$(id -u)" -eq 0 ] || sudo_cmd=(sudo)
+
+packages=(orthanc orthanc-dicomweb dcmtk postgresql docker-compose)
+command -v java >/dev/null || packages+=(openjdk-17-jdk-headless)
+command -v mvn >/dev/null || packages+=(maven)
+missing=()
+for package in "${packages[@]}"; do
+  dpkg-query -W -f='${Status}' "$package" 2>/dev/null | grep -q "install ok installed" || missing+=("$package")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  log "apt-get install ${missing[*]}"
+  "${sudo_cmd[@]}" apt-get update -qq
+  # Debian would start the packaged system services; riskbridge runs its own instances instead.
+  "${sudo_cmd[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+python=${PYTHON:-python3}
+"$python" -c 'import sys; sys.exit(sys.version_info[:2] != (3, 11))' \
+  || { echo "riskbridge needs Python 3.11 (set PYTHON=/path/to/python3.11)" >&2; exit 2; }
+
+key=$(sha256sum constraints.txt | cut -c1-16)
+cache=${RISKBRIDGE_CACHE:-$HOME/.cache/riskbridge}
+venv=$cache/venv-$key
+if [ ! -f "$venv/.complete" ]; then
+  log "building the Python environment $venv (first time for this constraints.txt: several minutes)"
+  rm -rf "$venv"
+  mkdir -p "$cache"
+  "$python" -m venv "$venv"
+  "$venv/bin/pip" install -q --upgrade pip
+  "$venv/bin/pip" install -q -c constraints.txt -e ".[dev]"
+  "$venv/bin/pip" check
+  touch "$venv/.complete"
+fi
+# Cheap when satisfied; points the cached environment's riskbridge at this clone.
+"$venv/bin/pip" install -q -c constraints.txt -e ".[dev]"
+ln -sfn "$venv" .venv
+log "Python environment: .venv -> $venv"
+
+jar=docker/hapi-fhir/target/riskbridge-hapi-fhir.jar
+if [ ! -f "$jar" ] || [ -n "$(find docker/hapi-fhir/pom.xml docker/hapi-fhir/src -newer "$jar" -print -quit)" ]; then
+  log "building the HAPI FHIR launcher (Maven; first time downloads to ~/.m2)"
+  mvn -B -q -f docker/hapi-fhir/pom.xml package -DskipTests
+fi
+log "HAPI FHIR launcher: $jar"

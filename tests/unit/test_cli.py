@@ -1,0 +1,36 @@
+"""The CLI's contract: version, and one clear line (exit 2, no traceback) for errors a person can fix."""
+
+from __future__ import annotations
+
+import pytest
+from typer.testing import CliRunner
+
+from riskbridge import __version__
+from riskbridge.cli import app
+
+runner = CliRunner()
+
+
+def test_version() -> None:
+    result = runner.invoke(app, ["version"])
+    assert result.exit_code == 0
+    assert __version__ in result.output
+
+
+def test_bad_setting_is_one_line_naming_the_key(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("RISKBRIDGE_PACS__PORT", "not-a-port")
+    result = runner.invoke(app, ["doctor"])
+    assert result.exit_code == 2
+    assert "pacs.port" in result.output
+    assert "Traceback" not in result.output
+
+
+def test_doctor_reports_each_failure_with_its_reason(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Port 9 on loopback: nothing listens there, so each check must fail on its own with a reason.
+    monkeypatch.setenv("RISKBRIDGE_PACS__PORT", "9")
+    monkeypatch.setenv("RISKBRIDGE_FHIR__BASE_URL", "http://127.0.0.1:9/fhir")
+    monkeypatch.setenv("RISKBRIDGE_DATABASE__DSN", "postgresql://nobody@127.0.0.1:9/none")
+    result = runner.invoke(app, ["doctor"], env={"COLUMNS": "200"})
+    assert result.exit_code == 1
+    assert result.output.count("FAIL") == 3
+    assert "Connection refused" in result.output

@@ -1,0 +1,71 @@
+"""Sandbox mechanics without starting servers: Orthanc's generated config, port and binary checks, PID files."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from riskbridge.sandbox import Sandbox, SandboxError, _require_binary
+from riskbridge.settings import Settings
+
+
+def _sandbox(tmp_path: Path, **sandbox: object) -> Sandbox:
+    return Sandbox(Settings(sandbox={"dir": tmp_path / "sb", **sandbox}))
+
+
+def test_orthanc_config_is_strict(tmp_path: Path) -> None:
+    orthanc = _sandbox(tmp_path, extra_calling_aes=["DCMTK", "QA_TOOL"]).orthanc
+    config = orthanc.config()
+    assert config["RemoteAccessAllowed"] is False
+    assert config["DicomCheckCalledAet"] is True
+    for key in ("Echo", "Store", "Find", "Get", "Move"):
+        assert config[f"DicomAlwaysAllow{key}"] is False
+    ae_titles = {entry["AET"] for entry in config["DicomModalities"].values()}  # type: ignore[attr-defined]
+    assert ae_titles == {"RISKBRIDGE", "RISKBRIDGE_SCP", "DCMTK", "QA_TOOL"}
+    assert str(config["Plugins"][0]).endswith("libOrthancDicomWeb.so")  # type: ignore[index]
+    assert config["SyncStorageArea"] is False
+    assert str(config["StorageDirectory"]).startswith(str(tmp_path / "sb"))
+
+
+def test_busy_port_names_port_and_setting(tmp_path: Path) -> None:
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        box = _sandbox(tmp_path, hapi_port=port)
+        with pytest.raises(SandboxError) as caught:
+            box.hapi.check_ports()
+    message = str(caught.value)
+    assert f"port {port} is already in use" in message
+    assert "sandbox.hapi_port" in message and "RISKBRIDGE_SANDBOX__HAPI_PORT" in message
+
+
+def test_missing_binary_names_the_debian_package(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PATH", "/nonexistent")
+    with pytest.raises(SandboxError, match=r"'Orthanc' not found: install the Debian package 'orthanc'"):
+        _require_binary("Orthanc", "orthanc")
+
+
+def test_pid_file_of_a_dead_or_recycled_process_is_not_trusted(tmp_path: Path) -> None:
+    part = _sandbox(tmp_path).orthanc
+    part.dir.mkdir(parents=True)
+    finished = subprocess.Popen(["true"])
+    finished.wait()
+    part.pid_file.write_text(f"{finished.pid} 12345\n")
+    assert part.running_pid() is None
+    assert part.has_stale_pid_file()
+    # Our own PID with a wrong start time: a recycled PID must never be signalled.
+    part.pid_file.write_text(f"{os.getpid()} 1\n")
+    assert part.running_pid() is None
+    assert part.stop() is False
+    assert not part.pid_file.exists()
+
+
+def test_status_of_a_never_started_sandbox(tmp_path: Path) -> None:
+    statuses = _sandbox(tmp_path).status()
+    assert [status.name for status in statuses] == ["orthanc", "hapi-fhir", "postgres"]
+    assert {status.state for status in statuses} == {"stopped"}
