@@ -9,7 +9,6 @@ from __future__ import annotations
 import socket
 import ssl
 import time
-
 from collections.abc import Iterator
 from typing import Literal
 

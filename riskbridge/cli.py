@@ -13,7 +13,14 @@ from typing import Any
 
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    SpinnerColumn,
+    TextColumn,
+    TimeElapsedColumn,
+)
 from rich.table import Table
 
 from riskbridge import __version__
@@ -82,9 +89,7 @@ def _status_table(statuses: list[Any]) -> Table:
     colours = {"ready": "green", "starting": "yellow"}
     for status in statuses:
         colour = colours.get(status.state, "red")
-        table.add_row(
-            status.name, f"[{colour}]{status.state}[/]", str(status.pid or "-"), "\n".join(status.endpoints)
-        )
+        table.add_row(status.name, f"[{colour}]{status.state}[/]", str(status.pid or "-"), "\n".join(status.endpoints))
     return table
 
 

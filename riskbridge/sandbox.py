@@ -29,6 +29,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+import psycopg2
+import psycopg2.extensions
 import requests
 
 from riskbridge.settings import Settings
@@ -134,8 +136,8 @@ class _Part(ABC):
     def ready(self) -> bool:
         """Return True once the server answers its protocol."""
 
-    def after_ready(self, progress: ProgressCallback) -> None:
-        """One-time work once the server answers (create the database, ...)."""
+    def after_ready(self, progress: ProgressCallback) -> None:  # noqa: B027 (an optional hook, not abstract)
+        """One-time work once the server answers (create the database, ...); most parts need none."""
 
     def stop_signal(self) -> int:
         """The signal that makes this server shut down cleanly and promptly."""
@@ -160,9 +162,7 @@ class _Part(ABC):
         for port, host, key in self.ports():
             if not _port_free(port, host):
                 env = "RISKBRIDGE_" + key.upper().replace(".", "__")
-                raise SandboxError(
-                    f"{self.name}: port {port} is already in use; free it or change '{key}' ({env}=...)"
-                )
+                raise SandboxError(f"{self.name}: port {port} is already in use; free it or change '{key}' ({env}=...)")
 
     def start(self) -> int:
         """Start the server process detached from this one; return its PID."""
@@ -261,7 +261,13 @@ class _Orthanc(_Part):
     def config(self) -> dict[str, object]:
         """The Orthanc JSON configuration this sandbox runs with."""
         pacs = self.settings.pacs
-        allow_all = {"AllowEcho": True, "AllowFind": True, "AllowMove": True, "AllowGet": True, "AllowStore": True}
+        allow_all = {
+            "AllowEcho": True,
+            "AllowFind": True,
+            "AllowMove": True,
+            "AllowGet": True,
+            "AllowStore": True,
+        }
         modalities: dict[str, object] = {
             "riskbridge": {"AET": pacs.calling_ae, "Host": "127.0.0.1", "Port": pacs.scp_port, **allow_all},
             "riskbridge_scp": {"AET": pacs.scp_ae, "Host": "127.0.0.1", "Port": pacs.scp_port, **allow_all},
@@ -460,8 +466,7 @@ class _Postgres(_Part):
     def stop_signal(self) -> int:
         return signal.SIGINT  # PostgreSQL's "fast" shutdown; SIGTERM waits for clients to leave
 
-    def _connect(self, dbname: str):  # type: ignore[no-untyped-def]
-        import psycopg2
+    def _connect(self, dbname: str) -> psycopg2.extensions.connection:
 
         return psycopg2.connect(
             host="127.0.0.1",
@@ -472,8 +477,6 @@ class _Postgres(_Part):
         )
 
     def ready(self) -> bool:
-        import psycopg2
-
         try:
             self._connect("postgres").close()
         except psycopg2.OperationalError:

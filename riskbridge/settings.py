@@ -15,7 +15,15 @@ import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 ENV_PREFIX = "RISKBRIDGE_"
@@ -81,7 +89,11 @@ class FhirAuth(_Section):
 
     @model_validator(mode="after")
     def _required_for_type(self) -> FhirAuth:
-        required: dict[str, tuple[str, ...]] = {"none": (), "basic": ("username", "password"), "bearer": ("token",)}
+        required: dict[str, tuple[str, ...]] = {
+            "none": (),
+            "basic": ("username", "password"),
+            "bearer": ("token",),
+        }
         missing = [name for name in required[self.type] if getattr(self, name) is None]
         if missing:
             raise ValueError(f"auth type {self.type!r} needs {', '.join(missing)}")

@@ -13,10 +13,10 @@ import pytest
 import requests
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
+from riskbridge.connectors import db, dicom, fhir
 from typer.testing import CliRunner
 
 from riskbridge.cli import app
-from riskbridge.connectors import db, dicom, fhir
 from riskbridge.settings import Settings
 
 pytestmark = pytest.mark.integration
@@ -64,7 +64,7 @@ def test_c_echo_from_riskbridge(sandbox: Settings) -> None:
 
 def test_unknown_calling_ae_is_refused(sandbox: Settings) -> None:
     stranger = sandbox.pacs.model_copy(update={"calling_ae": "STRANGER"})
-    with pytest.raises(dicom.DicomError, match="STRANGER -> ORTHANC@127.0.0.1"):
+    with pytest.raises(dicom.DicomError, match=r"STRANGER -> ORTHANC@127\.0\.0\.1"):
         dicom.echo(stranger)
 
 
@@ -106,7 +106,11 @@ def test_hapi_accepts_a_transaction_bundle(sandbox: Settings) -> None:
                     "resourceType": "Patient",
                     "identifier": [{"system": "urn:riskbridge:test", "value": marker}],
                 },
-                "request": {"method": "POST", "url": "Patient", "ifNoneExist": f"identifier=urn:riskbridge:test|{marker}"},
+                "request": {
+                    "method": "POST",
+                    "url": "Patient",
+                    "ifNoneExist": f"identifier=urn:riskbridge:test|{marker}",
+                },
             },
             {
                 "resource": {
@@ -114,7 +118,12 @@ def test_hapi_accepts_a_transaction_bundle(sandbox: Settings) -> None:
                     "status": "final",
                     "code": {"coding": [{"system": "http://loinc.org", "code": "2951-2"}]},
                     "subject": {"reference": patient_url},
-                    "valueQuantity": {"value": 140, "unit": "mmol/L", "system": "http://unitsofmeasure.org", "code": "mmol/L"},
+                    "valueQuantity": {
+                        "value": 140,
+                        "unit": "mmol/L",
+                        "system": "http://unitsofmeasure.org",
+                        "code": "mmol/L",
+                    },
                 },
                 "request": {"method": "POST", "url": "Observation"},
             },

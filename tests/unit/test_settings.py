@@ -94,7 +94,8 @@ def test_secrets_are_never_echoed(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_tls_files_must_exist(tmp_path: Path) -> None:
     config = tmp_path / "tls.toml"
     config.write_text(
-        "[pacs.tls]\nca_file = '/nonexistent/ca.pem'\ncert_file = '/nonexistent/c.pem'\nkey_file = '/nonexistent/k.pem'\n"
+        "[pacs.tls]\nca_file = '/nonexistent/ca.pem'\n"
+        "cert_file = '/nonexistent/c.pem'\nkey_file = '/nonexistent/k.pem'\n"
     )
     with pytest.raises(SettingsError, match=r"pacs\.tls\.ca_file: Value error, file not found"):
         load_settings(config)
