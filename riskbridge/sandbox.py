@@ -80,6 +80,39 @@ def _process_start_time(pid: int) -> str | None:
     return fields[19]
 
 
+def _listening_inodes(port: int) -> set[str]:
+    """Return the socket inodes listening on TCP ``port`` (IPv4 or IPv6), from /proc/net."""
+    inodes = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            lines = Path(table).read_text().splitlines()[1:]
+        except FileNotFoundError:
+            continue
+        for line in lines:
+            fields = line.split()
+            if fields[3] == "0A" and int(fields[1].rsplit(":", 1)[1], 16) == port:  # 0A: LISTEN
+                inodes.add(fields[9])
+    return inodes
+
+
+def _process_listens_on(pid: int, port: int) -> bool:
+    """True when process ``pid`` itself holds a socket listening on ``port``."""
+    wanted = {f"socket:[{inode}]" for inode in _listening_inodes(port)}
+    if not wanted:
+        return False
+    try:
+        descriptors = list(Path(f"/proc/{pid}/fd").iterdir())
+    except (FileNotFoundError, PermissionError):
+        return False
+    for descriptor in descriptors:
+        try:
+            if os.readlink(descriptor) in wanted:
+                return True
+        except OSError:
+            continue
+    return False
+
+
 def _port_free(port: int, host: str) -> bool:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
         probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -213,7 +246,17 @@ class _Part(ABC):
         if pid is None:
             state = "stale pid file" if self.has_stale_pid_file() else "stopped"
             return PartStatus(self.name, state, None, self.endpoints())
-        return PartStatus(self.name, "ready" if self.ready() else "starting", pid, self.endpoints())
+        return PartStatus(self.name, "ready" if self.serving() else "starting", pid, self.endpoints())
+
+    def serving(self) -> bool:
+        """True when the process this sandbox started listens on all its ports and answers its protocol.
+
+        Checking the listener's owner matters: another server on the same port would otherwise answer for it.
+        """
+        pid = self.running_pid()
+        if pid is None:
+            return False
+        return all(_process_listens_on(pid, port) for port, _, _ in self.ports()) and self.ready()
 
 
 def _http_ok(url: str, timeout: float = 2.0) -> bool:
@@ -547,7 +590,7 @@ class Sandbox:
                 reason = part.exited_early()
                 if reason is not None:
                     raise SandboxError(f"{part.name} exited during start-up: {reason} (log: {part.log_file})")
-                if part.ready():
+                if part.serving():
                     progress(part.name, "ready")
                     waiting.remove(part)
             if waiting and time.monotonic() > deadline:

@@ -69,3 +69,21 @@ def test_status_of_a_never_started_sandbox(tmp_path: Path) -> None:
     statuses = _sandbox(tmp_path).status()
     assert [status.name for status in statuses] == ["orthanc", "hapi-fhir", "postgres"]
     assert {status.state for status in statuses} == {"stopped"}
+
+
+def test_a_listener_is_attributed_to_the_process_that_holds_it() -> None:
+    from riskbridge.sandbox import _process_listens_on
+
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        port = listener.getsockname()[1]
+        assert _process_listens_on(os.getpid(), port)
+        bystander = subprocess.Popen(["sleep", "5"])
+        try:
+            # Another server answering on the port must never count as ours.
+            assert not _process_listens_on(bystander.pid, port)
+        finally:
+            bystander.kill()
+            bystander.wait()
+    assert not _process_listens_on(os.getpid(), port)
