@@ -178,8 +178,11 @@ def synth(
     if size not in ("small", "full"):
         raise _fail(f"--size must be 'small' or 'full', not {size!r}")
     settings = _settings()
-    with _count_progress() as report:
-        summary = synthetic.generate(out, patients=patients, seed=seed, size=size, progress=report)
+    try:
+        with _count_progress() as report:
+            summary = synthetic.generate(out, patients=patients, seed=seed, size=size, progress=report)
+    except synthetic.CohortError as exc:
+        raise _fail(str(exc)) from None
     console.print(summary.describe())
     if not load:
         return

@@ -417,7 +417,7 @@ class _Hapi(_Part):
         return argv, {}, None
 
     def ready(self) -> bool:
-        return _http_ok(f"{self.base_url}/metadata", timeout=5.0)
+        return _http_ok(f"{self.base_url}/metadata", timeout=30.0)
 
 
 class _Postgres(_Part):

@@ -127,7 +127,7 @@ class SandboxSettings(_Section):
     dir: Path = Path(".riskbridge/sandbox")
     orthanc_http_port: int = Field(18042, ge=1, le=65535)
     hapi_port: int = Field(18080, ge=1, le=65535)
-    hapi_java_opts: str = "-Xmx2g -XX:+UseSerialGC"
+    hapi_java_opts: str = "-Xmx1g -XX:+UseSerialGC"
     postgres_port: int = Field(15432, ge=1, le=65535)
     # AE titles a test or site tool may call Orthanc from (dcmtk's findscu/movescu in the tests).
     extra_calling_aes: list[str] = ["DCMTK"]

@@ -1,0 +1,214 @@
+package org.riskbridge.hapi;
+
+import ca.uhn.fhir.context.FhirContext;
+import ca.uhn.fhir.jpa.api.IDaoRegistry;
+import ca.uhn.fhir.jpa.api.config.JpaStorageSettings;
+import ca.uhn.fhir.jpa.api.dao.IFhirSystemDao;
+import ca.uhn.fhir.jpa.binary.api.IBinaryStorageSvc;
+import ca.uhn.fhir.jpa.binstore.DatabaseBinaryContentStorageSvcImpl;
+import ca.uhn.fhir.jpa.config.HibernatePropertiesProvider;
+import ca.uhn.fhir.jpa.config.util.HapiEntityManagerFactoryUtil;
+import ca.uhn.fhir.jpa.config.util.ResourceCountCacheUtil;
+import ca.uhn.fhir.jpa.dao.FulltextSearchSvcImpl;
+import ca.uhn.fhir.jpa.dao.IFulltextSearchSvc;
+import ca.uhn.fhir.jpa.dao.search.HSearchSortHelperImpl;
+import ca.uhn.fhir.jpa.dao.search.IHSearchSortHelper;
+import ca.uhn.fhir.jpa.model.config.PartitionSettings;
+import ca.uhn.fhir.jpa.model.config.SubscriptionSettings;
+import ca.uhn.fhir.jpa.model.dialect.HapiFhirH2Dialect;
+import ca.uhn.fhir.jpa.provider.DaoRegistryResourceSupportedSvc;
+import ca.uhn.fhir.jpa.search.DatabaseBackedPagingProvider;
+import ca.uhn.fhir.jpa.search.IStaleSearchDeletingSvc;
+import ca.uhn.fhir.jpa.search.StaleSearchDeletingSvcImpl;
+import ca.uhn.fhir.jpa.subscription.match.deliver.email.IEmailSender;
+import ca.uhn.fhir.jpa.util.LoggingEmailSender;
+import ca.uhn.fhir.jpa.util.ResourceCountCache;
+import ca.uhn.fhir.rest.api.IResourceSupportedSvc;
+import ca.uhn.fhir.rest.server.util.ISearchParamRegistry;
+import jakarta.persistence.EntityManagerFactory;
+import org.apache.commons.dbcp2.BasicDataSource;
+import org.springframework.beans.factory.annotation.Value;
+import org.springframework.beans.factory.config.ConfigurableListableBeanFactory;
+import org.springframework.context.annotation.Bean;
+import org.springframework.context.annotation.Configuration;
+import org.springframework.context.annotation.Lazy;
+import org.springframework.context.annotation.Primary;
+import org.springframework.orm.jpa.JpaTransactionManager;
+import org.springframework.orm.jpa.LocalContainerEntityManagerFactoryBean;
+
+import java.time.Duration;
+import java.util.Locale;
+import java.util.Properties;
+import javax.sql.DataSource;
+
+/**
+ * Storage side of the server: settings objects, the H2 data source, the JPA entity manager
+ * factory / transaction manager, and the handful of service beans that HAPI's
+ * {@code JpaConfig} expects the embedding application to provide.
+ */
+@Configuration
+public class StorageConfig {
+
+	// ---------------------------------------------------------------- settings
+
+	@Bean
+	public JpaStorageSettings storageSettings(
+			@Value("${riskbridge.fhir.reuse-cached-search-results-millis:60000}") long theReuseCachedSearchMillis,
+			@Value("${riskbridge.fhir.allow-external-references:true}") boolean theAllowExternalReferences,
+			@Value("${riskbridge.fhir.expunge-enabled:true}") boolean theExpungeEnabled) {
+		JpaStorageSettings retVal = new JpaStorageSettings();
+		// Client-assigned ids such as PUT Patient/abc (non-numeric). Purely numeric client ids are
+		// rejected by this strategy, server-assigned ids are sequential numbers.
+		retVal.setResourceClientIdStrategy(JpaStorageSettings.ClientIdStrategyEnum.ALPHANUMERIC);
+		// HAPI reuses identical search results for 60 s by default. The sandbox keeps that default so
+		// it behaves like a hospital's HAPI: clients must send Cache-Control: no-cache to see fresh writes.
+		// 0 turns reuse off.
+		retVal.setReuseCachedSearchResultsForMillis(theReuseCachedSearchMillis > 0 ? theReuseCachedSearchMillis : null);
+		retVal.setAllowExternalReferences(theAllowExternalReferences);
+		retVal.setExpungeEnabled(theExpungeEnabled);
+		retVal.setDeleteExpungeEnabled(theExpungeEnabled);
+		retVal.setAllowMultipleDelete(true);
+		// Referential integrity stays ON (HAPI default) for writes and deletes.
+		retVal.setEnforceReferentialIntegrityOnWrite(true);
+		retVal.setEnforceReferentialIntegrityOnDelete(true);
+		// No Lucene / Elasticsearch: _content / _text answer HAPI-0389 (full-text not enabled).
+		retVal.setAdvancedHSearchIndexing(false);
+		retVal.setHibernateSearchIndexFullText(false);
+		retVal.setHibernateSearchIndexSearchParams(false);
+		return retVal;
+	}
+
+	@Bean
+	public PartitionSettings partitionSettings() {
+		// Partitioning disabled (HAPI default).
+		return new PartitionSettings();
+	}
+
+	@Bean
+	public SubscriptionSettings subscriptionSettings() {
+		// No subscription channel types enabled; the subscription processors are not loaded anyway.
+		return new SubscriptionSettings();
+	}
+
+	// ---------------------------------------------------------------- database
+
+	@Bean(destroyMethod = "close")
+	public BasicDataSource dataSource(
+			@Value("${spring.datasource.url:jdbc:h2:mem:riskbridge;DB_CLOSE_DELAY=-1}") String theUrl,
+			@Value("${spring.datasource.username:sa}") String theUsername,
+			@Value("${spring.datasource.password:}") String thePassword,
+			@Value("${riskbridge.fhir.db-max-connections:20}") int theMaxConnections) {
+		BasicDataSource retVal = new BasicDataSource();
+		retVal.setDriverClassName("org.h2.Driver");
+		retVal.setUrl(withoutCloseOnExit(theUrl));
+		retVal.setUsername(theUsername);
+		retVal.setPassword(thePassword);
+		retVal.setMaxTotal(theMaxConnections);
+		retVal.setMaxWait(Duration.ofSeconds(30));
+		return retVal;
+	}
+
+	/**
+	 * H2 closes its databases from a JVM shutdown hook by default - before Spring has stopped HAPI's
+	 * schedulers and background tasks, which then fail with "Database is already closed". With
+	 * DB_CLOSE_ON_EXIT=FALSE the database is closed when the connection pool is, in order.
+	 */
+	static String withoutCloseOnExit(String theUrl) {
+		if (theUrl.startsWith("jdbc:h2:") && !theUrl.toUpperCase(Locale.ROOT).contains("DB_CLOSE_ON_EXIT")) {
+			return theUrl + ";DB_CLOSE_ON_EXIT=FALSE";
+		}
+		return theUrl;
+	}
+
+	@Bean
+	@Primary
+	public LocalContainerEntityManagerFactoryBean entityManagerFactory(
+			ConfigurableListableBeanFactory theBeanFactory,
+			FhirContext theFhirContext,
+			JpaStorageSettings theStorageSettings,
+			DataSource theDataSource,
+			@Value("${riskbridge.fhir.hbm2ddl:update}") String theHbm2ddl) {
+		LocalContainerEntityManagerFactoryBean retVal =
+				HapiEntityManagerFactoryUtil.newEntityManagerFactory(theBeanFactory, theFhirContext, theStorageSettings);
+		retVal.setPersistenceUnitName("HAPI_PU");
+		retVal.setDataSource(theDataSource);
+
+		Properties jpaProperties = new Properties();
+		jpaProperties.put("hibernate.dialect", HapiFhirH2Dialect.class.getName());
+		jpaProperties.put("hibernate.hbm2ddl.auto", theHbm2ddl);
+		jpaProperties.put("hibernate.search.enabled", "false");
+		jpaProperties.put("hibernate.format_sql", "false");
+		jpaProperties.put("hibernate.show_sql", "false");
+		jpaProperties.put("hibernate.jdbc.batch_size", "20");
+		jpaProperties.put("hibernate.cache.use_query_cache", "false");
+		jpaProperties.put("hibernate.cache.use_second_level_cache", "false");
+		jpaProperties.put("hibernate.cache.use_structured_entries", "false");
+		jpaProperties.put("hibernate.cache.use_minimal_puts", "false");
+		retVal.setJpaProperties(jpaProperties);
+		return retVal;
+	}
+
+	/** Primary, so that any other transaction manager that sneaks in cannot make injection ambiguous. */
+	@Bean
+	@Primary
+	public JpaTransactionManager transactionManager(EntityManagerFactory theEntityManagerFactory) {
+		JpaTransactionManager retVal = new JpaTransactionManager();
+		retVal.setEntityManagerFactory(theEntityManagerFactory);
+		return retVal;
+	}
+
+	@Bean
+	@Primary
+	public HibernatePropertiesProvider hibernatePropertiesProvider() {
+		return new HibernatePropertiesProvider();
+	}
+
+	// ---------------------------------------------------------------- services JpaConfig expects
+
+	@Bean
+	public IFulltextSearchSvc fullTextSearchSvc() {
+		return new FulltextSearchSvcImpl();
+	}
+
+	@Bean
+	public IHSearchSortHelper extendedFulltextSortHelper(@Lazy ISearchParamRegistry theSearchParamRegistry) {
+		return new HSearchSortHelperImpl(theSearchParamRegistry);
+	}
+
+	@Bean
+	public IStaleSearchDeletingSvc staleSearchDeletingSvc() {
+		return new StaleSearchDeletingSvcImpl();
+	}
+
+	@Bean
+	public DatabaseBackedPagingProvider databaseBackedPagingProvider(
+			@Value("${riskbridge.fhir.default-page-size:20}") int theDefaultPageSize,
+			@Value("${riskbridge.fhir.max-page-size:200}") int theMaxPageSize) {
+		DatabaseBackedPagingProvider retVal = new DatabaseBackedPagingProvider();
+		retVal.setDefaultPageSize(theDefaultPageSize);
+		retVal.setMaximumPageSize(theMaxPageSize);
+		return retVal;
+	}
+
+	@Bean
+	public IResourceSupportedSvc resourceSupportedSvc(IDaoRegistry theDaoRegistry) {
+		return new DaoRegistryResourceSupportedSvc(theDaoRegistry);
+	}
+
+	@Bean(name = "myResourceCountsCache")
+	public ResourceCountCache resourceCountsCache(IFhirSystemDao<?, ?> theSystemDao) {
+		return ResourceCountCacheUtil.newResourceCountCache(theSystemDao);
+	}
+
+	/** Binary content (e.g. large Binary / attachment payloads) is kept in the same database. */
+	@Bean
+	public IBinaryStorageSvc binaryStorageSvc() {
+		return new DatabaseBinaryContentStorageSvcImpl();
+	}
+
+	/** Subscriptions are not enabled; anything that would send e-mail is just logged. */
+	@Bean
+	public IEmailSender emailSender() {
+		return new LoggingEmailSender();
+	}
+}
