@@ -313,13 +313,15 @@ class _Orthanc(_Part):
         }
         modalities: dict[str, object] = {
             "riskbridge": {"AET": pacs.calling_ae, "Host": "127.0.0.1", "Port": pacs.scp_port, **allow_all},
-            "riskbridge_scp": {"AET": pacs.scp_ae, "Host": "127.0.0.1", "Port": pacs.scp_port, **allow_all},
         }
+        for index, (ae_title, port) in enumerate(pacs.scp_endpoints()):
+            modalities[f"riskbridge_scp_{index}"] = {"AET": ae_title, "Host": "127.0.0.1", "Port": port, **allow_all}
         for index, ae_title in enumerate(self.settings.sandbox.extra_calling_aes):
+            # A tool's own storage SCP (e.g. dcmtk's storescp for movescu) listens at scp_port + 100 + index.
             modalities[f"extra_{index}"] = {
                 "AET": ae_title,
                 "Host": "127.0.0.1",
-                "Port": pacs.scp_port + 1 + index,
+                "Port": pacs.scp_port + 100 + index,
                 **allow_all,
             }
         return {

@@ -73,10 +73,30 @@ class PacsSettings(_Section):
     calling_ae: str = "RISKBRIDGE"
     scp_ae: str = "RISKBRIDGE_SCP"
     scp_port: int = Field(11113, ge=1, le=65535)
+    # Where riskbridge's storage SCP listens; a site whose PACS is on another host sets its own interface.
+    scp_bind_address: str = "127.0.0.1"
     dicomweb_url: str | None = "http://127.0.0.1:18042/dicom-web"
     tls: TlsSettings | None = None
+    transport: Literal["auto", "c-move", "c-get", "dicomweb"] = "auto"
+    # Parallel retrieval worker processes. For C-MOVE, worker i receives on AE title scp_ae + i at scp_port + i
+    # (worker 0 on scp_ae itself): register each one in the PACS.
+    workers: int = Field(2, ge=1, le=16)
+    max_attempts: int = Field(3, ge=1, le=10)
+    timeout_s: float = Field(30.0, gt=0)
 
     _ae = field_validator("called_ae", "calling_ae", "scp_ae")(_check_ae_title)
+
+    @model_validator(mode="after")
+    def _worker_ae_titles_fit(self) -> PacsSettings:
+        if self.workers > 1:
+            _check_ae_title(f"{self.scp_ae}{self.workers - 1}")
+        if self.scp_port + self.workers - 1 > 65535:
+            raise ValueError("scp_port + workers - 1 exceeds 65535")
+        return self
+
+    def scp_endpoints(self) -> list[tuple[str, int]]:
+        """Return the storage SCP ``(AE title, port)`` of each retrieval worker."""
+        return [(self.scp_ae if i == 0 else f"{self.scp_ae}{i}", self.scp_port + i) for i in range(self.workers)]
 
 
 class FhirAuth(_Section):

@@ -31,18 +31,21 @@ python=${PYTHON:-python3}
 key=$(sha256sum constraints.txt | cut -c1-16)
 cache=${RISKBRIDGE_CACHE:-$HOME/.cache/riskbridge}
 venv=$cache/venv-$key
+pip_log="$cache/pip-$key.log"
+quiet() { "$@" >>"$pip_log" 2>&1 || { tail -n 30 "$pip_log" >&2; echo "failed: $* (log: $pip_log)" >&2; exit 1; }; }
 if [ ! -f "$venv/.complete" ]; then
   log "building the Python environment $venv (first time for this constraints.txt: several minutes)"
   rm -rf "$venv"
   mkdir -p "$cache"
+  : >"$pip_log"
   "$python" -m venv "$venv"
-  "$venv/bin/pip" install -q --upgrade pip
-  "$venv/bin/pip" install -q -c constraints.txt -e ".[dev]"
+  quiet "$venv/bin/pip" install --upgrade pip
+  quiet "$venv/bin/pip" install -c constraints.txt -e ".[dev]"
   "$venv/bin/pip" check
   touch "$venv/.complete"
 fi
 # Cheap when satisfied; points the cached environment's riskbridge at this clone.
-"$venv/bin/pip" install -q -c constraints.txt -e ".[dev]"
+quiet "$venv/bin/pip" install -c constraints.txt -e ".[dev]"
 ln -sfn "$venv" .venv
 log "Python environment: .venv -> $venv"
 

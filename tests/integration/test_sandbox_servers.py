@@ -13,10 +13,10 @@ import pytest
 import requests
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
-from riskbridge.connectors import db, dicom, fhir
 from typer.testing import CliRunner
 
 from riskbridge.cli import app
+from riskbridge.connectors import db, dicom, fhir
 from riskbridge.settings import Settings
 
 pytestmark = pytest.mark.integration

@@ -25,7 +25,7 @@ def test_orthanc_config_is_strict(tmp_path: Path) -> None:
     for key in ("Echo", "Store", "Find", "Get", "Move"):
         assert config[f"DicomAlwaysAllow{key}"] is False
     ae_titles = {entry["AET"] for entry in config["DicomModalities"].values()}  # type: ignore[attr-defined]
-    assert ae_titles == {"RISKBRIDGE", "RISKBRIDGE_SCP", "DCMTK", "QA_TOOL"}
+    assert ae_titles == {"RISKBRIDGE", "RISKBRIDGE_SCP", "RISKBRIDGE_SCP1", "DCMTK", "QA_TOOL"}
     assert str(config["Plugins"][0]).endswith("libOrthancDicomWeb.so")  # type: ignore[index]
     assert config["SyncStorageArea"] is False
     assert str(config["StorageDirectory"]).startswith(str(tmp_path / "sb"))

@@ -1,0 +1,256 @@
+"""Retrieve selected series into the staging area, verified complete, over C-MOVE, C-GET or DICOMweb.
+
+Completeness is decided by counting the SOP instances staged against the instance list of an IMAGE-level C-FIND,
+never by the retrieve status alone (Orthanc answers many different failures with 0xC000 and zero counters, and
+stops a whole C-MOVE when one sub-operation fails). A partial retrieval retries only the missing instances, a
+bounded number of times, then fails with an error naming the series (hashed) and the counts.
+
+Several series are retrieved in parallel by worker processes, not threads: pynetdicom is bound by Python CPU
+(about 250 images/s per association), so each worker has its own association and, for C-MOVE, its own storage
+SCP and AE title (``PacsSettings.scp_endpoints``).
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pydicom.dataset import Dataset
+
+from riskbridge.connectors import dicom, staging
+from riskbridge.connectors.dicomweb import DicomwebClient
+from riskbridge.connectors.storescp import CT_STORAGE_CLASSES, InstanceSink, StorageSCP
+from riskbridge.records import RetrievedSeries, uid_hash
+from riskbridge.settings import Settings
+
+LOG = logging.getLogger(__name__)
+
+DIMSE_TRANSPORTS = ("c-move", "c-get")
+
+
+class RetrievalError(Exception):
+    """A series could not be retrieved completely; ``code`` is the stable quarantine reason."""
+
+    def __init__(self, message: str, code: str, partial: RetrievedSeries | None = None) -> None:
+        super().__init__(message)
+        self.code = code
+        self.partial = partial
+
+
+@dataclass(frozen=True)
+class RetrievalFailure:
+    """A series of a batch that failed, with its reason; the rest of the batch goes on."""
+
+    study_uid: str
+    series_uid: str
+    code: str
+    reason: str
+
+
+def expected_instances(settings: Settings, study_uid: str, series_uid: str) -> set[str]:
+    """Return the SOPInstanceUIDs the PACS lists for a series (IMAGE-level C-FIND)."""
+    query = Dataset()
+    query.StudyInstanceUID = study_uid
+    query.SeriesInstanceUID = series_uid
+    query.SOPInstanceUID = ""
+    matches = dicom.find(settings.pacs, "IMAGE", query, settings.pacs.timeout_s)
+    return {str(match.SOPInstanceUID) for match in matches if match.get("SOPInstanceUID")}
+
+
+def resolve_transport(settings: Settings) -> str:
+    """Return the configured transport, or for ``auto`` the fastest one this PACS supports.
+
+    Order for ``auto``: DICOMweb when a ``dicomweb_url`` is set and answers, then C-GET when the PACS accepts
+    the GET model, else C-MOVE (what most hospital PACS allow).
+    """
+    pacs = settings.pacs
+    if pacs.transport != "auto":
+        return pacs.transport
+    if pacs.dicomweb_url:
+        with DicomwebClient.from_settings(pacs) as client:
+            if client.supports_dicomweb():
+                return "dicomweb"
+    try:
+        assoc = dicom.associate(
+            pacs, dicom.StudyRootQueryRetrieveInformationModelGet, "C-GET probe", min(pacs.timeout_s, 10.0)
+        )
+    except dicom.DicomError:
+        return "c-move"
+    try:
+        accepted = bool(assoc.accepted_contexts)
+    finally:
+        assoc.release()
+    return "c-get" if accepted else "c-move"
+
+
+class Retriever:
+    """Retrieves series one after another over one transport; a context manager (C-MOVE runs an SCP)."""
+
+    def __init__(self, settings: Settings, transport: str, scp_endpoint: tuple[str, int] | None = None) -> None:
+        if transport not in (*DIMSE_TRANSPORTS, "dicomweb"):
+            raise ValueError(f"unknown transport {transport!r}")
+        self.settings = settings
+        self.transport = transport
+        self.staging_root = settings.staging_dir
+        self.scp_ae, scp_port = scp_endpoint or settings.pacs.scp_endpoints()[0]
+        allowed = frozenset({settings.pacs.called_ae}) if transport == "c-move" else None
+        self.sink = InstanceSink(self.staging_root, allowed_calling_aes=allowed)
+        self._scp = (
+            StorageSCP(
+                self.scp_ae,
+                scp_port,
+                self.sink,
+                bind_address=settings.pacs.scp_bind_address,
+                tls=settings.pacs.tls,
+                timeout_s=settings.pacs.timeout_s,
+            )
+            if transport == "c-move"
+            else None
+        )
+        self._web: DicomwebClient | None = None
+
+    def __enter__(self) -> Retriever:
+        if self._scp is not None:
+            self._scp.start()
+        if self.transport == "dicomweb":
+            self._web = DicomwebClient.from_settings(self.settings.pacs)
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        if self._scp is not None:
+            self._scp.stop()
+        if self._web is not None:
+            self._web.close()
+            self._web = None
+
+    def _fetch(self, study_uid: str, series_uid: str, subset: list[str] | None) -> str:
+        pacs = self.settings.pacs
+        if self.transport == "c-move":
+            return dicom.move(pacs, self.scp_ae, study_uid, series_uid, subset, pacs.timeout_s).meaning
+        return dicom.get(
+            pacs, study_uid, series_uid, self.sink.handle_store, CT_STORAGE_CLASSES, subset, pacs.timeout_s
+        ).meaning
+
+    def retrieve(self, study_uid: str, series_uid: str, expected: set[str] | None = None) -> RetrievedSeries:
+        """Retrieve one series until every expected instance is staged; raise :class:`RetrievalError` if not."""
+        started = time.perf_counter()
+        tag = uid_hash(series_uid)
+        if expected is None:
+            expected = expected_instances(self.settings, study_uid, series_uid)
+        if not expected:
+            raise RetrievalError(f"series {tag}: the PACS lists no instances", "series_empty")
+        if self._web is not None:
+            return self._checked(self._web.retrieve_series(study_uid, series_uid, self.staging_root, expected), "")
+        directory = staging.series_dir(self.staging_root, study_uid, series_uid)
+        missing = expected - staging.staged_instances(self.staging_root, study_uid, series_uid)
+        attempts = 0
+        status = "already staged"
+        while missing and attempts < self.settings.pacs.max_attempts:
+            if attempts:
+                time.sleep(min(0.5 * 2**attempts, 8.0))
+            attempts += 1
+            subset = None if missing == expected else sorted(missing)
+            self.sink.expect(study_uid, series_uid, missing)
+            try:
+                status = self._fetch(study_uid, series_uid, subset)
+            except dicom.DicomError as exc:
+                status = str(exc)
+                LOG.warning("series %s: %s attempt %d failed: %s", tag, self.transport, attempts, exc)
+            finally:
+                self.sink.forget(missing)
+            missing = expected - staging.staged_instances(self.staging_root, study_uid, series_uid)
+            LOG.info(
+                "series %s: %s attempt %d: %d/%d staged (%s)",
+                tag, self.transport, attempts, len(expected) - len(missing), len(expected), status,
+            )  # fmt: skip
+        record = RetrievedSeries(
+            study_uid=study_uid,
+            series_uid=series_uid,
+            path=directory,
+            expected=len(expected),
+            received=len(expected) - len(missing),
+            transport=self.transport,
+            seconds=time.perf_counter() - started,
+            bytes=_directory_bytes(directory),
+            attempts=attempts,
+            missing=tuple(sorted(missing)),
+        )
+        return self._checked(record, f"; last answer: {status}")
+
+    def _checked(self, record: RetrievedSeries, detail: str) -> RetrievedSeries:
+        if record.missing:
+            raise RetrievalError(
+                f"series {uid_hash(record.series_uid)}: {record.received} of {record.expected} instances after "
+                f"{record.attempts} {self.transport} attempt(s){detail}",
+                "retrieval_incomplete",
+                record,
+            )
+        return record
+
+
+def _directory_bytes(directory: Path) -> int:
+    return sum(path.stat().st_size for path in directory.glob("*.dcm")) if directory.is_dir() else 0
+
+
+_WORKER: Retriever | None = None
+
+
+def _start_worker(settings: Settings, transport: str, slots: Any) -> None:
+    global _WORKER
+    _WORKER = Retriever(settings, transport, slots.get()).__enter__()
+
+
+def _retrieve_in_worker(study_uid: str, series_uid: str) -> RetrievedSeries | RetrievalFailure:
+    assert _WORKER is not None
+    return _retrieve_or_failure(_WORKER, study_uid, series_uid)
+
+
+def _retrieve_or_failure(retriever: Retriever, study_uid: str, series_uid: str) -> RetrievedSeries | RetrievalFailure:
+    try:
+        return retriever.retrieve(study_uid, series_uid)
+    except RetrievalError as exc:
+        return RetrievalFailure(study_uid, series_uid, exc.code, str(exc))
+    except (dicom.DicomError, staging.StagingError, OSError) as exc:
+        return RetrievalFailure(study_uid, series_uid, "retrieval_error", str(exc))
+
+
+def retrieve_all(
+    settings: Settings,
+    series: Sequence[tuple[str, str]],
+    transport: str | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> list[RetrievedSeries | RetrievalFailure]:
+    """Retrieve ``(study_uid, series_uid)`` pairs with ``settings.pacs.workers`` processes; one result each.
+
+    A failing series becomes a :class:`RetrievalFailure` with its reason; it never stops the others.
+    """
+    transport = transport or resolve_transport(settings)
+    workers = min(settings.pacs.workers, len(series))
+    results: list[RetrievedSeries | RetrievalFailure] = []
+    if workers <= 1:
+        with Retriever(settings, transport) as retriever:
+            for study_uid, series_uid in series:
+                results.append(_retrieve_or_failure(retriever, study_uid, series_uid))
+                if progress:
+                    progress(len(results), len(series))
+        return results
+    context = multiprocessing.get_context("spawn")  # no fork of a process that runs SCP threads
+    slots = context.Manager().Queue()
+    for endpoint in settings.pacs.scp_endpoints()[:workers]:
+        slots.put(endpoint)
+    pool = ProcessPoolExecutor(workers, context, initializer=_start_worker, initargs=(settings, transport, slots))
+    with pool:
+        futures = [pool.submit(_retrieve_in_worker, study_uid, series_uid) for study_uid, series_uid in series]
+        for future in as_completed(futures):
+            results.append(future.result())
+            if progress:
+                progress(len(results), len(series))
+    order = {pair: index for index, pair in enumerate(series)}
+    results.sort(key=lambda result: order[(result.study_uid, result.series_uid)])
+    return results

@@ -1,0 +1,168 @@
+"""Retrieval from the sandbox Orthanc over C-MOVE and C-GET: complete, verified, retried, and strict about who sends.
+
+dcmtk's storescu plays the stranger (an unexpected AE, an unexpected instance) against riskbridge's storage SCP.
+"""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import pydicom
+import pytest
+
+from riskbridge.connectors.storescp import InstanceSink, StorageSCP
+from riskbridge.records import RetrievedSeries
+from riskbridge.retrieve import (
+    RetrievalError,
+    RetrievalFailure,
+    Retriever,
+    expected_instances,
+    resolve_transport,
+    retrieve_all,
+)
+from riskbridge.settings import Settings
+from riskbridge.synth import generate, load, read_truth
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def cohort(sandbox: Settings, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 3-patient cohort loaded into the sandbox Orthanc (and HAPI)."""
+    out = tmp_path_factory.mktemp("retrieval") / "cohort"
+    generate(out, patients=3, seed=23)
+    load(out, f"http://127.0.0.1:{sandbox.sandbox.orthanc_http_port}", sandbox.fhir.base_url)
+    return out
+
+
+def _series(cohort: Path, kind: str = "thin_lung") -> list[tuple[str, str, int]]:
+    """(study UID, series UID, instance count) of one series kind per patient's index study."""
+    found = []
+    for record in read_truth(cohort):
+        study = record["index_study"]
+        for series in study["series"]:
+            if series["kind"] == kind:
+                found.append((study["study_uid"], series["uid"], series["instances"]))
+    return found
+
+
+def _source_files(cohort: Path, study_uid: str, series_uid: str) -> dict[str, Path]:
+    return {path.stem: path for path in (cohort / "dicom" / study_uid / series_uid).glob("*.dcm")}
+
+
+def _with_pacs(settings: Settings, **pacs: object) -> Settings:
+    return settings.model_copy(update={"pacs": settings.pacs.model_copy(update=pacs)})
+
+
+def _settings(sandbox: Settings, tmp_path: Path, **pacs: object) -> Settings:
+    return sandbox.model_copy(
+        update={"staging_dir": tmp_path / "staging", "pacs": sandbox.pacs.model_copy(update=pacs)}
+    )
+
+
+@pytest.mark.parametrize("transport", ["c-move", "c-get", "dicomweb"])
+def test_series_arrives_complete_and_pixel_identical(
+    sandbox: Settings, cohort: Path, tmp_path: Path, transport: str
+) -> None:
+    settings = _settings(sandbox, tmp_path)
+    study_uid, series_uid, count = _series(cohort)[0]
+    with Retriever(settings, transport) as retriever:
+        result = retriever.retrieve(study_uid, series_uid)
+    assert isinstance(result, RetrievedSeries) and result.complete
+    assert (result.expected, result.received, result.attempts) == (count, count, 1)
+    staged = {path.stem: path for path in result.path.glob("*.dcm")}
+    source = _source_files(cohort, study_uid, series_uid)
+    assert set(staged) == set(source)
+    sample = sorted(staged)[len(staged) // 2]
+    assert pydicom.dcmread(staged[sample]).PixelData == pydicom.dcmread(source[sample]).PixelData
+    assert not list(result.path.glob(".incoming-*"))
+
+
+def test_an_instance_removed_from_staging_is_fetched_again_alone(
+    sandbox: Settings, cohort: Path, tmp_path: Path
+) -> None:
+    settings = _settings(sandbox, tmp_path)
+    study_uid, series_uid, count = _series(cohort)[1]
+    with Retriever(settings, "c-move") as retriever:
+        first = retriever.retrieve(study_uid, series_uid)
+        files = sorted(first.path.glob("*.dcm"))
+        removed = files[5]
+        removed.unlink()
+        untouched = {path: path.stat().st_mtime_ns for path in files if path != removed}
+        second = retriever.retrieve(study_uid, series_uid)
+    assert second.complete and second.received == count and second.attempts == 1
+    assert removed.exists()
+    # Only the missing instance travelled: every other file is the one written the first time.
+    assert {path: path.stat().st_mtime_ns for path in untouched} == untouched
+
+
+def test_nothing_to_do_when_the_series_is_already_staged(sandbox: Settings, cohort: Path, tmp_path: Path) -> None:
+    settings = _settings(sandbox, tmp_path)
+    study_uid, series_uid, count = _series(cohort)[0]
+    with Retriever(settings, "c-get") as retriever:
+        retriever.retrieve(study_uid, series_uid)
+        again = retriever.retrieve(study_uid, series_uid)
+    assert again.complete and again.attempts == 0 and again.received == count
+
+
+def test_unknown_destination_fails_with_counts_not_with_status(sandbox: Settings, cohort: Path, tmp_path: Path) -> None:
+    # RISKBRIDGE_SCP7 is not in Orthanc's DicomModalities: Orthanc answers 0xC000 with zero counters.
+    settings = _settings(sandbox, tmp_path, max_attempts=2)
+    study_uid, series_uid, count = _series(cohort)[0]
+    unknown_destination = ("RISKBRIDGE_SCP7", 11199)
+    with Retriever(settings, "c-move", unknown_destination) as retriever, pytest.raises(RetrievalError) as caught:
+        retriever.retrieve(study_uid, series_uid)
+    assert caught.value.code == "retrieval_incomplete"
+    assert f"0 of {count} instances after 2 c-move attempt(s)" in str(caught.value)
+    assert "0xC000" in str(caught.value)
+    assert series_uid not in str(caught.value)  # UIDs are hashed in messages
+
+
+def test_parallel_workers_retrieve_every_series(sandbox: Settings, cohort: Path, tmp_path: Path) -> None:
+    settings = _settings(sandbox, tmp_path, workers=2)
+    wanted = [(study, series) for study, series, _ in _series(cohort)] + [("1.2.3.4", "1.2.3.4.5")]
+    results = retrieve_all(settings, wanted, transport="c-move")
+    assert [(r.study_uid, r.series_uid) for r in results] == wanted
+    assert all(isinstance(r, RetrievedSeries) and r.complete for r in results[:-1])
+    failure = results[-1]
+    assert isinstance(failure, RetrievalFailure) and failure.code == "series_empty"
+
+
+def test_auto_picks_the_fastest_transport_the_pacs_offers(sandbox: Settings) -> None:
+    # The sandbox Orthanc serves DICOMweb; without a DICOMweb URL it still accepts C-GET from RISKBRIDGE.
+    assert resolve_transport(sandbox) == "dicomweb"
+    assert resolve_transport(_with_pacs(sandbox, dicomweb_url=None)) == "c-get"
+    assert resolve_transport(_with_pacs(sandbox, transport="c-move")) == "c-move"
+
+
+def test_expected_instances_come_from_image_level_c_find(sandbox: Settings, cohort: Path) -> None:
+    study_uid, series_uid, _ = _series(cohort)[0]
+    assert expected_instances(sandbox, study_uid, series_uid) == set(_source_files(cohort, study_uid, series_uid))
+
+
+def _storescu(port: int, calling_ae: str, called_ae: str, path: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        ["storescu", "-v", "-aet", calling_ae, "-aec", called_ae, "127.0.0.1", str(port), str(path)],
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+
+
+def test_scp_refuses_unknown_ae_and_unrequested_instances(cohort: Path, tmp_path: Path) -> None:
+    study_uid, series_uid, _ = _series(cohort)[0]
+    files = sorted(_source_files(cohort, study_uid, series_uid).items())
+    staging_root = tmp_path / "staging"
+    sink = InstanceSink(staging_root, allowed_calling_aes=frozenset({"ORTHANC"}))
+    sink.expect(study_uid, series_uid, [files[0][0]])
+    with StorageSCP("RB_TEST_SCP", 11190, sink):
+        stranger = _storescu(11190, "STRANGER", "RB_TEST_SCP", files[0][1])
+        unrequested = _storescu(11190, "ORTHANC", "RB_TEST_SCP", files[1][1])
+        requested = _storescu(11190, "ORTHANC", "RB_TEST_SCP", files[0][1])
+    assert stranger.returncode != 0 and "Calling AE Title Not Recognized" in stranger.stderr
+    assert unrequested.returncode != 0 and "error: cannotunderstand" in unrequested.stderr.lower()  # 0xC000
+    assert [refusal.reason for refusal in sink.refusals] == ["instance was not requested"]
+    assert requested.returncode == 0, requested.stderr
+    staged = sorted(path.name for path in staging_root.rglob("*.dcm"))
+    assert staged == [f"{files[0][0]}.dcm"]
+    received = pydicom.dcmread(staging_root / study_uid / series_uid / staged[0])
+    assert received.PixelData == pydicom.dcmread(files[0][1]).PixelData
