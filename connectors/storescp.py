@@ -4,6 +4,11 @@ It accepts associations only from the configured PACS AE titles and only instanc
 (:meth:`InstanceSink.expect`); anything else is refused with a DICOM failure status and logged by hashed UID.
 Every accepted instance is written atomically to the staging area from the received bytes as they are
 (``event.encoded_dataset()``: decoding in the handler measured 33% slower), so receiving one twice is harmless.
+Writes run on background threads, a bounded number in flight, so the sender's next C-STORE is not held up by the
+disk (the PACS waits for each C-STORE response before it sends the next instance). The response is therefore
+sent before the file is on disk: completeness is decided afterwards by counting staged files
+(:meth:`InstanceSink.flush` first), never by the statuses this SCP returned, so a failed write shows up as a
+missing instance and is fetched again.
 The SCP advertises an unlimited maximum PDU size (the sender sizes its PDUs by it) and sets TCP_NODELAY on
 accepted connections.
 """
@@ -15,6 +20,7 @@ import socket
 import ssl
 import threading
 from collections.abc import Iterable
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -59,8 +65,14 @@ class InstanceSink:
     allowed_calling_aes: frozenset[str] | None = None  # None: any (C-GET, where we called the PACS ourselves)
     refusals: list[Refusal] = field(default_factory=list)
     bytes_received: int = 0
+    write_errors: int = 0
+    writers: int = 2
+    max_in_flight: int = 32  # instances received but not yet written (about 17 MB of 512x512 slices)
     _expected: dict[str, tuple[str, str]] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
+    _pool: ThreadPoolExecutor | None = None
+    _slots: threading.BoundedSemaphore | None = None
+    _pending: set[Future[None]] = field(default_factory=set)
 
     def expect(self, study_uid: str, series_uid: str, sop_instance_uids: Iterable[str]) -> None:
         """Accept these instances of this series from now on."""
@@ -82,7 +94,7 @@ class InstanceSink:
         return STATUS_REFUSED
 
     def handle_store(self, event: Any) -> int:
-        """The EVT_C_STORE handler: check, then write the received bytes atomically; return the DIMSE status."""
+        """The EVT_C_STORE handler: check, then queue the received bytes for an atomic write; return the status."""
         calling_ae = str(event.assoc.requestor.ae_title).strip()
         sop = str(event.request.AffectedSOPInstanceUID or "")
         if self.allowed_calling_aes is not None and calling_ae not in self.allowed_calling_aes:
@@ -93,13 +105,58 @@ class InstanceSink:
             return self._refuse(calling_ae, sop, "instance was not requested")
         try:
             path = staging.instance_path(self.staging_root, target[0], target[1], sop)
-            written = staging.write_atomic(path, [event.encoded_dataset(include_meta=True)])
-        except (OSError, staging.StagingError) as exc:
+        except staging.StagingError as exc:
             LOG.error("C-STORE from %s: instance %s could not be staged: %s", calling_ae, uid_hash(sop), exc)
             return STATUS_OUT_OF_RESOURCES
+        self._submit(path, event.encoded_dataset(include_meta=True), calling_ae)
+        return STATUS_SUCCESS
+
+    def _submit(self, path: Path, data: bytes, calling_ae: str) -> None:
+        with self._lock:
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(self.writers, thread_name_prefix="staging-writer")
+                self._slots = threading.BoundedSemaphore(self.max_in_flight)
+            pool, slots = self._pool, self._slots
+        assert slots is not None
+        slots.acquire()  # back-pressure: a slow disk slows the sender instead of filling memory
+        future = pool.submit(self._write, path, data, calling_ae)
+        with self._lock:
+            self._pending.add(future)
+        future.add_done_callback(self._written)
+
+    def _write(self, path: Path, data: bytes, calling_ae: str) -> None:
+        try:
+            written = staging.write_atomic(path, [data])
+        except OSError as exc:
+            LOG.error("C-STORE from %s: instance %s could not be staged: %s", calling_ae, uid_hash(path.stem), exc)
+            with self._lock:
+                self.write_errors += 1
+            return
         with self._lock:
             self.bytes_received += written
-        return STATUS_SUCCESS
+
+    def _written(self, future: Future[None]) -> None:
+        with self._lock:
+            self._pending.discard(future)
+        assert self._slots is not None
+        self._slots.release()
+
+    def flush(self) -> None:
+        """Wait until every instance received so far is written (or has failed to be)."""
+        while True:
+            with self._lock:
+                pending = list(self._pending)
+            if not pending:
+                return
+            wait(pending)
+
+    def close(self) -> None:
+        """Flush and stop the writer threads."""
+        self.flush()
+        with self._lock:
+            pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.shutdown(wait=True)
 
 
 class _NoDelayServer(ThreadedAssociationServer):
@@ -168,13 +225,14 @@ class StorageSCP:
         return self
 
     def stop(self) -> None:
-        """Stop listening and close the socket."""
+        """Stop listening, close the socket, and wait for the sink to write what it received."""
         if self._server is not None:
             self._server.shutdown()  # also closes the listening socket
             self._server = None
         if self._thread is not None:
             self._thread.join(timeout=5)
             self._thread = None
+        self.sink.flush()
 
     def __enter__(self) -> StorageSCP:
         return self.start()

@@ -94,7 +94,11 @@ def _status_table(statuses: list[Any]) -> Table:
 
 
 @sandbox_app.command("up")
-def sandbox_up() -> None:
+def sandbox_up(
+    only: list[str] | None = typer.Option(
+        None, "--only", help="Start only this part (orthanc, hapi-fhir, postgres); repeatable."
+    ),
+) -> None:
     """Start Orthanc, HAPI FHIR and PostgreSQL on 127.0.0.1 (idempotent) and wait until they answer."""
     from riskbridge.sandbox import Sandbox, SandboxError
 
@@ -102,7 +106,7 @@ def sandbox_up() -> None:
     sandbox = Sandbox(settings)
     try:
         with _part_progress() as report:
-            statuses = sandbox.up(report)
+            statuses = sandbox.up(report, only=only or None)
     except SandboxError as exc:
         raise _fail(str(exc)) from None
     console.print(_status_table(statuses))

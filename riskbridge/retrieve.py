@@ -90,9 +90,19 @@ def resolve_transport(settings: Settings) -> str:
 
 
 class Retriever:
-    """Retrieves series one after another over one transport; a context manager (C-MOVE runs an SCP)."""
+    """Retrieves series one after another over one transport; a context manager (C-MOVE runs an SCP).
 
-    def __init__(self, settings: Settings, transport: str, scp_endpoint: tuple[str, int] | None = None) -> None:
+    ``scp_endpoint`` is this retriever's own storage SCP (AE title, port) for C-MOVE; ``sink_class`` is the
+    :class:`InstanceSink` (sub)class that receives C-MOVE and C-GET instances.
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        transport: str,
+        scp_endpoint: tuple[str, int] | None = None,
+        sink_class: type[InstanceSink] = InstanceSink,
+    ) -> None:
         if transport not in (*DIMSE_TRANSPORTS, "dicomweb"):
             raise ValueError(f"unknown transport {transport!r}")
         self.settings = settings
@@ -100,7 +110,7 @@ class Retriever:
         self.staging_root = settings.staging_dir
         self.scp_ae, scp_port = scp_endpoint or settings.pacs.scp_endpoints()[0]
         allowed = frozenset({settings.pacs.called_ae}) if transport == "c-move" else None
-        self.sink = InstanceSink(self.staging_root, allowed_calling_aes=allowed)
+        self.sink = sink_class(self.staging_root, allowed_calling_aes=allowed)
         self._scp = (
             StorageSCP(
                 self.scp_ae,
@@ -125,6 +135,7 @@ class Retriever:
     def __exit__(self, *exc_info: object) -> None:
         if self._scp is not None:
             self._scp.stop()
+        self.sink.close()
         if self._web is not None:
             self._web.close()
             self._web = None
@@ -163,6 +174,7 @@ class Retriever:
                 status = str(exc)
                 LOG.warning("series %s: %s attempt %d failed: %s", tag, self.transport, attempts, exc)
             finally:
+                self.sink.flush()
                 self.sink.forget(missing)
             missing = expected - staging.staged_instances(self.staging_root, study_uid, series_uid)
             LOG.info(
@@ -241,7 +253,7 @@ def retrieve_all(
                     progress(len(results), len(series))
         return results
     context = multiprocessing.get_context("spawn")  # no fork of a process that runs SCP threads
-    slots = context.Manager().Queue()
+    slots = context.Queue()  # handed to each worker at its start: one SCP endpoint per process
     for endpoint in settings.pacs.scp_endpoints()[:workers]:
         slots.put(endpoint)
     pool = ProcessPoolExecutor(workers, context, initializer=_start_worker, initargs=(settings, transport, slots))

@@ -564,28 +564,42 @@ class Sandbox:
                 raise SandboxError(f"another 'riskbridge sandbox' command is working on {self.root}") from None
             yield
 
-    def up(self, progress: ProgressCallback = _noop) -> list[PartStatus]:
-        """Start every part that is not running and wait until all answer; return their status."""
+    def select(self, only: Sequence[str] | None) -> tuple[_Part, ...]:
+        """Return the parts named in ``only`` (all parts when None); raise SandboxError for an unknown name."""
+        if only is None:
+            return self.parts
+        names = [part.name for part in self.parts]
+        unknown = sorted(set(only) - set(names))
+        if unknown:
+            raise SandboxError(f"unknown sandbox part(s) {', '.join(unknown)}: choose from {', '.join(names)}")
+        return tuple(part for part in self.parts if part.name in only)
+
+    def up(self, progress: ProgressCallback = _noop, only: Sequence[str] | None = None) -> list[PartStatus]:
+        """Start every part (or those named in ``only``) that is not running and wait until all answer.
+
+        Return the status of the parts concerned.
+        """
+        parts = self.select(only)
         with self._lock():
-            for part in self.parts:
+            for part in parts:
                 part.check_prerequisites()
-            to_start = [part for part in self.parts if part.running_pid() is None]
+            to_start = [part for part in parts if part.running_pid() is None]
             for part in to_start:
                 part.check_ports()
             for part in to_start:
                 part.prepare(progress)
                 part.start()
                 progress(part.name, "started")
-            for part in self.parts:
+            for part in parts:
                 if part not in to_start:
                     progress(part.name, "already running")
-            self._wait_ready(progress)
-            for part in self.parts:
+            self._wait_ready(parts, progress)
+            for part in parts:
                 part.after_ready(progress)
-            return [part.status() for part in self.parts]
+            return [part.status() for part in parts]
 
-    def _wait_ready(self, progress: ProgressCallback) -> None:
-        waiting = list(self.parts)
+    def _wait_ready(self, parts: Sequence[_Part], progress: ProgressCallback) -> None:
+        waiting = list(parts)
         deadline = time.monotonic() + self.settings.sandbox.ready_timeout_s
         while waiting:
             for part in list(waiting):

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import subprocess
 from pathlib import Path
+from typing import Any
 
 import pydicom
 import pytest
@@ -95,6 +96,41 @@ def test_an_instance_removed_from_staging_is_fetched_again_alone(
     assert removed.exists()
     # Only the missing instance travelled: every other file is the one written the first time.
     assert {path: path.stat().st_mtime_ns for path in untouched} == untouched
+
+
+class _FailsOnce(InstanceSink):
+    """Fault injection (a real SCP cannot be made to fail one given instance on demand): the 10th C-STORE
+    answers 0xA700 once, so the real Orthanc's reaction to a failed sub-operation is what gets tested."""
+
+    stores = 0
+
+    def handle_store(self, event: Any) -> int:
+        self.stores += 1
+        return 0xA700 if self.stores == 10 else super().handle_store(event)
+
+
+@pytest.mark.parametrize("transport", ["c-move", "c-get"])
+def test_a_failed_sub_operation_is_made_good_by_fetching_only_the_missing(
+    sandbox: Settings, cohort: Path, tmp_path: Path, transport: str
+) -> None:
+    settings = _settings(sandbox, tmp_path)
+    study_uid, series_uid, count = _series(cohort)[2]
+    with Retriever(settings, transport, sink_class=_FailsOnce) as retriever:
+        result = retriever.retrieve(study_uid, series_uid)
+    assert result.complete and result.received == count
+    assert result.attempts == 2  # the first attempt came back short; the second asked for the missing only
+
+
+def test_a_failed_write_is_a_missing_instance_not_a_lost_one(sandbox: Settings, cohort: Path, tmp_path: Path) -> None:
+    settings = _settings(sandbox, tmp_path, max_attempts=1)
+    study_uid, series_uid, count = _series(cohort)[0]
+    blocked = tmp_path / "staging" / study_uid / series_uid
+    blocked.parent.mkdir(parents=True)
+    blocked.write_text("a file where the series directory should be")
+    with Retriever(settings, "c-get") as retriever, pytest.raises(RetrievalError) as caught:
+        retriever.retrieve(study_uid, series_uid)
+    assert caught.value.code == "retrieval_incomplete"
+    assert f"0 of {count} instances" in str(caught.value)
 
 
 def test_nothing_to_do_when_the_series_is_already_staged(sandbox: Settings, cohort: Path, tmp_path: Path) -> None:

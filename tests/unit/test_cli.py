@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 from typer.testing import CliRunner
 
@@ -34,3 +36,10 @@ def test_doctor_reports_each_failure_with_its_reason(monkeypatch: pytest.MonkeyP
     assert result.exit_code == 1
     assert result.output.count("FAIL") == 3
     assert "Connection refused" in result.output
+
+
+def test_sandbox_up_only_an_unknown_part_names_the_choices(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("RISKBRIDGE_SANDBOX__DIR", str(tmp_path / "sb"))
+    result = runner.invoke(app, ["sandbox", "up", "--only", "pacs"])
+    assert result.exit_code == 2
+    assert "unknown sandbox part(s) pacs: choose from orthanc, hapi-fhir, postgres" in result.output
