@@ -5,18 +5,20 @@ never by the retrieve status alone (Orthanc answers many different failures with
 stops a whole C-MOVE when one sub-operation fails). A partial retrieval retries only the missing instances, a
 bounded number of times, then fails with an error naming the series (hashed) and the counts.
 
-Several series are retrieved in parallel by worker processes, not threads: pynetdicom is bound by Python CPU
-(about 250 images/s per association), so each worker has its own association and, for C-MOVE, its own storage
-SCP and AE title (``PacsSettings.scp_endpoints``).
+Several series are retrieved in parallel. Over C-MOVE and C-GET the workers are processes, not threads:
+pynetdicom is bound by Python CPU (about 250 images/s per association), so each worker has its own association
+and, for C-MOVE, its own storage SCP and AE title (``PacsSettings.scp_endpoints``). Over DICOMweb they are
+threads: the work is socket reads and file writes, which release the GIL.
 """
 
 from __future__ import annotations
 
 import logging
 import multiprocessing
+import threading
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -238,20 +240,24 @@ def retrieve_all(
     transport: str | None = None,
     progress: Callable[[int, int], None] | None = None,
 ) -> list[RetrievedSeries | RetrievalFailure]:
-    """Retrieve ``(study_uid, series_uid)`` pairs with ``settings.pacs.workers`` processes; one result each.
+    """Retrieve ``(study_uid, series_uid)`` pairs with ``settings.pacs.workers`` workers; one result each, in order.
 
-    A failing series becomes a :class:`RetrievalFailure` with its reason; it never stops the others.
+    C-MOVE and C-GET workers are processes (pynetdicom is bound by Python CPU); DICOMweb workers are threads
+    (socket reads and file writes release the GIL, and no process start-up is paid). A failing series becomes a
+    :class:`RetrievalFailure` with its reason; it never stops the others.
     """
     transport = transport or resolve_transport(settings)
     workers = min(settings.pacs.workers, len(series))
-    results: list[RetrievedSeries | RetrievalFailure] = []
     if workers <= 1:
+        results: list[RetrievedSeries | RetrievalFailure] = []
         with Retriever(settings, transport) as retriever:
             for study_uid, series_uid in series:
                 results.append(_retrieve_or_failure(retriever, study_uid, series_uid))
                 if progress:
                     progress(len(results), len(series))
         return results
+    if transport == "dicomweb":
+        return _retrieve_in_threads(settings, series, workers, progress)
     context = multiprocessing.get_context("spawn")  # no fork of a process that runs SCP threads
     slots = context.Queue()  # handed to each worker at its start: one SCP endpoint per process
     for endpoint in settings.pacs.scp_endpoints()[:workers]:
@@ -259,10 +265,41 @@ def retrieve_all(
     pool = ProcessPoolExecutor(workers, context, initializer=_start_worker, initargs=(settings, transport, slots))
     with pool:
         futures = [pool.submit(_retrieve_in_worker, study_uid, series_uid) for study_uid, series_uid in series]
-        for future in as_completed(futures):
-            results.append(future.result())
-            if progress:
-                progress(len(results), len(series))
-    order = {pair: index for index, pair in enumerate(series)}
-    results.sort(key=lambda result: order[(result.study_uid, result.series_uid)])
-    return results
+        return _in_order(series, futures, progress)
+
+
+def _retrieve_in_threads(
+    settings: Settings,
+    series: Sequence[tuple[str, str]],
+    workers: int,
+    progress: Callable[[int, int], None] | None,
+) -> list[RetrievedSeries | RetrievalFailure]:
+    local = threading.local()
+    opened: list[Retriever] = []
+    lock = threading.Lock()
+
+    def work(study_uid: str, series_uid: str) -> RetrievedSeries | RetrievalFailure:
+        if not hasattr(local, "retriever"):
+            local.retriever = Retriever(settings, "dicomweb").__enter__()
+            with lock:
+                opened.append(local.retriever)
+        return _retrieve_or_failure(local.retriever, study_uid, series_uid)
+
+    try:
+        with ThreadPoolExecutor(workers, thread_name_prefix="dicomweb") as pool:
+            futures = [pool.submit(work, study_uid, series_uid) for study_uid, series_uid in series]
+            return _in_order(series, futures, progress)
+    finally:
+        for retriever in opened:
+            retriever.__exit__(None, None, None)
+
+
+def _in_order(
+    series: Sequence[tuple[str, str]],
+    futures: Sequence[Future[RetrievedSeries | RetrievalFailure]],
+    progress: Callable[[int, int], None] | None,
+) -> list[RetrievedSeries | RetrievalFailure]:
+    for done, _ in enumerate(as_completed(futures), start=1):
+        if progress:
+            progress(done, len(series))
+    return [future.result() for future in futures]

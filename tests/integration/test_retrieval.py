@@ -202,3 +202,14 @@ def test_scp_refuses_unknown_ae_and_unrequested_instances(cohort: Path, tmp_path
     assert staged == [f"{files[0][0]}.dcm"]
     received = pydicom.dcmread(staging_root / study_uid / series_uid / staged[0])
     assert received.PixelData == pydicom.dcmread(files[0][1]).PixelData
+
+
+def test_dicomweb_workers_are_threads_and_keep_the_order(sandbox: Settings, cohort: Path, tmp_path: Path) -> None:
+    settings = _settings(sandbox, tmp_path, workers=3)
+    wanted = [(study, series) for study, series, _ in _series(cohort)] + [("1.2.3.4", "1.2.3.4.5")]
+    seen: list[int] = []
+    results = retrieve_all(settings, wanted, transport="dicomweb", progress=lambda done, total: seen.append(done))
+    assert [(r.study_uid, r.series_uid) for r in results] == wanted
+    assert all(isinstance(r, RetrievedSeries) and r.complete and r.transport == "dicomweb" for r in results[:-1])
+    assert isinstance(results[-1], RetrievalFailure) and results[-1].code == "series_empty"
+    assert seen == [1, 2, 3, 4]
