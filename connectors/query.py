@@ -451,6 +451,8 @@ def complete_series(
     what that means. The C-FIND is always read to the end (see the module docstring).
     """
     missing = [keyword for keyword in dict.fromkeys(keywords) if _is_empty(series.attributes.get(keyword))]
+    if series.instance_count is not None and _INSTANCE_COUNT in missing:
+        missing.remove(_INSTANCE_COUNT)  # the SeriesRef field already holds the count
     if not missing:
         return series
     wanted = [keyword for keyword in missing if keyword != _INSTANCE_COUNT]
