@@ -179,6 +179,7 @@ def find(pacs: PacsSettings, level: QueryLevel, identifier: Dataset, timeout_s: 
     query.QueryRetrieveLevel = level
     operation = f"C-FIND {level}"
     assoc = associate(pacs, StudyRootQueryRetrieveInformationModelFind, operation, timeout_s)
+    finished = False
     try:
         for status, match in assoc.send_c_find(query, StudyRootQueryRetrieveInformationModelFind):
             if not status or "Status" not in status:
@@ -188,12 +189,19 @@ def find(pacs: PacsSettings, level: QueryLevel, identifier: Dataset, timeout_s: 
                 if match is not None:
                     yield match
             elif code == 0x0000:
+                finished = True
                 return
             else:
+                finished = True
                 raise DicomError(f"{operation} -> {peer_name(pacs)}: {_find_status_meaning(code)}")
     finally:
         if assoc.is_established:
-            assoc.release()
+            # A caller that stops reading early leaves the PACS still sending matches: a release then races
+            # them (pynetdicom warns, and one release in three hung for the whole timeout here), an abort does not.
+            if finished:
+                assoc.release()
+            else:
+                assoc.abort()
 
 
 def _find_status_meaning(code: int) -> str:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import socket
 import threading
 import time
+from collections.abc import Iterator
+from typing import Any
 
 import pytest
 from pynetdicom import AE
@@ -68,3 +70,36 @@ def test_a_permanent_rejection_is_not_retried() -> None:
             echo(PacsSettings(port=port, called_ae="PEER"), timeout_s=2)
     finally:
         peer.shutdown()
+
+
+def test_a_c_find_abandoned_early_aborts_instead_of_racing_a_release() -> None:
+    from pydicom.dataset import Dataset
+    from pynetdicom import evt
+    from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind  # type: ignore[attr-defined]
+
+    from riskbridge.connectors.dicom import find
+
+    def many_matches(event: Any) -> Iterator[tuple[int, Dataset | None]]:
+        for number in range(500):
+            match = Dataset()
+            match.QueryRetrieveLevel = "STUDY"
+            match.StudyInstanceUID = f"1.2.3.{number}"
+            yield 0xFF00, match
+
+    port = _free_port()
+    ae = AE(ae_title="PEER")
+    ae.add_supported_context(StudyRootQueryRetrieveInformationModelFind)
+    ae.start_server(("127.0.0.1", port), block=False, evt_handlers=[(evt.EVT_C_FIND, many_matches)])
+    try:
+        query = Dataset()
+        query.StudyInstanceUID = ""
+        started = time.perf_counter()
+        matches = find(PacsSettings(port=port, called_ae="PEER"), "STUDY", query, timeout_s=10)
+        first = next(matches)
+        matches.close()
+        assert first.StudyInstanceUID == "1.2.3.0"
+        assert time.perf_counter() - started < 5
+        # Reading to the end still works and ends in a release.
+        assert len(list(find(PacsSettings(port=port, called_ae="PEER"), "STUDY", query, timeout_s=10))) == 500
+    finally:
+        ae.shutdown()
