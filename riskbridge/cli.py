@@ -1,4 +1,4 @@
-"""The ``riskbridge`` command line: sandbox, doctor, synthetic cohort and version.
+"""The ``riskbridge`` command line: sandbox, doctor, imaging (query, select, retrieve), synthetic cohort, version.
 
 Errors a person can fix (settings, missing packages, busy ports, unreachable servers) end in one line on stderr
 and exit status 2, never a stack trace.
@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from datetime import date
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +30,8 @@ from riskbridge.settings import Settings, SettingsError, load_settings
 app = typer.Typer(help="riskbridge: nightly imaging + EHR risk scoring.", no_args_is_help=True)
 sandbox_app = typer.Typer(help="Loopback Orthanc, HAPI FHIR and PostgreSQL servers for tests and demos.")
 app.add_typer(sandbox_app, name="sandbox")
+imaging_app = typer.Typer(help="Query the PACS, select each study's series by the rules, retrieve it verified.")
+app.add_typer(imaging_app, name="imaging")
 
 console = Console()
 err_console = Console(stderr=True)
@@ -197,3 +200,130 @@ def synth(
     except synthetic.LoadError as exc:
         raise _fail(str(exc)) from None
     console.print(loaded.describe())
+
+
+def _parse_day(value: str | None, option: str) -> date | None:
+    if value is None:
+        return None
+    try:
+        return date.fromisoformat(value)
+    except ValueError:
+        raise _fail(f"{option} must be a date like 2026-11-23, not {value!r}") from None
+
+
+@imaging_app.command("studies")
+def imaging_studies(
+    date_from: str | None = typer.Option(None, "--from", help="First study date (YYYY-MM-DD), inclusive."),
+    date_to: str | None = typer.Option(None, "--to", help="Last study date (YYYY-MM-DD), inclusive."),
+    modality: str = typer.Option("CT", "--modality", help="ModalitiesInStudy to match; '' for any."),
+) -> None:
+    """List the PACS's studies in a date range (STUDY-level C-FIND); identifiers shown are UIDs only."""
+    from riskbridge.connectors import dicom, query
+
+    settings = _settings()
+    study_date = (_parse_day(date_from, "--from"), _parse_day(date_to, "--to"))
+    table = Table("study UID", "date/time", "modalities", "description", "instances")
+    try:
+        for study in query.find_studies(settings.pacs, study_date=study_date, modality=modality or None):
+            when = study.study_datetime.isoformat(sep=" ") if study.study_datetime else "-"
+            count = str(study.instance_count) if study.instance_count is not None else "-"
+            table.add_row(study.study_uid, when, "/".join(study.modalities), study.description, count)
+    except dicom.DicomError as exc:
+        raise _fail(str(exc)) from None
+    console.print(table)
+
+
+def _rule_set(settings: Settings, rules: str | None) -> Any:
+    from riskbridge.harmonize.series import RuleFileError
+    from riskbridge.imaging import load_rule_set
+
+    try:
+        return load_rule_set(rules or settings.series_rules)
+    except RuleFileError as exc:
+        raise _fail(str(exc)) from None
+
+
+def _decision_table(selection: Any) -> Table:
+    table = Table("#", "series UID", "decision", "rule", "reason", title=f"study {selection.study_uid}")
+    for decision in selection.decisions:
+        if decision.chosen:
+            verdict = "[bold green]chosen[/]"
+        elif decision.rank is not None:
+            verdict = f"[yellow]runner-up {decision.rank}[/]"
+        else:
+            verdict = "[red]rejected[/]"
+        number = decision.judged.get("SeriesNumber", "")
+        table.add_row(str(number if number is not None else ""), decision.series_uid, verdict, decision.rule,
+                      decision.reason)  # fmt: skip
+    table.caption = selection.reason
+    return table
+
+
+@imaging_app.command("select")
+def imaging_select(
+    study_uids: list[str] = typer.Argument(..., help="StudyInstanceUID(s)."),
+    rules: str | None = typer.Option(None, "--rules", help="Rule set name or YAML file (default: series_rules)."),
+) -> None:
+    """Decide each study's series by the rules and show every decision with its reason; nothing is retrieved."""
+    from riskbridge.connectors import dicom
+    from riskbridge.imaging import select_study
+
+    settings = _settings()
+    rule_set = _rule_set(settings, rules)
+    for study_uid in study_uids:
+        try:
+            console.print(_decision_table(select_study(settings, study_uid, rule_set)))
+        except dicom.DicomError as exc:
+            raise _fail(str(exc)) from None
+
+
+@imaging_app.command("retrieve")
+def imaging_retrieve(
+    study_uids: list[str] = typer.Argument(..., help="StudyInstanceUID(s)."),
+    rules: str | None = typer.Option(None, "--rules", help="Rule set name or YAML file (default: series_rules)."),
+    transport: str | None = typer.Option(None, "--transport", help="auto, c-move, c-get or dicomweb."),
+    workers: int | None = typer.Option(None, "--workers", min=1, max=16, help="Series retrieved at once."),
+) -> None:
+    """Select each study's series and retrieve the chosen ones into staging, verified complete.
+
+    Exit status 1 when a chosen series could not be retrieved completely (each failure is listed with its reason).
+    """
+    from riskbridge.connectors import dicom
+    from riskbridge.imaging import select_and_retrieve
+    from riskbridge.records import RetrievedSeries
+    from riskbridge.retrieve import RetrievalFailure, resolve_transport
+
+    settings = _settings()
+    if transport is not None and transport not in ("auto", "c-move", "c-get", "dicomweb"):
+        raise _fail(f"--transport must be auto, c-move, c-get or dicomweb, not {transport!r}")
+    if workers is not None:
+        settings = settings.model_copy(update={"pacs": settings.pacs.model_copy(update={"workers": workers})})
+    if transport is not None:
+        settings = settings.model_copy(update={"pacs": settings.pacs.model_copy(update={"transport": transport})})
+    rule_set = _rule_set(settings, rules)
+    try:
+        chosen_transport = resolve_transport(settings)
+        with _count_progress() as report:
+            outcomes = select_and_retrieve(
+                settings, study_uids, rule_set, chosen_transport, lambda done, total: report("series", done, total)
+            )
+    except dicom.DicomError as exc:
+        raise _fail(str(exc)) from None
+    table = Table("study UID", "series UID", "outcome", "instances", "MB", "seconds", "attempts",
+                  title=f"retrieval over {chosen_transport} into {settings.staging_dir}")  # fmt: skip
+    failed = 0
+    for outcome in outcomes:
+        selection, retrieval = outcome.selection, outcome.retrieval
+        if retrieval is None:
+            table.add_row(selection.study_uid, "-", f"[yellow]skipped[/]: {selection.reason}", "", "", "", "")
+        elif isinstance(retrieval, RetrievedSeries) and outcome.ready:
+            table.add_row(selection.study_uid, retrieval.series_uid, "[green]staged[/]",
+                          f"{retrieval.received}/{retrieval.expected}", f"{retrieval.bytes / 1e6:.1f}",
+                          f"{retrieval.seconds:.2f}", str(retrieval.attempts))  # fmt: skip
+        else:
+            failed += 1
+            reason = retrieval.reason if isinstance(retrieval, RetrievalFailure) else "incomplete"
+            table.add_row(selection.study_uid, retrieval.series_uid, f"[red]failed[/]: {reason}", "", "", "", "")
+    console.print(table)
+    if failed:
+        raise typer.Exit(code=1)

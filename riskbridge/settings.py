@@ -168,6 +168,7 @@ class Settings(BaseSettings):
     database: DatabaseSettings = DatabaseSettings()
     staging_dir: Path = Path(".riskbridge/staging")
     model_dir: Path = Path(".riskbridge/models")
+    series_rules: str = "chest_ct"  # a shipped rule set's name, or the path of a YAML rule file
     sandbox: SandboxSettings = SandboxSettings()
 
     @classmethod
