@@ -315,7 +315,7 @@ def imaging_retrieve(
     for outcome in outcomes:
         selection, retrieval = outcome.selection, outcome.retrieval
         if retrieval is None:
-            table.add_row(selection.study_uid, "-", f"[yellow]skipped[/]: {selection.reason}", "", "", "", "")
+            table.add_row(selection.study_uid, "-", f"[yellow]{selection.reason}[/]", "", "", "", "")
         elif isinstance(retrieval, RetrievedSeries) and outcome.ready:
             table.add_row(selection.study_uid, retrieval.series_uid, "[green]staged[/]",
                           f"{retrieval.received}/{retrieval.expected}", f"{retrieval.bytes / 1e6:.1f}",
