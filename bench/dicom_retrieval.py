@@ -40,7 +40,7 @@ from rich.table import Table
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _report import markdown_table, write_section
 
-from riskbridge.connectors import dicom
+from riskbridge.connectors import dicom, query
 from riskbridge.connectors.storescp import InstanceSink, StorageSCP
 from riskbridge.retrieve import RetrievedSeries, expected_instances, resolve_transport, retrieve_all
 from riskbridge.sandbox import Sandbox
@@ -162,7 +162,14 @@ def run_riskbridge(settings: Settings, series: Sequence[tuple[str, str]], transp
     run_settings = settings.model_copy(update={"pacs": settings.pacs.model_copy(update={"workers": workers})})
     started = time.perf_counter()
     chosen = resolve_transport(run_settings) if transport == "auto" else transport
-    results = retrieve_all(run_settings, series, transport=chosen)
+    # What the pipeline knows from selection: each series' instance count (SERIES-level C-FIND), timed here too.
+    counts = {
+        found.series_uid: found.instance_count
+        for study_uid in dict.fromkeys(study for study, _ in series)
+        for found in query.find_series(settings.pacs, study_uid)
+        if found.instance_count
+    }
+    results = retrieve_all(run_settings, series, transport=chosen, expected_counts=counts)
     seconds = time.perf_counter() - started
     failed = [result for result in results if not isinstance(result, RetrievedSeries) or not result.complete]
     if failed:
@@ -330,7 +337,8 @@ def report(results: list[Measured], args: argparse.Namespace) -> str:
         f"{args.series} series of {args.slices} slices, {args.size}x{args.size} int16 uncompressed "
         f"({ceiling.bytes / 1e6:.0f} MB), from the benchmark's own Orthanc (Debian package) on loopback; best of "
         f"{args.repeat}; wall time of the whole set including association set-up and, for riskbridge with "
-        "several workers, starting the worker processes. dcmtk runs with TCP_NODELAY=1.\n\n"
+        "several workers, starting the worker processes; riskbridge's time includes the SERIES-level C-FIND for "
+        "the instance counts it verifies against. dcmtk runs with TCP_NODELAY=1.\n\n"
         + markdown_table(header, rows)
         + "\n\n"
         + "\n".join(targets)

@@ -27,7 +27,6 @@ from __future__ import annotations
 import itertools
 import logging
 import re
-import struct
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -45,6 +44,7 @@ from riskbridge.settings import PacsSettings
 
 from . import staging
 from .dicom import DicomError
+from .part10 import FileMeta, Part10Error, dataset_uids, read_file_meta
 
 LOG = logging.getLogger(__name__)
 
@@ -337,160 +337,6 @@ def iter_multipart(chunks: Iterable[bytes], boundary: str) -> Iterator[Multipart
 
 
 # --------------------------------------------------------------------------------------------------------------
-# DICOM file meta and the dataset's UIDs, read from the first bytes of a part
-
-_LONG_VRS = frozenset({b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV"})
-_UNDEFINED = 0xFFFFFFFF
-_IMPLICIT_LE = "1.2.840.10008.1.2"
-_NOT_WALKED = frozenset({"1.2.840.10008.1.2.2", "1.2.840.10008.1.2.1.99"})  # big endian, deflated
-_STUDY_UID_TAG = 0x0020000D
-_SERIES_UID_TAG = 0x0020000E
-_ITEM, _ITEM_END, _SEQUENCE_END = 0xFFFEE000, 0xFFFEE00D, 0xFFFEE0DD
-
-
-@dataclass(frozen=True)
-class FileMeta:
-    """The identifying part of a DICOM file meta header (group 0002)."""
-
-    sop_class_uid: str
-    sop_instance_uid: str
-    transfer_syntax_uid: str
-    dataset_offset: int  # where the dataset begins in the file
-
-
-def _uid_value(raw: bytes) -> str:
-    return raw.rstrip(b"\x00 ").decode("ascii", errors="replace")
-
-
-def read_file_meta(data: bytes) -> FileMeta:
-    """Parse the file meta of a DICOM Part 10 file from its first bytes; raise :class:`RejectedPartError`.
-
-    Only the 128-byte preamble, ``DICM`` and the explicit VR little endian group 0002 are read.
-    """
-    if len(data) < 132 or data[128:132] != b"DICM":
-        raise RejectedPartError("no DICOM file meta (no 'DICM' prefix after a 128-byte preamble)")
-    pos = 132
-    values: dict[int, str] = {}
-    while pos + 8 <= len(data):
-        group, element = struct.unpack_from("<HH", data, pos)
-        if group != 0x0002:
-            break
-        vr = data[pos + 4 : pos + 6]
-        if not (vr.isalpha() and vr.isupper()):
-            raise RejectedPartError("file meta is not explicit VR little endian")
-        if vr in _LONG_VRS:
-            if pos + 12 > len(data):
-                raise RejectedPartError("file meta is truncated")
-            (length,) = struct.unpack_from("<I", data, pos + 8)
-            start = pos + 12
-        else:
-            (length,) = struct.unpack_from("<H", data, pos + 6)
-            start = pos + 8
-        end = start + length
-        if length == _UNDEFINED or end > len(data):
-            raise RejectedPartError("file meta is truncated or has an undefined length")
-        if element in (0x0002, 0x0003, 0x0010):
-            values[element] = _uid_value(data[start:end])
-        pos = end
-    names = {0x0002: "MediaStorageSOPClassUID", 0x0003: "MediaStorageSOPInstanceUID", 0x0010: "TransferSyntaxUID"}
-    absent = [name for element, name in names.items() if not values.get(element)]
-    if absent:
-        raise RejectedPartError(f"file meta lacks {', '.join(absent)}")
-    return FileMeta(values[0x0002], values[0x0003], values[0x0010], pos)
-
-
-class _Unwalkable(Exception):
-    """The dataset cannot be walked from the bytes at hand (truncated head or unexpected encoding)."""
-
-
-def _element_header(data: bytes, pos: int, explicit: bool) -> tuple[int, int, bytes | None]:
-    """Return (header size, value length, VR or None) of the element at ``pos``."""
-    if pos + 8 > len(data):
-        raise _Unwalkable
-    group, _ = struct.unpack_from("<HH", data, pos)
-    if not explicit or group == 0xFFFE:
-        return 8, struct.unpack_from("<I", data, pos + 4)[0], None
-    vr = data[pos + 4 : pos + 6]
-    if vr in _LONG_VRS:
-        if pos + 12 > len(data):
-            raise _Unwalkable
-        return 12, struct.unpack_from("<I", data, pos + 8)[0], vr
-    if not (vr.isalpha() and vr.isupper()):
-        raise _Unwalkable
-    return 8, struct.unpack_from("<H", data, pos + 6)[0], vr
-
-
-def _tag(data: bytes, pos: int) -> int:
-    if pos + 4 > len(data):
-        raise _Unwalkable
-    group, element = struct.unpack_from("<HH", data, pos)
-    return int(group) << 16 | int(element)
-
-
-def _skip_undefined_sequence(data: bytes, pos: int, explicit: bool, depth: int = 0) -> int:
-    """Return the offset after an undefined-length sequence whose first item starts at ``pos``."""
-    if depth > 16:
-        raise _Unwalkable
-    while True:
-        tag = _tag(data, pos)
-        if pos + 8 > len(data):
-            raise _Unwalkable
-        (length,) = struct.unpack_from("<I", data, pos + 4)
-        if tag == _SEQUENCE_END:
-            return pos + 8
-        if tag != _ITEM:
-            raise _Unwalkable
-        pos += 8
-        if length != _UNDEFINED:
-            pos += length
-            continue
-        while _tag(data, pos) != _ITEM_END:
-            header, length, vr = _element_header(data, pos, explicit)
-            pos += header
-            if length == _UNDEFINED:
-                pos = _skip_undefined_sequence(data, pos, explicit and vr != b"UN", depth + 1)
-            else:
-                pos += length
-        pos += 8
-
-
-def dataset_uids(data: bytes, meta: FileMeta, whole: bool) -> tuple[str | None, str | None] | None:
-    """Return (StudyInstanceUID, SeriesInstanceUID) read from the dataset's top level, or None if unwalkable.
-
-    ``data`` is the first bytes of the file (``whole`` when it is the entire file). Only little endian,
-    non-deflated transfer syntaxes are walked, element by element up to (0020,000E); sequences are skipped.
-    """
-    if meta.transfer_syntax_uid in _NOT_WALKED:
-        return None
-    explicit = meta.transfer_syntax_uid != _IMPLICIT_LE
-    study: str | None = None
-    series: str | None = None
-    pos = meta.dataset_offset
-    try:
-        while pos < len(data):
-            tag = _tag(data, pos)
-            if tag > _SERIES_UID_TAG:
-                return study, series
-            header, length, vr = _element_header(data, pos, explicit)
-            pos += header
-            if length == _UNDEFINED:
-                pos = _skip_undefined_sequence(data, pos, explicit and vr != b"UN")
-                continue
-            if tag in (_STUDY_UID_TAG, _SERIES_UID_TAG):
-                if pos + length > len(data):
-                    raise _Unwalkable
-                value = _uid_value(data[pos : pos + length])
-                if tag == _STUDY_UID_TAG:
-                    study = value
-                else:
-                    series = value
-            pos += length
-    except _Unwalkable:
-        return None
-    return (study, series) if whole else None
-
-
-# --------------------------------------------------------------------------------------------------------------
 # staging the parts of a WADO-RS answer
 
 
@@ -514,7 +360,7 @@ def _checked_head(
 ) -> tuple[FileMeta, bool]:
     try:
         meta = read_file_meta(head)
-    except RejectedPartError as exc:
+    except Part10Error as exc:
         raise RejectedPartError(f"part {index}: {exc}") from None
     tag = uid_hash(meta.sop_instance_uid)
     if allowed_sop_classes is not None and meta.sop_class_uid not in allowed_sop_classes:

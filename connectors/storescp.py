@@ -1,7 +1,9 @@
 """riskbridge's own Storage SCP: the receiving end of C-MOVE (and the C-STORE handler of C-GET).
 
-It accepts associations only from the configured PACS AE titles and only instances the caller said it expects
-(:meth:`InstanceSink.expect`); anything else is refused with a DICOM failure status and logged by hashed UID.
+It accepts associations only from the configured PACS AE titles and only instances the caller said it expects:
+listed by SOPInstanceUID (:meth:`InstanceSink.expect`) or, when only the series' instance count is known, any
+instance whose dataset names an expected series (:meth:`InstanceSink.expect_series`, read from the received bytes
+without decoding them). Anything else is refused with a DICOM failure status and logged by hashed UID.
 Every accepted instance is written atomically to the staging area from the received bytes as they are
 (``event.encoded_dataset()``: decoding in the handler measured 33% slower), so receiving one twice is harmless.
 Writes run on background threads, a bounded number in flight, so the sender's next C-STORE is not held up by the
@@ -34,7 +36,7 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
 )
 from pynetdicom.transport import ThreadedAssociationServer
 
-from riskbridge.connectors import staging
+from riskbridge.connectors import part10, staging
 from riskbridge.records import uid_hash
 from riskbridge.settings import TlsSettings
 
@@ -69,6 +71,7 @@ class InstanceSink:
     writers: int = 2
     max_in_flight: int = 32  # instances received but not yet written (about 17 MB of 512x512 slices)
     _expected: dict[str, tuple[str, str]] = field(default_factory=dict)
+    _expected_series: set[tuple[str, str]] = field(default_factory=set)
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _pool: ThreadPoolExecutor | None = None
     _slots: threading.BoundedSemaphore | None = None
@@ -86,6 +89,27 @@ class InstanceSink:
             for sop in sop_instance_uids:
                 self._expected.pop(sop, None)
 
+    def expect_series(self, study_uid: str, series_uid: str) -> None:
+        """Accept any instance whose dataset belongs to this series, from now on."""
+        with self._lock:
+            self._expected_series.add((study_uid, series_uid))
+
+    def forget_series(self, study_uid: str, series_uid: str) -> None:
+        """Stop accepting instances by their series."""
+        with self._lock:
+            self._expected_series.discard((study_uid, series_uid))
+
+    def _target(self, sop: str, data: bytes) -> tuple[str, str] | None:
+        """The (study, series) an instance is expected for, by its SOP UID or by the series its dataset names."""
+        with self._lock:
+            target = self._expected.get(sop)
+            by_series = bool(self._expected_series)
+        if target is not None or not by_series:
+            return target
+        uids = part10.study_and_series(data)
+        with self._lock:
+            return uids if uids in self._expected_series else None
+
     def _refuse(self, calling_ae: str, sop: str, reason: str) -> int:
         refusal = Refusal(calling_ae, uid_hash(sop) if sop else "-", reason)
         with self._lock:
@@ -99,8 +123,8 @@ class InstanceSink:
         sop = str(event.request.AffectedSOPInstanceUID or "")
         if self.allowed_calling_aes is not None and calling_ae not in self.allowed_calling_aes:
             return self._refuse(calling_ae, sop, "calling AE title is not a configured PACS")
-        with self._lock:
-            target = self._expected.get(sop)
+        data = event.encoded_dataset(include_meta=True)
+        target = self._target(sop, data)
         if target is None:
             return self._refuse(calling_ae, sop, "instance was not requested")
         try:
@@ -108,7 +132,7 @@ class InstanceSink:
         except staging.StagingError as exc:
             LOG.error("C-STORE from %s: instance %s could not be staged: %s", calling_ae, uid_hash(sop), exc)
             return STATUS_OUT_OF_RESOURCES
-        self._submit(path, event.encoded_dataset(include_meta=True), calling_ae)
+        self._submit(path, data, calling_ae)
         return STATUS_SUCCESS
 
     def _submit(self, path: Path, data: bytes, calling_ae: str) -> None:

@@ -30,16 +30,22 @@ def load_rule_set(spec: str) -> RuleSet:
 
 def select_study(settings: Settings, study_uid: str, rule_set: RuleSet) -> SelectionResult:
     """List a study's series, complete what the rules need, and decide; every series gets a decision."""
+    return _select(settings, study_uid, rule_set)[0]
+
+
+def _select(settings: Settings, study_uid: str, rule_set: RuleSet) -> tuple[SelectionResult, dict[str, int]]:
+    """The selection and the instance count the PACS gave for each candidate series."""
     candidates = query.find_complete_series(
         settings.pacs, study_uid, rule_set.needed_attributes, keywords=rule_set.keywords
     )
+    counts = {series.series_uid: series.instance_count for series in candidates if series.instance_count}
     result = select_series(study_uid, candidates, rule_set)
     if result.skipped:
         LOG.info("study %s: skipped: %s", uid_hash(study_uid), result.reason)
     else:
         assert result.chosen is not None
         LOG.info("study %s: chose series %s", uid_hash(study_uid), uid_hash(result.chosen.series_uid))
-    return result
+    return result, counts
 
 
 @dataclass(frozen=True)
@@ -62,10 +68,19 @@ def select_and_retrieve(
     transport: str | None = None,
     progress: Callable[[int, int], None] | None = None,
 ) -> list[StudyImaging]:
-    """Select a series in each study, then retrieve every chosen series (``settings.pacs.workers`` at once)."""
-    selections = [select_study(settings, study_uid, rule_set) for study_uid in study_uids]
+    """Select a series in each study, then retrieve every chosen series (``settings.pacs.workers`` at once).
+
+    The instance counts of the SERIES-level C-FIND set what each retrieval must deliver (see
+    :meth:`riskbridge.retrieve.Retriever.retrieve`).
+    """
+    selections: list[SelectionResult] = []
+    counts: dict[str, int] = {}
+    for study_uid in study_uids:
+        selection, study_counts = _select(settings, study_uid, rule_set)
+        selections.append(selection)
+        counts.update(study_counts)
     chosen = [(s.study_uid, s.chosen.series_uid) for s in selections if s.chosen is not None]
-    retrieved = retrieve_all(settings, chosen, transport, progress) if chosen else []
+    retrieved = retrieve_all(settings, chosen, transport, progress, counts) if chosen else []
     by_series = {(r.study_uid, r.series_uid): r for r in retrieved}
     return [
         StudyImaging(s, by_series[(s.study_uid, s.chosen.series_uid)] if s.chosen is not None else None)

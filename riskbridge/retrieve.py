@@ -17,16 +17,16 @@ import logging
 import multiprocessing
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor, as_completed
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from pydicom.dataset import Dataset
 
 from riskbridge.connectors import dicom, staging
-from riskbridge.connectors.dicomweb import DicomwebClient
+from riskbridge.connectors.dicomweb import DicomwebClient, DicomwebError
 from riskbridge.connectors.storescp import CT_STORAGE_CLASSES, InstanceSink, StorageSCP
 from riskbridge.records import RetrievedSeries, uid_hash
 from riskbridge.settings import Settings
@@ -150,20 +150,34 @@ class Retriever:
             pacs, study_uid, series_uid, self.sink.handle_store, CT_STORAGE_CLASSES, subset, pacs.timeout_s
         ).meaning
 
-    def retrieve(self, study_uid: str, series_uid: str, expected: set[str] | None = None) -> RetrievedSeries:
-        """Retrieve one series until every expected instance is staged; raise :class:`RetrievalError` if not."""
+    def retrieve(self, study_uid: str, series_uid: str, expected: set[str] | int | None = None) -> RetrievedSeries:
+        """Retrieve one series until every expected instance is staged; raise :class:`RetrievalError` if not.
+
+        ``expected`` is the set of SOPInstanceUIDs the PACS lists for the series, or only their number
+        (NumberOfSeriesRelatedInstances, which selection's SERIES-level C-FIND already has), or None to list them
+        here (IMAGE-level C-FIND). With a number the first attempt asks for the whole series and accepts any of its
+        instances; the list is fetched only when fewer arrive, to ask for exactly the missing ones.
+        """
         started = time.perf_counter()
         tag = uid_hash(series_uid)
+        attempts_used = 0
+        if isinstance(expected, int):
+            counted = self._retrieve_counted(study_uid, series_uid, expected, started)
+            if isinstance(counted, RetrievedSeries):
+                return counted
+            attempts_used, expected = counted, None
         if expected is None:
             expected = expected_instances(self.settings, study_uid, series_uid)
         if not expected:
             raise RetrievalError(f"series {tag}: the PACS lists no instances", "series_empty")
         if self._web is not None:
-            return self._checked(self._web.retrieve_series(study_uid, series_uid, self.staging_root, expected), "")
+            record = self._web.retrieve_series(study_uid, series_uid, self.staging_root, expected)
+            record = replace(record, attempts=record.attempts + attempts_used, seconds=time.perf_counter() - started)
+            return self._checked(record, "")
         directory = staging.series_dir(self.staging_root, study_uid, series_uid)
         missing = expected - staging.staged_instances(self.staging_root, study_uid, series_uid)
-        attempts = 0
-        status = "already staged"
+        attempts = attempts_used
+        status = "already staged" if not attempts_used else "the whole series came back short"
         while missing and attempts < self.settings.pacs.max_attempts:
             if attempts:
                 time.sleep(min(0.5 * 2**attempts, 8.0))
@@ -197,6 +211,54 @@ class Retriever:
         )
         return self._checked(record, f"; last answer: {status}")
 
+    def _retrieve_counted(self, study_uid: str, series_uid: str, count: int, started: float) -> RetrievedSeries | int:
+        """Stage the whole series, accepting instances by their series; return the record if ``count`` or more
+        are staged, else the number of attempts spent (the caller lists the instances and fetches the rest)."""
+        staged = staging.staged_instances(self.staging_root, study_uid, series_uid)
+        attempts = 0
+        if count > 0 and not staged:
+            attempts = 1
+            self._fetch_whole_series(study_uid, series_uid)
+            staged = staging.staged_instances(self.staging_root, study_uid, series_uid)
+        if count > 0 and len(staged) >= count:
+            directory = staging.series_dir(self.staging_root, study_uid, series_uid)
+            return RetrievedSeries(
+                study_uid=study_uid,
+                series_uid=series_uid,
+                path=directory,
+                expected=count,
+                received=len(staged),
+                transport=self.transport,
+                seconds=time.perf_counter() - started,
+                bytes=_directory_bytes(directory),
+                attempts=attempts,
+            )
+        LOG.info(
+            "series %s: %d of %d instances staged; listing the series to fetch what is missing",
+            uid_hash(series_uid), len(staged), count,
+        )  # fmt: skip
+        return attempts
+
+    def _fetch_whole_series(self, study_uid: str, series_uid: str) -> None:
+        tag = uid_hash(series_uid)
+        if self._web is not None:
+            try:
+                self._web.retrieve_instances(study_uid, series_uid, None, self.staging_root)
+            except DicomwebError as exc:
+                if not exc.transient:
+                    raise
+                LOG.warning("series %s: DICOMweb attempt failed: %s", tag, exc)
+            return
+        self.sink.expect_series(study_uid, series_uid)
+        try:
+            status = self._fetch(study_uid, series_uid, None)
+            LOG.info("series %s: %s of the whole series: %s", tag, self.transport, status)
+        except dicom.DicomError as exc:
+            LOG.warning("series %s: %s of the whole series failed: %s", tag, self.transport, exc)
+        finally:
+            self.sink.flush()
+            self.sink.forget_series(study_uid, series_uid)
+
     def _checked(self, record: RetrievedSeries, detail: str) -> RetrievedSeries:
         if record.missing:
             raise RetrievalError(
@@ -220,14 +282,16 @@ def _start_worker(settings: Settings, transport: str, slots: Any) -> None:
     _WORKER = Retriever(settings, transport, slots.get()).__enter__()
 
 
-def _retrieve_in_worker(study_uid: str, series_uid: str) -> RetrievedSeries | RetrievalFailure:
+def _retrieve_in_worker(study_uid: str, series_uid: str, expected: int | None) -> RetrievedSeries | RetrievalFailure:
     assert _WORKER is not None
-    return _retrieve_or_failure(_WORKER, study_uid, series_uid)
+    return _retrieve_or_failure(_WORKER, study_uid, series_uid, expected)
 
 
-def _retrieve_or_failure(retriever: Retriever, study_uid: str, series_uid: str) -> RetrievedSeries | RetrievalFailure:
+def _retrieve_or_failure(
+    retriever: Retriever, study_uid: str, series_uid: str, expected: int | None = None
+) -> RetrievedSeries | RetrievalFailure:
     try:
-        return retriever.retrieve(study_uid, series_uid)
+        return retriever.retrieve(study_uid, series_uid, expected)
     except RetrievalError as exc:
         return RetrievalFailure(study_uid, series_uid, exc.code, str(exc))
     except (dicom.DicomError, staging.StagingError, OSError) as exc:
@@ -239,32 +303,40 @@ def retrieve_all(
     series: Sequence[tuple[str, str]],
     transport: str | None = None,
     progress: Callable[[int, int], None] | None = None,
+    expected_counts: Mapping[str, int] | None = None,
 ) -> list[RetrievedSeries | RetrievalFailure]:
     """Retrieve ``(study_uid, series_uid)`` pairs with ``settings.pacs.workers`` workers; one result each, in order.
+
+    ``expected_counts`` maps a SeriesInstanceUID to its instance count when the caller knows it (selection's
+    SERIES-level C-FIND): such a series is listed instance by instance only if it arrives short.
 
     C-MOVE and C-GET workers are processes (pynetdicom is bound by Python CPU); DICOMweb workers are threads
     (socket reads and file writes release the GIL, and no process start-up is paid). A failing series becomes a
     :class:`RetrievalFailure` with its reason; it never stops the others.
     """
     transport = transport or resolve_transport(settings)
+    counts = dict(expected_counts or {})
     workers = min(settings.pacs.workers, len(series))
     if workers <= 1:
         results: list[RetrievedSeries | RetrievalFailure] = []
         with Retriever(settings, transport) as retriever:
             for study_uid, series_uid in series:
-                results.append(_retrieve_or_failure(retriever, study_uid, series_uid))
+                results.append(_retrieve_or_failure(retriever, study_uid, series_uid, counts.get(series_uid)))
                 if progress:
                     progress(len(results), len(series))
         return results
     if transport == "dicomweb":
-        return _retrieve_in_threads(settings, series, workers, progress)
+        return _retrieve_in_threads(settings, series, workers, progress, counts)
     context = multiprocessing.get_context("spawn")  # no fork of a process that runs SCP threads
     slots = context.Queue()  # handed to each worker at its start: one SCP endpoint per process
     for endpoint in settings.pacs.scp_endpoints()[:workers]:
         slots.put(endpoint)
     pool = ProcessPoolExecutor(workers, context, initializer=_start_worker, initargs=(settings, transport, slots))
     with pool:
-        futures = [pool.submit(_retrieve_in_worker, study_uid, series_uid) for study_uid, series_uid in series]
+        futures = [
+            pool.submit(_retrieve_in_worker, study_uid, series_uid, counts.get(series_uid))
+            for study_uid, series_uid in series
+        ]
         return _in_order(series, futures, progress)
 
 
@@ -273,6 +345,7 @@ def _retrieve_in_threads(
     series: Sequence[tuple[str, str]],
     workers: int,
     progress: Callable[[int, int], None] | None,
+    counts: Mapping[str, int],
 ) -> list[RetrievedSeries | RetrievalFailure]:
     local = threading.local()
     opened: list[Retriever] = []
@@ -283,7 +356,7 @@ def _retrieve_in_threads(
             local.retriever = Retriever(settings, "dicomweb").__enter__()
             with lock:
                 opened.append(local.retriever)
-        return _retrieve_or_failure(local.retriever, study_uid, series_uid)
+        return _retrieve_or_failure(local.retriever, study_uid, series_uid, counts.get(series_uid))
 
     try:
         with ThreadPoolExecutor(workers, thread_name_prefix="dicomweb") as pool:

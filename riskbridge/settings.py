@@ -100,12 +100,40 @@ class PacsSettings(_Section):
 
 
 class FhirAuth(_Section):
-    """How riskbridge authenticates to the FHIR server (OAuth2 and SMART Backend Services come with the FHIR client)."""
+    """How riskbridge authenticates to the FHIR server.
 
-    type: Literal["none", "basic", "bearer"] = "none"
+    ``none``; ``basic`` (username, password); ``bearer`` (a fixed token); ``oauth2`` (client credentials grant with
+    client_id and client_secret at token_url); ``smart`` (SMART Backend Services: client credentials with a
+    private_key_jwt client assertion signed with private_key_file, identified by key_id, RS384 or ES384).
+    """
+
+    type: Literal["none", "basic", "bearer", "oauth2", "smart"] = "none"
     username: str | None = None
     password: SecretStr | None = None
     token: SecretStr | None = None
+    token_url: str | None = None
+    client_id: str | None = None
+    client_secret: SecretStr | None = None
+    private_key_file: Path | None = None
+    key_id: str | None = None
+    algorithm: Literal["RS384", "ES384"] = "RS384"
+    scope: str | None = None
+    # A cached access token is renewed this long before the expiry its token endpoint announced.
+    refresh_skew_s: float = Field(30.0, ge=0)
+
+    @field_validator("token_url")
+    @classmethod
+    def _token_url_is_http(cls, value: str | None) -> str | None:
+        if value is not None and not value.startswith(("http://", "https://")):
+            raise ValueError("must start with http:// or https://")
+        return value
+
+    @field_validator("private_key_file")
+    @classmethod
+    def _key_file_exists(cls, path: Path | None) -> Path | None:
+        if path is not None and not path.is_file():
+            raise ValueError(f"file not found: {path}")
+        return path
 
     @model_validator(mode="after")
     def _required_for_type(self) -> FhirAuth:
@@ -113,11 +141,23 @@ class FhirAuth(_Section):
             "none": (),
             "basic": ("username", "password"),
             "bearer": ("token",),
+            "oauth2": ("token_url", "client_id", "client_secret"),
+            "smart": ("token_url", "client_id", "private_key_file", "key_id", "scope"),
         }
         missing = [name for name in required[self.type] if getattr(self, name) is None]
         if missing:
             raise ValueError(f"auth type {self.type!r} needs {', '.join(missing)}")
         return self
+
+
+class FhirRetry(_Section):
+    """When and how long the FHIR client retries 429, 502, 503, 504 and connection errors."""
+
+    max_attempts: int = Field(5, ge=1, le=20)
+    backoff_base_s: float = Field(0.5, gt=0)
+    backoff_max_s: float = Field(30.0, gt=0)
+    # A Retry-After longer than this is not waited for: the request fails instead of stalling the nightly run.
+    max_retry_after_s: float = Field(120.0, ge=0)
 
 
 class FhirSettings(_Section):
@@ -126,6 +166,16 @@ class FhirSettings(_Section):
     base_url: str = "http://127.0.0.1:18080/fhir"
     auth: FhirAuth = FhirAuth()
     timeout_s: float = Field(30.0, gt=0)
+    # Searches ask for this many resources per page (``_count``); servers may cap it silently (HAPI: 200).
+    page_size: int = Field(200, ge=1, le=1000)
+    # Batched searches put this many patients at most into one OR-list ...
+    batch_size: int = Field(200, ge=1, le=5000)
+    # ... and split it further so a GET search URL stays below this many characters.
+    max_url_length: int = Field(6000, ge=512, le=65536)
+    # "post" sends searches as POST [type]/_search with a form body (no URL length limit, nothing in access logs).
+    search_method: Literal["get", "post"] = "get"
+    pool_size: int = Field(8, ge=1, le=64)
+    retry: FhirRetry = FhirRetry()
 
     @field_validator("base_url")
     @classmethod

@@ -213,3 +213,64 @@ def test_dicomweb_workers_are_threads_and_keep_the_order(sandbox: Settings, coho
     assert all(isinstance(r, RetrievedSeries) and r.complete and r.transport == "dicomweb" for r in results[:-1])
     assert isinstance(results[-1], RetrievalFailure) and results[-1].code == "series_empty"
     assert seen == [1, 2, 3, 4]
+
+
+@pytest.mark.parametrize("transport", ["c-move", "c-get", "dicomweb"])
+def test_with_a_known_count_no_instance_list_is_needed(
+    sandbox: Settings, cohort: Path, tmp_path: Path, transport: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import riskbridge.retrieve
+
+    def no_listing(*args: object) -> set[str]:
+        raise AssertionError("the IMAGE-level C-FIND should not be needed")
+
+    monkeypatch.setattr(riskbridge.retrieve, "expected_instances", no_listing)
+    settings = _settings(sandbox, tmp_path)
+    study_uid, series_uid, count = _series(cohort)[1]
+    with Retriever(settings, transport) as retriever:
+        result = retriever.retrieve(study_uid, series_uid, count)
+        again = retriever.retrieve(study_uid, series_uid, count)
+    assert (result.expected, result.received, result.attempts) == (count, count, 1)
+    assert {path.stem for path in result.path.glob("*.dcm")} == set(_source_files(cohort, study_uid, series_uid))
+    assert again.attempts == 0 and again.complete
+
+
+@pytest.mark.parametrize("transport", ["c-move", "c-get"])
+def test_a_short_count_retrieval_lists_the_series_and_fetches_only_the_rest(
+    sandbox: Settings, cohort: Path, tmp_path: Path, transport: str
+) -> None:
+    settings = _settings(sandbox, tmp_path)
+    study_uid, series_uid, count = _series(cohort)[2]
+    with Retriever(settings, transport, sink_class=_FailsOnce) as retriever:
+        result = retriever.retrieve(study_uid, series_uid, count)
+    assert result.complete and (result.expected, result.received, result.attempts) == (count, count, 2)
+
+
+def test_a_partly_staged_series_with_a_known_count_fetches_only_what_is_missing(
+    sandbox: Settings, cohort: Path, tmp_path: Path
+) -> None:
+    settings = _settings(sandbox, tmp_path)
+    study_uid, series_uid, count = _series(cohort)[0]
+    with Retriever(settings, "c-move") as retriever:
+        first = retriever.retrieve(study_uid, series_uid, count)
+        files = sorted(first.path.glob("*.dcm"))
+        for path in files[:3]:
+            path.unlink()
+        untouched = {path: path.stat().st_mtime_ns for path in files[3:]}
+        second = retriever.retrieve(study_uid, series_uid, count)
+    assert second.complete and second.attempts == 1 and second.received == count
+    assert {path: path.stat().st_mtime_ns for path in untouched} == untouched
+
+
+def test_series_acceptance_refuses_an_instance_of_another_series(cohort: Path, tmp_path: Path) -> None:
+    (study_a, series_a, _), (study_b, series_b, _) = _series(cohort)[:2]
+    sink = InstanceSink(tmp_path / "staging", allowed_calling_aes=frozenset({"ORTHANC"}))
+    sink.expect_series(study_a, series_a)
+    mine = sorted(_source_files(cohort, study_a, series_a).values())[0]
+    other = sorted(_source_files(cohort, study_b, series_b).values())[0]
+    with StorageSCP("RB_TEST_SCP", 11191, sink):
+        accepted = _storescu(11191, "ORTHANC", "RB_TEST_SCP", mine)
+        refused = _storescu(11191, "ORTHANC", "RB_TEST_SCP", other)
+    assert accepted.returncode == 0, accepted.stderr
+    assert refused.returncode != 0 and [r.reason for r in sink.refusals] == ["instance was not requested"]
+    assert [path.parent.name for path in (tmp_path / "staging").rglob("*.dcm")] == [series_a]

@@ -29,12 +29,11 @@ from riskbridge.connectors.dicomweb import (
     MultipartError,
     RejectedPartError,
     boundary_from_content_type,
-    dataset_uids,
     iter_multipart,
-    read_file_meta,
     redact,
     stage_multipart,
 )
+from riskbridge.connectors.part10 import Part10Error, dataset_uids, read_file_meta
 from riskbridge.records import uid_hash
 
 BOUNDARY = "f8394610-7312-440b-980a-eb1109d28964-7a79494f-4970-419c-92ae-efe7d8ade"  # Orthanc-style, 72 chars
@@ -291,7 +290,7 @@ def test_file_meta_of_the_synthetic_cohort(tmp_path: Path) -> None:
     ],
 )
 def test_unreadable_file_meta(data: bytes, message: str) -> None:
-    with pytest.raises(RejectedPartError, match=message):
+    with pytest.raises(Part10Error, match=message):
         read_file_meta(data)
 
 
