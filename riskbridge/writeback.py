@@ -1,0 +1,246 @@
+"""Write-back of scores as FHIR R4 RiskAssessments with Provenance, idempotent by construction.
+
+One RiskAssessment per (patient, study, model version). Its identifier is a configured system plus a SHA-256 of
+that triple, so a rerun finds what it wrote: each RiskAssessment is a conditional create (``If-None-Exist:
+identifier=system|value``) inside a transaction bundle, and its Provenance is a PUT to an id derived from the same
+hash (an upsert; R4 Provenance has no identifier to condition on), whose content, ``recorded`` included, depends
+only on the score, so rewriting it changes nothing. A new
+model version hashes differently and so creates new resources. Every resource is built with
+``fhir.resources.R4B`` models (the package's default models are R5) and sent as their JSON.
+
+An identifier appears in one bundle only and bundles are posted one after another: HAPI can create duplicates
+when two conditional creates for the same identifier run in parallel.
+
+This module builds the bundles (pure, unit-tested); :func:`write_assessments` posts them through any callable that
+sends a transaction bundle and returns the server's transaction-response bundle.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import uuid
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from fhir.resources.R4B.bundle import Bundle, BundleEntry, BundleEntryRequest
+from fhir.resources.R4B.codeableconcept import CodeableConcept
+from fhir.resources.R4B.coding import Coding
+from fhir.resources.R4B.identifier import Identifier
+from fhir.resources.R4B.provenance import Provenance, ProvenanceAgent, ProvenanceEntity
+from fhir.resources.R4B.reference import Reference
+from fhir.resources.R4B.riskassessment import RiskAssessment, RiskAssessmentPrediction
+
+from riskbridge import __version__
+
+LOG = logging.getLogger(__name__)
+
+RISK_PROBABILITY_SYSTEM = "http://terminology.hl7.org/CodeSystem/risk-probability"
+PROVENANCE_AGENT_TYPE_SYSTEM = "http://terminology.hl7.org/CodeSystem/provenance-participant-type"
+DICOM_UID_SYSTEM = "urn:dicom:uid"
+
+
+class WritebackError(Exception):
+    """A score cannot be written: bad input, or the server refused a bundle (the message says which entry)."""
+
+
+@dataclass(frozen=True)
+class WritebackConfig:
+    """How assessments are identified, coded and bundled (site settings)."""
+
+    identifier_system: str = "urn:riskbridge:risk-assessment"
+    outcome: tuple[str, str, str] = ("http://snomed.info/sct", "363358000", "Malignant tumor of lung")
+    thresholds: tuple[float, float] = (0.1, 0.3)  # below the first: low; below the second: moderate; else high
+    method_system: str = "urn:riskbridge:model"
+    device_identifier_system: str = "urn:riskbridge:device"
+    bundle_size: int = 50
+
+    def __post_init__(self) -> None:
+        low, high = self.thresholds
+        if not 0.0 < low < high < 1.0:
+            raise WritebackError(f"thresholds must satisfy 0 < low < high < 1, got {self.thresholds}")
+        if self.bundle_size < 1:
+            raise WritebackError(f"bundle_size must be at least 1, got {self.bundle_size}")
+
+
+@dataclass(frozen=True)
+class Score:
+    """What the score stage produced for one (patient, study), and the inputs behind it."""
+
+    patient_id: str  # FHIR Patient id (the identity stage's match)
+    study_uid: str
+    model_name: str
+    model_version: str
+    probability: float
+    occurrence: datetime  # the index time: when the scan was acquired, with its offset
+    scored_at: datetime  # when the model produced the score: Provenance.recorded, the same on every rewrite
+    attention: Mapping[str, float] = field(default_factory=dict)  # per-modality attention weights
+    observation_ids: tuple[str, ...] = ()
+    document_ids: tuple[str, ...] = ()  # DocumentReference ids
+    imaging_study_id: str | None = None  # the server's ImagingStudy, when it has one
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.probability <= 1.0:
+            raise WritebackError(f"probability must lie in [0, 1], got {self.probability}")
+        for name in ("occurrence", "scored_at"):
+            if getattr(self, name).tzinfo is None:
+                raise WritebackError(f"{name} must carry its UTC offset (a naive datetime is ambiguous)")
+
+
+def assessment_key(model_version: str, patient_id: str, study_uid: str) -> str:
+    """The deterministic identifier value of the RiskAssessment of (model version, patient, study)."""
+    digest = hashlib.sha256("\x1f".join((model_version, patient_id, study_uid)).encode()).hexdigest()
+    return f"rb-{digest[:40]}"
+
+
+def qualitative_risk(probability: float, thresholds: tuple[float, float]) -> tuple[str, str]:
+    """The risk-probability code (low, moderate, high) and display for a probability."""
+    low, high = thresholds
+    if probability < low:
+        return "low", "Low likelihood"
+    if probability < high:
+        return "moderate", "Moderate likelihood"
+    return "high", "High likelihood"
+
+
+def _basis(score: Score) -> list[Reference]:
+    references = [Reference(reference=f"Observation/{ident}") for ident in score.observation_ids]
+    references += [Reference(reference=f"DocumentReference/{ident}") for ident in score.document_ids]
+    if score.imaging_study_id:
+        references.append(Reference(reference=f"ImagingStudy/{score.imaging_study_id}"))
+    else:
+        # No ImagingStudy on the server: a logical reference by the DICOM StudyInstanceUID.
+        study = Identifier(system=DICOM_UID_SYSTEM, value=f"urn:oid:{score.study_uid}")
+        references.append(Reference(type="ImagingStudy", identifier=study, display="CT study"))
+    return references
+
+
+def build_risk_assessment(score: Score, config: WritebackConfig) -> RiskAssessment:
+    """Build the R4 RiskAssessment of a score (no id: the server assigns it on create)."""
+    key = assessment_key(score.model_version, score.patient_id, score.study_uid)
+    system, code, display = config.outcome
+    risk_code, risk_display = qualitative_risk(score.probability, config.thresholds)
+    attention = ", ".join(f"{name} {weight:.3f}" for name, weight in sorted(score.attention.items()))
+    return RiskAssessment(
+        identifier=[Identifier(system=config.identifier_system, value=key)],
+        status="final",
+        subject=Reference(reference=f"Patient/{score.patient_id}"),
+        occurrenceDateTime=score.occurrence,
+        basis=_basis(score),
+        method=CodeableConcept(
+            coding=[Coding(system=config.method_system, code=score.model_name, version=score.model_version)],
+            text=f"{score.model_name} {score.model_version}",
+        ),
+        prediction=[
+            RiskAssessmentPrediction(
+                outcome=CodeableConcept(coding=[Coding(system=system, code=code, display=display)], text=display),
+                probabilityDecimal=round(score.probability, 6),
+                qualitativeRisk=CodeableConcept(
+                    coding=[Coding(system=RISK_PROBABILITY_SYSTEM, code=risk_code, display=risk_display)]
+                ),
+            )
+        ],
+        note=[{"text": f"Per-modality attention weights: {attention}"}] if attention else None,
+    )
+
+
+def build_provenance(score: Score, target: str, config: WritebackConfig) -> Provenance:
+    """Build the Provenance of a RiskAssessment (``target`` is its reference, or the bundle's placeholder)."""
+    device = Identifier(system=config.device_identifier_system, value=f"riskbridge/{__version__}")
+    author = CodeableConcept(coding=[Coding(system=PROVENANCE_AGENT_TYPE_SYSTEM, code="author", display="Author")])
+    inputs = [ProvenanceEntity(role="source", what=reference) for reference in _basis(score)]
+    return Provenance(
+        id=f"{assessment_key(score.model_version, score.patient_id, score.study_uid)}-provenance",
+        target=[Reference(reference=target)],
+        recorded=score.scored_at,
+        agent=[
+            ProvenanceAgent(
+                type=author, who=Reference(type="Device", identifier=device, display=f"riskbridge {__version__}")
+            )
+        ],
+        entity=inputs,
+    )
+
+
+def _json(resource: RiskAssessment | Provenance) -> dict[str, Any]:
+    return resource.model_dump(mode="json", exclude_none=True)
+
+
+def transaction_bundles(scores: Iterable[Score], config: WritebackConfig) -> Iterator[tuple[Bundle, list[str]]]:
+    """Yield transaction bundles of at most ``config.bundle_size`` scores, with the keys each one carries.
+
+    A key met twice is an error (two scores for the same patient, study and model version cannot both be right).
+    """
+    seen: set[str] = set()
+    entries: list[BundleEntry] = []
+    keys: list[str] = []
+    for score in scores:
+        key = assessment_key(score.model_version, score.patient_id, score.study_uid)
+        if key in seen:
+            raise WritebackError(f"two scores for assessment {key} (same patient, study and model version)")
+        seen.add(key)
+        placeholder = f"urn:uuid:{uuid.uuid5(uuid.NAMESPACE_URL, config.identifier_system + '|' + key)}"
+        assessment = build_risk_assessment(score, config)
+        provenance = build_provenance(score, placeholder, config)
+        entries.append(
+            BundleEntry(
+                fullUrl=placeholder,
+                resource=_json(assessment),
+                request=BundleEntryRequest(
+                    method="POST", url="RiskAssessment", ifNoneExist=f"identifier={config.identifier_system}|{key}"
+                ),
+            )
+        )
+        entries.append(
+            BundleEntry(
+                resource=_json(provenance),
+                request=BundleEntryRequest(method="PUT", url=f"Provenance/{provenance.id}"),
+            )
+        )
+        keys.append(key)
+        if len(keys) == config.bundle_size:
+            yield Bundle(type="transaction", entry=entries), keys
+            entries, keys = [], []
+    if keys:
+        yield Bundle(type="transaction", entry=entries), keys
+
+
+@dataclass
+class WritebackReport:
+    """What a write-back run did, per RiskAssessment key."""
+
+    created: list[str] = field(default_factory=list)
+    existing: list[str] = field(default_factory=list)
+    bundles: int = 0
+
+
+def write_assessments(
+    scores: Sequence[Score],
+    post_transaction: Callable[[dict[str, Any]], dict[str, Any]],
+    config: WritebackConfig | None = None,
+) -> WritebackReport:
+    """Post the scores' RiskAssessments and Provenances, bundle after bundle; report created vs already there.
+
+    ``post_transaction`` sends one transaction Bundle (JSON) and returns the transaction-response Bundle; it raises
+    on an HTTP error (a transaction is all or nothing, so a failed bundle leaves nothing half-written).
+    """
+    config = config or WritebackConfig()
+    report = WritebackReport()
+    for bundle, keys in transaction_bundles(scores, config):
+        response = post_transaction(bundle.model_dump(mode="json", exclude_none=True))
+        answers = response.get("entry") or []
+        if len(answers) != 2 * len(keys):
+            raise WritebackError(f"transaction answered {len(answers)} entries for {2 * len(keys)} sent")
+        for key, answer in zip(keys, answers[::2], strict=True):
+            status = str((answer.get("response") or {}).get("status", ""))
+            if status.startswith("201"):
+                report.created.append(key)
+            elif status.startswith("200"):
+                report.existing.append(key)
+            else:
+                raise WritebackError(f"RiskAssessment {key}: unexpected transaction status {status!r}")
+        report.bundles += 1
+        LOG.info("write-back bundle %d: %d assessments", report.bundles, len(keys))
+    return report

@@ -1,0 +1,132 @@
+"""RiskAssessment write-back bundles: deterministic identifiers, R4 content, idempotent requests, bundling."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta, timezone
+from typing import Any
+
+import pytest
+from fhir.resources.R4B.bundle import Bundle
+
+from riskbridge.writeback import (
+    Score,
+    WritebackConfig,
+    WritebackError,
+    assessment_key,
+    qualitative_risk,
+    transaction_bundles,
+    write_assessments,
+)
+
+EST = timezone(timedelta(hours=-5))
+
+
+def _score(patient: str = "p1", study: str = "1.2.3", version: str = "1.0.0", probability: float = 0.2) -> Score:
+    return Score(
+        patient_id=patient,
+        study_uid=study,
+        model_name="fusion",
+        model_version=version,
+        probability=probability,
+        occurrence=datetime(2024, 1, 4, 18, 44, tzinfo=EST),
+        scored_at=datetime(2024, 1, 5, 2, 0, tzinfo=UTC),
+        attention={"image": 0.6, "labs": 0.3, "notes": 0.1},
+        observation_ids=("obs-1",),
+        document_ids=("doc-1",),
+    )
+
+
+def test_the_key_depends_on_model_version_patient_and_study_only() -> None:
+    key = assessment_key("1.0.0", "p1", "1.2.3")
+    assert key == assessment_key("1.0.0", "p1", "1.2.3")
+    assert len({key, assessment_key("1.1.0", "p1", "1.2.3"), assessment_key("1.0.0", "p2", "1.2.3"),
+                assessment_key("1.0.0", "p1", "1.2.4")}) == 4  # fmt: skip
+    # The separator keeps ("1.0", "0p1") and ("1.00", "p1") apart.
+    assert assessment_key("1.0", "0p1", "s") != assessment_key("1.00", "p1", "s")
+
+
+@pytest.mark.parametrize(
+    ("probability", "code"), [(0.0, "low"), (0.099, "low"), (0.1, "moderate"), (0.299, "moderate"), (0.3, "high")]
+)
+def test_qualitative_risk_follows_the_thresholds(probability: float, code: str) -> None:
+    assert qualitative_risk(probability, (0.1, 0.3))[0] == code
+
+
+def test_a_bundle_is_valid_r4_with_a_conditional_create_and_a_provenance_upsert() -> None:
+    bundle, keys = next(transaction_bundles([_score()], WritebackConfig()))
+    data = bundle.model_dump(mode="json", exclude_none=True)
+    Bundle.model_validate(data)  # R4B models accept what we send
+    assessment, provenance = data["entry"]
+    key = keys[0]
+    assert assessment["request"] == {
+        "method": "POST",
+        "url": "RiskAssessment",
+        "ifNoneExist": f"identifier=urn:riskbridge:risk-assessment|{key}",
+    }
+    resource = assessment["resource"]
+    assert resource["status"] == "final" and resource["subject"] == {"reference": "Patient/p1"}
+    assert resource["occurrenceDateTime"] == "2024-01-04T18:44:00-05:00"
+    prediction = resource["prediction"][0]
+    assert prediction["probabilityDecimal"] == 0.2 and prediction["qualitativeRisk"]["coding"][0]["code"] == "moderate"
+    assert resource["method"]["coding"][0] == {"system": "urn:riskbridge:model", "code": "fusion", "version": "1.0.0"}
+    basis = resource["basis"]
+    assert {"reference": "Observation/obs-1"} in basis and {"reference": "DocumentReference/doc-1"} in basis
+    assert basis[-1]["identifier"] == {"system": "urn:dicom:uid", "value": "urn:oid:1.2.3"}
+    assert "image 0.600" in resource["note"][0]["text"]
+    assert provenance["request"] == {"method": "PUT", "url": f"Provenance/{key}-provenance"}
+    assert provenance["resource"]["target"] == [{"reference": assessment["fullUrl"]}]
+    assert provenance["resource"]["recorded"] == "2024-01-05T02:00:00Z"
+    assert provenance["resource"]["agent"][0]["who"]["type"] == "Device"
+    assert len(provenance["resource"]["entity"]) == len(basis)
+
+
+def test_the_same_scores_give_byte_identical_bundles() -> None:
+    # Rewriting must send exactly the same content: the Provenance PUT then changes nothing on the server.
+    def dump() -> list[dict[str, Any]]:
+        return [b.model_dump(mode="json") for b, _ in transaction_bundles([_score(), _score("p2")], WritebackConfig())]
+
+    assert dump() == dump()
+
+
+def test_an_imaging_study_on_the_server_is_referenced_directly() -> None:
+    score = Score(**{**_score().__dict__, "imaging_study_id": "img-9"})
+    bundle, _ = next(transaction_bundles([score], WritebackConfig()))
+    basis = bundle.model_dump(mode="json", exclude_none=True)["entry"][0]["resource"]["basis"]
+    assert basis[-1] == {"reference": "ImagingStudy/img-9"}
+
+
+def test_bundles_are_cut_at_the_configured_size_and_a_key_never_repeats() -> None:
+    scores = [_score(patient=f"p{i}") for i in range(5)]
+    bundles = list(transaction_bundles(scores, WritebackConfig(bundle_size=2)))
+    assert [len(keys) for _, keys in bundles] == [2, 2, 1]
+    assert [len(bundle.entry or []) for bundle, _ in bundles] == [4, 4, 2]
+    with pytest.raises(WritebackError, match="two scores for assessment"):
+        list(transaction_bundles([_score(), _score(probability=0.9)], WritebackConfig()))
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [({"probability": 1.2}, "probability"), ({"occurrence": datetime(2024, 1, 4)}, "occurrence must carry")],
+)
+def test_bad_scores_are_refused(change: dict[str, Any], message: str) -> None:
+    with pytest.raises(WritebackError, match=message):
+        Score(**{**_score().__dict__, **change})
+
+
+def test_bad_configuration_is_refused() -> None:
+    with pytest.raises(WritebackError, match="thresholds"):
+        WritebackConfig(thresholds=(0.5, 0.2))
+
+
+def test_the_report_tells_created_from_existing_and_refuses_surprises() -> None:
+    def server(status: str) -> Any:
+        def post(bundle: dict[str, Any]) -> dict[str, Any]:
+            return {"entry": [{"response": {"status": status}} for _ in bundle["entry"]]}
+
+        return post
+
+    scores = [_score(), _score("p2")]
+    assert len(write_assessments(scores, server("201 Created")).created) == 2
+    assert len(write_assessments(scores, server("200 OK")).existing) == 2
+    with pytest.raises(WritebackError, match="unexpected transaction status"):
+        write_assessments(scores, server("400 Bad Request"))
