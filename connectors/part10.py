@@ -3,6 +3,8 @@ the dataset's Study and Series Instance UIDs, read straight from the encoded byt
 
 Used by the DICOMweb stager (each multipart part) and the storage SCP (each C-STORE, series-level acceptance):
 pydicom would decode far more than these four values, and both paths see hundreds of instances per second.
+:func:`file_preamble` writes the preamble and file meta a received C-STORE dataset needs to become a Part 10 file
+(pydicom's FileMetaDataset + write_file_meta_info took 0.47 ms per instance, an eighth of a C-MOVE's time).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from io import BytesIO
 
 import pydicom
 from pydicom.errors import InvalidDicomError
+from pynetdicom import PYNETDICOM_IMPLEMENTATION_UID, PYNETDICOM_IMPLEMENTATION_VERSION
 
 _UID_TAGS = ["StudyInstanceUID", "SeriesInstanceUID"]
 
@@ -190,3 +193,29 @@ def study_and_series(data: bytes) -> tuple[str, str] | None:
         uids = (dataset.get("StudyInstanceUID"), dataset.get("SeriesInstanceUID"))
     study, series = uids
     return (str(study), str(series)) if study and series else None
+
+
+def _element(element: int, vr: bytes, value: bytes) -> bytes:
+    """One explicit VR little endian element of group 0002 (values padded to even length)."""
+    if len(value) % 2:
+        value += b"\x00" if vr == b"UI" else b" "
+    if vr == b"OB":
+        return struct.pack("<HH2sHI", 0x0002, element, vr, 0, len(value)) + value
+    return struct.pack("<HH2sH", 0x0002, element, vr, len(value)) + value
+
+
+def file_preamble(sop_class_uid: str, sop_instance_uid: str, transfer_syntax_uid: str) -> bytes:
+    """The 128-byte preamble, ``DICM`` and the file meta (group 0002) of a Part 10 file, as pynetdicom writes it
+    for a received C-STORE (implementation UID and version of pynetdicom); the dataset's bytes follow it."""
+    body = b"".join(
+        (
+            _element(0x0001, b"OB", b"\x00\x01"),
+            _element(0x0002, b"UI", sop_class_uid.encode("ascii")),
+            _element(0x0003, b"UI", sop_instance_uid.encode("ascii")),
+            _element(0x0010, b"UI", transfer_syntax_uid.encode("ascii")),
+            _element(0x0012, b"UI", PYNETDICOM_IMPLEMENTATION_UID.encode("ascii")),
+            _element(0x0013, b"SH", PYNETDICOM_IMPLEMENTATION_VERSION.encode("ascii")),
+        )
+    )
+    group_length = struct.pack("<HH2sHI", 0x0002, 0x0000, b"UL", 4, len(body))
+    return b"\x00" * 128 + b"DICM" + group_length + body

@@ -123,7 +123,9 @@ class InstanceSink:
         sop = str(event.request.AffectedSOPInstanceUID or "")
         if self.allowed_calling_aes is not None and calling_ae not in self.allowed_calling_aes:
             return self._refuse(calling_ae, sop, "calling AE title is not a configured PACS")
-        data = event.encoded_dataset(include_meta=True)
+        # The same bytes as event.encoded_dataset(include_meta=True), without building a pydicom FileMetaDataset.
+        meta = part10.file_preamble(str(event.request.AffectedSOPClassUID), sop, str(event.context.transfer_syntax))
+        data = meta + event.request.DataSet.getvalue()
         target = self._target(sop, data)
         if target is None:
             return self._refuse(calling_ae, sop, "instance was not requested")
