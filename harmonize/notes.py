@@ -1,0 +1,771 @@
+"""Comorbidity flags from clinical note text (medspaCy TargetMatcher + ConText) merged with coded Conditions.
+
+The risk model wants one boolean per comorbidity (diabetes, COPD, heart failure, chronic kidney disease,
+hypertension, prior MI, active smoking, immunosuppression, prior malignancy). Notes assert these in prose, with
+negations ("denies COPD"), family history ("mother had diabetes"), hypotheticals ("return if symptoms of heart
+failure develop"), uncertainty ("rule out MI") and history ("history of CKD", "former smoker"). This module finds
+the mentions with medspaCy's TargetMatcher, assigns each an assertion with ConText (medspaCy's default English
+rules plus the rules of ``data/comorbidity_rules.yaml``), and decides per flag:
+
+* present and (for chronic disease) historical mentions count; negated, family, hypothetical and uncertain
+  mentions do not; historical smoking is not active smoking;
+* coded FHIR Condition resources (plain dicts) count when their SNOMED CT / ICD-10-CM code maps to a flag, their
+  verification status is not refuted / entered-in-error / unconfirmed, and their clinical status is active
+  (or inactive too, for flags that mean "ever had": prior MI, prior malignancy);
+* the result keeps the source ("text", "coded" or "both") and every mention with its note id and character
+  offsets, and the modifiers that excluded it. Nothing here stores or logs note text (it is PHI).
+
+The spaCy pipeline is ``spacy.blank("en")`` + a line-break sentence-boundary component + spaCy's "sentencizer"
+(medspaCy's PyRuSH splitter was measured about 5x slower) + TargetMatcher + ConText; it is built once per rule
+file and reused; many notes go through ``nlp.pipe``. docs/notes.md documents the rules and the measured F1.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from functools import lru_cache
+from importlib import resources
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+import yaml
+
+if TYPE_CHECKING:
+    from spacy.language import Language
+    from spacy.tokens import Doc, Span
+
+logger = logging.getLogger(__name__)
+
+RULES_RESOURCE = "data/comorbidity_rules.yaml"
+# TargetMatcher label of the phrases that contain a target term but assert something else ("diabetes
+# insipidus"): the matcher keeps the longest overlapping match, so these swallow the target inside them.
+NOT_THIS_LABEL = "NOT_THIS"
+SENTENCE_BOUNDARY_PIPE = "riskbridge_line_breaks"
+CONTEXT_PIPE = "medspacy_context"
+
+Assertion = Literal["present", "historical", "negated", "family", "hypothetical", "uncertain"]
+Source = Literal["text", "coded", "both"]
+
+# ConText categories that make a mention not count, strongest first: the first one found names the assertion.
+EXCLUDING_CATEGORIES: tuple[tuple[str, Assertion], ...] = (
+    ("NEGATED_EXISTENCE", "negated"),
+    ("FAMILY", "family"),
+    ("HYPOTHETICAL", "hypothetical"),
+    ("POSSIBLE_EXISTENCE", "uncertain"),
+)
+HISTORICAL_CATEGORY = "HISTORICAL"
+# A rule-file category that cancels HISTORICAL ("Social history: current smoker").
+CURRENT_CATEGORY = "CURRENT"
+KNOWN_CATEGORIES = frozenset(
+    {"NEGATED_EXISTENCE", "FAMILY", "HYPOTHETICAL", "POSSIBLE_EXISTENCE", HISTORICAL_CATEGORY, CURRENT_CATEGORY}
+    | {"TERMINATE", "PSEUDO"}
+)
+CONTEXT_DIRECTIONS = frozenset({"FORWARD", "BACKWARD", "BIDIRECTIONAL", "TERMINATE", "PSEUDO"})
+
+ACTIVE_CLINICAL_STATUSES = frozenset({"active", "recurrence", "relapse"})
+INACTIVE_CLINICAL_STATUSES = frozenset({"inactive", "remission", "resolved"})
+# Refuted and entered-in-error are wrong; unconfirmed/provisional/differential are the coded form of a "possible"
+# mention, which does not count in text either.
+EXCLUDED_VERIFICATION_STATUSES = frozenset(
+    {"refuted", "entered-in-error", "unconfirmed", "provisional", "differential"}
+)
+
+# A header line such as "Family history:" (a short label, then a colon); the label is matched against the rule
+# file's family_section_headers.
+HEADER_LINE = re.compile(r"^[ \t]*([A-Za-z][A-Za-z0-9 /&()'-]{0,40}?)[ \t]*:", re.MULTILINE)
+BLANK_LINE = re.compile(r"\n[ \t]*\n")
+LIST_BULLET = re.compile(r"^(?:[-*\u2022]|\d{1,2}[.)])$")
+
+
+class RuleFileError(ValueError):
+    """Raised for a comorbidity rule file that does not follow the format in docs/notes.md."""
+
+
+# --- rules -----------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TargetTerm:
+    """One way a note names a flag: a phrase (case-insensitive) or a spaCy token pattern."""
+
+    literal: str
+    pattern: tuple[Mapping[str, Any], ...] | None = None
+
+
+@dataclass(frozen=True)
+class FlagRule:
+    """What sets one comorbidity flag: its text terms and the codes of Conditions that assert it."""
+
+    name: str
+    label: str
+    historical_counts: bool
+    coded_inactive_counts: bool
+    targets: tuple[TargetTerm, ...]
+    not_this: tuple[str, ...]
+    snomed: frozenset[str]
+    icd10cm_prefixes: tuple[str, ...]
+
+    def matches_code(self, system_kind: str, code: str) -> bool:
+        """True when a code of the given system kind ("snomed" or "icd10cm") asserts this flag."""
+        if system_kind == "snomed":
+            return code in self.snomed
+        normalized = _normalize_icd(code)
+        return any(normalized.startswith(prefix) for prefix in self.icd10cm_prefixes)
+
+
+@dataclass(frozen=True)
+class ContextRuleSpec:
+    """A ConText modifier rule from the rule file (added to medspaCy's default English rules)."""
+
+    literal: str
+    category: str
+    direction: str
+    pattern: tuple[Mapping[str, Any], ...] | None = None
+    allowed_types: tuple[str, ...] = ()
+    max_scope: int | None = None
+    why: str = ""
+
+
+@dataclass(frozen=True)
+class RuleSet:
+    """The parsed rule file: flags, code systems, family section headers and extra ConText rules."""
+
+    version: int
+    flags: tuple[FlagRule, ...]
+    snomed_systems: frozenset[str]
+    icd10_systems: frozenset[str]
+    family_section_headers: tuple[str, ...]
+    context_rules: tuple[ContextRuleSpec, ...]
+    source: str
+
+    @property
+    def flag_names(self) -> tuple[str, ...]:
+        """The flag names in rule-file order."""
+        return tuple(flag.name for flag in self.flags)
+
+    def flag(self, name: str) -> FlagRule:
+        """The rule of one flag by name (KeyError for an unknown name)."""
+        for flag in self.flags:
+            if flag.name == name:
+                return flag
+        raise KeyError(name)
+
+    def system_kind(self, system: str | None) -> str | None:
+        """ "snomed", "icd10cm" or None for a FHIR Coding.system URI."""
+        if system in self.snomed_systems:
+            return "snomed"
+        if system in self.icd10_systems:
+            return "icd10cm"
+        return None
+
+
+def _normalize_icd(code: str) -> str:
+    """ICD-10 codes compare without dots and case ("I11.0" == "i110")."""
+    return code.replace(".", "").strip().upper()
+
+
+def _require(mapping: Mapping[str, Any], key: str, kind: type | tuple[type, ...], where: str) -> Any:
+    if key not in mapping:
+        raise RuleFileError(f"{where}: missing '{key}'")
+    value = mapping[key]
+    if not isinstance(value, kind):
+        raise RuleFileError(f"{where}.{key}: wrong type {type(value).__name__}")
+    return value
+
+
+def _check_keys(mapping: Mapping[str, Any], allowed: set[str], where: str) -> None:
+    unknown = set(mapping) - allowed
+    if unknown:
+        raise RuleFileError(f"{where}: unknown keys {sorted(unknown)} (allowed: {sorted(allowed)})")
+
+
+def _pattern(value: Any, where: str) -> tuple[Mapping[str, Any], ...]:
+    if not isinstance(value, list) or not value or not all(isinstance(token, dict) for token in value):
+        raise RuleFileError(f"{where}.pattern: must be a non-empty list of spaCy token patterns")
+    return tuple(value)
+
+
+def _parse_target(item: Any, where: str) -> TargetTerm:
+    if isinstance(item, str) and item.strip():
+        return TargetTerm(literal=item.strip())
+    if isinstance(item, dict):
+        _check_keys(item, {"literal", "pattern"}, where)
+        literal = _require(item, "literal", str, where)
+        return TargetTerm(literal=literal, pattern=_pattern(item.get("pattern"), where))
+    raise RuleFileError(f"{where}: a target is a phrase or a mapping {{literal, pattern}}")
+
+
+def _parse_flag(name: str, body: Any, where: str) -> FlagRule:
+    if not isinstance(body, dict):
+        raise RuleFileError(f"{where}: must be a mapping")
+    _check_keys(body, {"label", "historical_counts", "coded_inactive_counts", "targets", "not_this", "codes"}, where)
+    targets = _require(body, "targets", list, where)
+    if not targets:
+        raise RuleFileError(f"{where}.targets: at least one target is needed")
+    not_this = body.get("not_this", [])
+    if not isinstance(not_this, list) or not all(isinstance(p, str) and p.strip() for p in not_this):
+        raise RuleFileError(f"{where}.not_this: must be a list of phrases")
+    codes = body.get("codes", {})
+    if not isinstance(codes, dict):
+        raise RuleFileError(f"{where}.codes: must be a mapping")
+    _check_keys(codes, {"snomed", "icd10cm"}, f"{where}.codes")
+    snomed = codes.get("snomed", [])
+    icd = codes.get("icd10cm", [])
+    for key, values in (("snomed", snomed), ("icd10cm", icd)):
+        if not isinstance(values, list) or not all(isinstance(v, str) and v.strip() for v in values):
+            raise RuleFileError(f"{where}.codes.{key}: must be a list of quoted codes")
+    return FlagRule(
+        name=name,
+        label=str(body.get("label", name)),
+        historical_counts=bool(_require(body, "historical_counts", bool, where)),
+        coded_inactive_counts=bool(body.get("coded_inactive_counts", False)),
+        targets=tuple(_parse_target(item, f"{where}.targets[{i}]") for i, item in enumerate(targets)),
+        not_this=tuple(p.strip() for p in not_this),
+        snomed=frozenset(v.strip() for v in snomed),
+        icd10cm_prefixes=tuple(_normalize_icd(v) for v in icd),
+    )
+
+
+def _parse_context_rule(item: Any, flag_names: Sequence[str], where: str) -> ContextRuleSpec:
+    if not isinstance(item, dict):
+        raise RuleFileError(f"{where}: must be a mapping")
+    _check_keys(item, {"literal", "category", "direction", "pattern", "allowed_types", "max_scope", "why"}, where)
+    literal = _require(item, "literal", str, where)
+    category = _require(item, "category", str, where).upper()
+    direction = _require(item, "direction", str, where).upper()
+    if category not in KNOWN_CATEGORIES:
+        raise RuleFileError(f"{where}.category: {category!r} is not one of {sorted(KNOWN_CATEGORIES)}")
+    if direction not in CONTEXT_DIRECTIONS:
+        raise RuleFileError(f"{where}.direction: {direction!r} is not one of {sorted(CONTEXT_DIRECTIONS)}")
+    allowed = item.get("allowed_types", [])
+    if not isinstance(allowed, list) or any(name not in flag_names for name in allowed):
+        raise RuleFileError(f"{where}.allowed_types: must list flag names ({', '.join(flag_names)})")
+    max_scope = item.get("max_scope")
+    if max_scope is not None and (not isinstance(max_scope, int) or max_scope < 1):
+        raise RuleFileError(f"{where}.max_scope: must be a positive integer")
+    pattern = _pattern(item["pattern"], where) if "pattern" in item else None
+    return ContextRuleSpec(
+        literal=literal,
+        category=category,
+        direction=direction,
+        pattern=pattern,
+        allowed_types=tuple(allowed),
+        max_scope=max_scope,
+        why=str(item.get("why", "")),
+    )
+
+
+def parse_rules(document: Mapping[str, Any], source: str = "<memory>") -> RuleSet:
+    """Validate a rule document (the YAML's content) and return the :class:`RuleSet` it describes."""
+    if not isinstance(document, Mapping):
+        raise RuleFileError(f"{source}: the rule file must be a mapping")
+    _check_keys(document, {"version", "code_systems", "flags", "family_section_headers", "context_rules"}, source)
+    version = _require(document, "version", int, source)
+    if version != 1:
+        raise RuleFileError(f"{source}: version {version} is not supported (1 is)")
+    flags_doc = _require(document, "flags", dict, source)
+    if not flags_doc:
+        raise RuleFileError(f"{source}.flags: at least one flag is needed")
+    flags = tuple(_parse_flag(str(name), body, f"{source}.flags.{name}") for name, body in flags_doc.items())
+    systems = document.get("code_systems", {})
+    if not isinstance(systems, dict):
+        raise RuleFileError(f"{source}.code_systems: must be a mapping")
+    _check_keys(systems, {"snomed", "icd10cm"}, f"{source}.code_systems")
+    headers = document.get("family_section_headers", [])
+    if not isinstance(headers, list) or not all(isinstance(h, str) and h.strip() for h in headers):
+        raise RuleFileError(f"{source}.family_section_headers: must be a list of header names")
+    names = [flag.name for flag in flags]
+    context_doc = document.get("context_rules", [])
+    if not isinstance(context_doc, list):
+        raise RuleFileError(f"{source}.context_rules: must be a list")
+    return RuleSet(
+        version=version,
+        flags=flags,
+        snomed_systems=frozenset(systems.get("snomed", [])),
+        icd10_systems=frozenset(systems.get("icd10cm", [])),
+        family_section_headers=tuple(h.strip().lower() for h in headers),
+        context_rules=tuple(
+            _parse_context_rule(item, names, f"{source}.context_rules[{i}]") for i, item in enumerate(context_doc)
+        ),
+        source=source,
+    )
+
+
+def _rules_key(path: str | Path | None) -> str | None:
+    """One cache key per rule file however it is named (None is the packaged file)."""
+    return None if path is None else str(Path(path).resolve())
+
+
+def load_rules(path: str | Path | None = None) -> RuleSet:
+    """Read and validate a rule file (default: the packaged ``data/comorbidity_rules.yaml``); cached per file."""
+    return _load_rules(_rules_key(path))
+
+
+@lru_cache(maxsize=8)
+def _load_rules(key: str | None) -> RuleSet:
+    if key is None:
+        text = resources.files("riskbridge.harmonize").joinpath(RULES_RESOURCE).read_text(encoding="utf-8")
+        source = RULES_RESOURCE
+    else:
+        text = Path(key).read_text(encoding="utf-8")
+        source = key
+    try:
+        document = yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        raise RuleFileError(f"{source}: not valid YAML ({error})") from error
+    return parse_rules(document, source)
+
+
+# --- the spaCy pipeline ----------------------------------------------------------------------------------
+
+
+def _mark_line_breaks(doc: Doc) -> Doc:
+    """Start a sentence after a blank line, after a header line ending in ':', and at a list bullet.
+
+    spaCy's sentencizer splits on sentence punctuation only, so "Past medical history:\\nCOPD" would put the
+    header into COPD's sentence and "Denies chest pain\\n\\nDiabetes" would carry the negation over. A single
+    line break inside running text is left alone: real notes wrap lines mid-sentence. The sentencizer keeps
+    boundaries set here (it only fills in tokens whose boundary is still unset).
+    """
+    for i in range(1, len(doc) - 1):
+        token = doc[i]
+        if not token.is_space or "\n" not in token.text:
+            continue
+        following = doc[i + 1]
+        previous = doc[i - 1]
+        if token.text.count("\n") >= 2 or previous.text == ":" or LIST_BULLET.match(following.text):
+            following.is_sent_start = True
+    return doc
+
+
+def build_pipeline(path: str | Path | None = None) -> Language:
+    """The spaCy pipeline for a rule file (default: the packaged one), built once per file and cached.
+
+    ``spacy.blank("en")`` -> line-break boundaries -> "sentencizer" -> medspaCy TargetMatcher (flag targets and
+    not-this phrases) -> medspaCy ConText (default English rules + the rule file's context rules).
+    """
+    return _build_pipeline(_rules_key(path))
+
+
+@lru_cache(maxsize=4)
+def _build_pipeline(key: str | None) -> Language:
+    # Imported here: spaCy/medspaCy take about a second to import, and only this stage needs them.
+    import spacy
+    from medspacy.context import ConText, ConTextRule
+    from medspacy.target_matcher import TargetMatcher, TargetRule
+    from spacy.language import Language
+
+    rules = _load_rules(key)
+    if SENTENCE_BOUNDARY_PIPE not in Language.factories:
+        Language.component(SENTENCE_BOUNDARY_PIPE, func=_mark_line_breaks)
+    nlp = spacy.blank("en")
+    nlp.add_pipe(SENTENCE_BOUNDARY_PIPE)
+    nlp.add_pipe("sentencizer")
+    matcher: TargetMatcher = nlp.add_pipe("medspacy_target_matcher")
+    target_rules = []
+    for flag in rules.flags:
+        for term in flag.targets:
+            pattern = [dict(token) for token in term.pattern] if term.pattern else None
+            target_rules.append(TargetRule(term.literal, flag.name, pattern=pattern))
+        target_rules += [TargetRule(phrase, NOT_THIS_LABEL) for phrase in flag.not_this]
+    matcher.add(target_rules)
+    context: ConText = nlp.add_pipe(CONTEXT_PIPE, config={"rules": "default"})
+    context.add(
+        [
+            ConTextRule(
+                rule.literal,
+                rule.category,
+                pattern=[dict(token) for token in rule.pattern] if rule.pattern else None,
+                direction=rule.direction,
+                allowed_types=set(rule.allowed_types) or None,
+                max_scope=rule.max_scope,
+            )
+            for rule in rules.context_rules
+        ]
+    )
+    return nlp
+
+
+# --- results ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ModifierHit:
+    """A ConText modifier that applied to a mention: its category, the rule's literal and its character span.
+
+    ``rule`` is the rule file's / medspaCy's literal (e.g. "deny", "no history of"), never note text; a
+    ``section:`` rule means the mention lies in a family-history section.
+    """
+
+    category: str
+    rule: str
+    start: int
+    end: int
+
+
+@dataclass(frozen=True)
+class Mention:
+    """One mention of a flag in one note: where it is (character offsets) and what ConText made of it."""
+
+    note_id: str
+    flag: str
+    start: int  # character offsets of the matched term in the note text
+    end: int
+    sentence_start: int  # character offsets of its sentence
+    sentence_end: int
+    assertion: Assertion
+    counts: bool
+    modifiers: tuple[ModifierHit, ...] = ()  # every modifier that applied
+    excluded_by: tuple[ModifierHit, ...] = ()  # the modifiers that made it not count (empty when it counts)
+
+
+@dataclass(frozen=True)
+class CodedEvidence:
+    """A Condition whose code maps to a flag, with its statuses and whether it counts (and why not)."""
+
+    condition_id: str | None
+    flag: str
+    system: str
+    code: str
+    clinical_status: str | None
+    verification_status: str | None
+    counts: bool
+    reason: str  # "active", "inactive counts for this flag", or why it does not count
+
+
+@dataclass(frozen=True)
+class FlagEvidence:
+    """The decision for one flag of one patient and everything behind it."""
+
+    present: bool
+    source: Source | None  # where the counting evidence came from; None when the flag is absent
+    mentions: tuple[Mention, ...] = ()
+    coded: tuple[CodedEvidence, ...] = ()
+
+
+@dataclass(frozen=True)
+class PatientComorbidities:
+    """Per flag: the :class:`FlagEvidence`; plus what was read (to tell "absent" from "nothing to read").
+
+    ``note_ids`` are the notes that had text; ``condition_ids`` every Condition given (mapped to a flag or not).
+    """
+
+    flags: Mapping[str, FlagEvidence]
+    note_ids: tuple[str, ...] = ()
+    condition_ids: tuple[str, ...] = ()
+
+    @property
+    def has_sources(self) -> bool:
+        """True when at least one note or one Condition was read."""
+        return bool(self.note_ids or self.condition_ids)
+
+    def as_booleans(self, names: Iterable[str] | None = None) -> dict[str, bool] | None:
+        """flag -> present, or None when there was nothing to read (the flags are then missing, not False).
+
+        ``names`` picks flags (e.g. a feature spec's ``flags``, which
+        :func:`riskbridge.harmonize.features.build_vector` takes as is); a name the rule file does not define
+        raises ``KeyError`` rather than reading as absent.
+        """
+        if not self.has_sources:
+            return None
+        chosen = list(self.flags) if names is None else list(names)
+        unknown = [name for name in chosen if name not in self.flags]
+        if unknown:
+            raise KeyError(f"no such comorbidity flag(s) in the rule file: {', '.join(unknown)}")
+        return {name: self.flags[name].present for name in chosen}
+
+
+# --- text ------------------------------------------------------------------------------------------------
+
+
+def _family_sections(text: str, headers: Sequence[str]) -> list[tuple[int, int]]:
+    """Character ranges of family-history sections: from such a header to the next header or blank line."""
+    if not headers:
+        return []
+    header_matches = list(HEADER_LINE.finditer(text))
+    blank_starts = [m.start() for m in BLANK_LINE.finditer(text)]
+    ranges = []
+    for index, match in enumerate(header_matches):
+        if match.group(1).strip().lower() not in headers:
+            continue
+        end = len(text)
+        if index + 1 < len(header_matches):
+            end = header_matches[index + 1].start()
+        end = min([end, *(b for b in blank_starts if b > match.end())])
+        ranges.append((match.end(), end))
+    return ranges
+
+
+def _assertion(flag: FlagRule, categories: set[str]) -> tuple[Assertion, set[str]]:
+    """The assertion of a mention from its modifier categories, and the categories that exclude it."""
+    for category, assertion in EXCLUDING_CATEGORIES:
+        if category in categories:
+            return assertion, {category}
+    if HISTORICAL_CATEGORY in categories and CURRENT_CATEGORY not in categories:
+        return "historical", set() if flag.historical_counts else {HISTORICAL_CATEGORY}
+    return "present", set()
+
+
+def _stripped_bounds(span: Span) -> tuple[int, int]:
+    """Character bounds of a span without its leading/trailing whitespace (sentences start at line breaks)."""
+    text = span.text
+    return span.start_char + len(text) - len(text.lstrip()), span.end_char - len(text) + len(text.rstrip())
+
+
+def _doc_mentions(
+    doc: Doc, note_id: str, rules: RuleSet, context: Any, family_ranges: Sequence[tuple[int, int]]
+) -> list[Mention]:
+    """Run ConText on the sentences of ``doc`` that hold a target and turn each target into a :class:`Mention`.
+
+    ConText's token matcher costs about 4 ms per 90-token note when run over the whole note; its scopes never
+    cross a sentence, so running it on only the sentences with a target gives the same result 2-3x faster.
+    """
+    by_sentence: dict[int, list[Span]] = {}
+    for entity in doc.ents:
+        if entity.label_ != NOT_THIS_LABEL:
+            by_sentence.setdefault(entity.sent.start, []).append(entity)
+    mentions = []
+    for sentence_start, entities in by_sentence.items():
+        sentence = doc[sentence_start].sent
+        # A target that runs past its sentence's end keeps its last tokens in the piece given to ConText.
+        piece = doc[sentence.start : max(sentence.end, *(entity.end for entity in entities))]
+        piece_doc = context(piece.as_doc())
+        offset = piece.start_char
+        sentence_bounds = _stripped_bounds(sentence)
+        # The piece's entities by their offsets in the note (the piece also holds not-this spans).
+        in_piece = {(offset + e.start_char, offset + e.end_char): e for e in piece_doc.ents}
+        for entity in entities:
+            piece_entity = in_piece[(entity.start_char, entity.end_char)]
+            flag = rules.flag(entity.label_)
+            hits = []
+            for modifier in piece_entity._.modifiers:
+                start, end = modifier.modifier_span
+                trigger = piece_doc[start:end]
+                hits.append(
+                    ModifierHit(
+                        modifier.category.upper(),
+                        modifier.rule.literal,
+                        offset + trigger.start_char,
+                        offset + trigger.end_char,
+                    )
+                )
+            for section_start, section_end in family_ranges:
+                if section_start <= entity.start_char < section_end:
+                    hits.append(ModifierHit("FAMILY", "section:family history", section_start, section_end))
+            assertion, excluding = _assertion(flag, {hit.category for hit in hits})
+            mentions.append(
+                Mention(
+                    note_id=note_id,
+                    flag=flag.name,
+                    start=entity.start_char,
+                    end=entity.end_char,
+                    sentence_start=sentence_bounds[0],
+                    sentence_end=sentence_bounds[1],
+                    assertion=assertion,
+                    counts=not excluding,
+                    modifiers=tuple(hits),
+                    excluded_by=tuple(hit for hit in hits if hit.category in excluding),
+                )
+            )
+    mentions.sort(key=lambda mention: mention.start)
+    return mentions
+
+
+def note_mentions(
+    notes: Iterable[tuple[str, str]], rules_path: str | Path | None = None, batch_size: int = 64
+) -> dict[str, list[Mention]]:
+    """Every flag mention in every note, by note id (notes with no mention map to an empty list).
+
+    ``notes`` are ``(note_id, text)`` pairs. The texts go through the cached pipeline with ``nlp.pipe`` up to
+    the TargetMatcher; ConText then runs on the sentences that hold a target. Empty texts are skipped (they
+    still appear in the result, with no mentions). A note id given twice is read once.
+    """
+    rules = load_rules(rules_path)
+    nlp = build_pipeline(rules_path)
+    context = nlp.get_pipe(CONTEXT_PIPE)
+    ids: list[str] = []
+    texts: list[str] = []
+    result: dict[str, list[Mention]] = {}
+    for note_id, text in notes:
+        if note_id in result:
+            continue  # the same note handed over twice is read once (the first text wins)
+        result[note_id] = []
+        if text and text.strip():
+            ids.append(note_id)
+            texts.append(text)
+    started = time.perf_counter()
+    docs = nlp.pipe(texts, batch_size=batch_size, disable=[CONTEXT_PIPE])
+    for note_id, text, doc in zip(ids, texts, docs, strict=True):
+        family = _family_sections(text, rules.family_section_headers)
+        result[note_id].extend(_doc_mentions(doc, note_id, rules, context, family))
+    seconds = time.perf_counter() - started
+    # Counts only: note text (and anything cut from it) is PHI.
+    logger.debug(
+        "notes: %d notes, %d mentions in %.3f s",
+        len(texts),
+        sum(len(found) for found in result.values()),
+        seconds,
+    )
+    return result
+
+
+# --- coded Conditions ------------------------------------------------------------------------------------
+
+
+def _status_code(concept: Any) -> str | None:
+    """The first coding's code of a CodeableConcept dict (Condition.clinicalStatus / verificationStatus)."""
+    if not isinstance(concept, Mapping):
+        return None
+    for coding in concept.get("coding") or ():
+        if isinstance(coding, Mapping) and coding.get("code"):
+            return str(coding["code"])
+    return None
+
+
+def coded_evidence(
+    conditions: Iterable[Mapping[str, Any]], rules_path: str | Path | None = None
+) -> list[CodedEvidence]:
+    """Map Condition resources (plain dicts) to flags; one entry per (Condition, flag) its codes assert.
+
+    A Condition counts when its verificationStatus is not refuted / entered-in-error / unconfirmed /
+    provisional / differential (absent means confirmed), and its clinicalStatus is active, recurrence or
+    relapse; inactive, remission or resolved count only for flags with ``coded_inactive_counts`` (prior MI,
+    prior malignancy). A Condition without clinicalStatus counts unless it has an abatement (R4 requires the
+    status, but some feeds leave it out on current problem-list entries).
+    """
+    rules = load_rules(rules_path)
+    found: list[CodedEvidence] = []
+    for condition in conditions:
+        if not isinstance(condition, Mapping) or condition.get("resourceType", "Condition") != "Condition":
+            continue
+        clinical = _status_code(condition.get("clinicalStatus"))
+        verification = _status_code(condition.get("verificationStatus"))
+        abated = any(key.startswith("abatement") for key in condition)
+        code_concept = condition.get("code")
+        codings = code_concept.get("coding") if isinstance(code_concept, Mapping) else None
+        seen: set[str] = set()
+        for coding in codings or ():
+            if not isinstance(coding, Mapping) or not coding.get("code"):
+                continue
+            kind = rules.system_kind(coding.get("system"))
+            if kind is None:
+                continue
+            code = str(coding["code"])
+            for flag in rules.flags:
+                if flag.name in seen or not flag.matches_code(kind, code):
+                    continue
+                seen.add(flag.name)
+                counts, reason = _coded_decision(flag, clinical, verification, abated)
+                found.append(
+                    CodedEvidence(
+                        condition_id=condition.get("id"),
+                        flag=flag.name,
+                        system=str(coding.get("system")),
+                        code=code,
+                        clinical_status=clinical,
+                        verification_status=verification,
+                        counts=counts,
+                        reason=reason,
+                    )
+                )
+    return found
+
+
+def _coded_decision(flag: FlagRule, clinical: str | None, verification: str | None, abated: bool) -> tuple[bool, str]:
+    if verification in EXCLUDED_VERIFICATION_STATUSES:
+        return False, f"verificationStatus {verification}"
+    if clinical in ACTIVE_CLINICAL_STATUSES:
+        return True, f"clinicalStatus {clinical}"
+    if clinical in INACTIVE_CLINICAL_STATUSES or (clinical is None and abated):
+        status = clinical or "absent, abated"
+        if flag.coded_inactive_counts:
+            return True, f"clinicalStatus {status}; counts for {flag.name}"
+        return False, f"clinicalStatus {status}"
+    if clinical is None:
+        return True, "clinicalStatus absent, no abatement"
+    return False, f"clinicalStatus {clinical} not recognized"
+
+
+# --- merge -----------------------------------------------------------------------------------------------
+
+
+def merge_flags(
+    mentions: Iterable[Mention], coded: Iterable[CodedEvidence], rules_path: str | Path | None = None
+) -> dict[str, FlagEvidence]:
+    """Per flag of the rule file: present if any mention or Condition counts; the source says which did."""
+    rules = load_rules(rules_path)
+    by_flag_mentions: dict[str, list[Mention]] = {name: [] for name in rules.flag_names}
+    by_flag_coded: dict[str, list[CodedEvidence]] = {name: [] for name in rules.flag_names}
+    for mention in mentions:
+        by_flag_mentions[mention.flag].append(mention)
+    for item in coded:
+        by_flag_coded[item.flag].append(item)
+    result = {}
+    for name in rules.flag_names:
+        text = any(m.counts for m in by_flag_mentions[name])
+        code = any(c.counts for c in by_flag_coded[name])
+        source: Source | None = "both" if text and code else "text" if text else "coded" if code else None
+        result[name] = FlagEvidence(
+            present=text or code,
+            source=source,
+            mentions=tuple(by_flag_mentions[name]),
+            coded=tuple(by_flag_coded[name]),
+        )
+    return result
+
+
+@dataclass
+class _PatientInputs:
+    note_ids: list[str] = field(default_factory=list)
+    conditions: list[Mapping[str, Any]] = field(default_factory=list)
+
+
+def extract_comorbidities_batch(
+    notes_by_patient: Mapping[str, Iterable[tuple[str, str]]],
+    conditions_by_patient: Mapping[str, Iterable[Mapping[str, Any]]] | None = None,
+    rules_path: str | Path | None = None,
+) -> dict[str, PatientComorbidities]:
+    """Comorbidity flags of many patients; all their notes go through one ``nlp.pipe`` run.
+
+    ``notes_by_patient``: patient key -> ``(note_id, text)`` pairs (note ids unique across patients);
+    ``conditions_by_patient``: patient key -> Condition dicts. Patients in either mapping get a result.
+    """
+    conditions_by_patient = conditions_by_patient or {}
+    inputs: dict[str, _PatientInputs] = {}
+    all_notes: list[tuple[str, str]] = []
+    owner: dict[str, str] = {}
+    for patient, notes in notes_by_patient.items():
+        entry = inputs.setdefault(patient, _PatientInputs())
+        for note_id, text in notes:
+            if owner.setdefault(note_id, patient) != patient:
+                raise ValueError(f"note id {note_id!r} belongs to two patients")
+            # A note without text was not read: a patient whose notes are all empty has missing flags.
+            if text and text.strip() and note_id not in entry.note_ids:
+                entry.note_ids.append(note_id)
+            all_notes.append((note_id, text))
+    for patient, conditions in conditions_by_patient.items():
+        inputs.setdefault(patient, _PatientInputs()).conditions.extend(conditions)
+    mentions = note_mentions(all_notes, rules_path)
+    result = {}
+    for patient, entry in inputs.items():
+        patient_mentions = [m for note_id in entry.note_ids for m in mentions[note_id]]
+        coded = coded_evidence(entry.conditions, rules_path)
+        result[patient] = PatientComorbidities(
+            flags=merge_flags(patient_mentions, coded, rules_path),
+            note_ids=tuple(entry.note_ids),
+            condition_ids=tuple(str(c.get("id")) for c in entry.conditions),
+        )
+    return result
+
+
+def extract_comorbidities(
+    notes: Iterable[tuple[str, str]],
+    conditions: Iterable[Mapping[str, Any]] = (),
+    rules_path: str | Path | None = None,
+) -> PatientComorbidities:
+    """Comorbidity flags of one patient from ``(note_id, text)`` pairs and Condition dicts."""
+    return extract_comorbidities_batch({"patient": notes}, {"patient": conditions}, rules_path)["patient"]
