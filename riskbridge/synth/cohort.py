@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 from pydicom.uid import generate_uid
 
-GENERATOR_VERSION = "1.0.0"
+GENERATOR_VERSION = "1.0.1"  # 1.0.1: sodium varies additively-small, not by 15% (values of 68-232 mmol/L)
 
 # pydicom's UID root; with entropy sources generate_uid() is a hash, hence deterministic.
 UID_PREFIX = "1.2.826.0.1.3680043.8.498."
@@ -383,6 +383,9 @@ LAB_BASELINE = {
     "lactate": 1.1,
     "sodium": 140.0,
 }
+# Scale of the multiplicative noise of repeated and older draws: sodium is tightly regulated (15% noise made
+# values of 68-232 mmol/L, which a plausibility check rightly rejects).
+LAB_VARIABILITY = {feature: 1.0 for feature in LAB_BASELINE} | {"sodium": 0.15}
 LAB_LIMITS = {
     "wbc": (1.0, 60.0),
     "crp": (0.2, 400.0),
@@ -1063,17 +1066,17 @@ def _make_labs(
             own = []
             for rank, h in enumerate(hours):
                 last = rank == len(hours) - 1
-                value = state * math.exp(rng.normal(0.0, 0.03 if last else 0.12))
+                value = state * math.exp(rng.normal(0.0, (0.03 if last else 0.12) * LAB_VARIABILITY[feature]))
                 own.append(_Draw(feature, _floor_minute(index_time - timedelta(hours=h)), value))
             in_window[feature] = own
             draws += own
         for _ in range(int(rng.integers(0, 3)) if available[feature] else int(rng.random() < 0.5)):
             days = float(rng.uniform(7.0, 90.0))
-            value = LAB_BASELINE[feature] * math.exp(rng.normal(0.0, 0.15))
+            value = LAB_BASELINE[feature] * math.exp(rng.normal(0.0, 0.15 * LAB_VARIABILITY[feature]))
             draws.append(_Draw(feature, _floor_minute(index_time - timedelta(days=days)), value))
         if rng.random() < 0.3:
             hours_after = float(rng.uniform(1.0, 72.0))
-            value = state * math.exp(rng.normal(-0.1, 0.2))
+            value = state * math.exp(rng.normal(-0.1, 0.2) * LAB_VARIABILITY[feature])
             draws.append(_Draw(feature, _floor_minute(index_time + timedelta(hours=hours_after)), value))
     used_features: set[str] = set()
 
@@ -1100,13 +1103,13 @@ def _make_labs(
                 _Draw(
                     feature,
                     _floor_minute(index_time - timedelta(hours=48, minutes=30)),
-                    LAB_BASELINE[feature] * math.exp(rng.normal(0.0, 0.1)),
+                    LAB_BASELINE[feature] * math.exp(rng.normal(0.0, 0.1 * LAB_VARIABILITY[feature])),
                     utc=True,
                 ),
                 _Draw(
                     feature,
                     _floor_minute(index_time + timedelta(minutes=20)),
-                    state * math.exp(rng.normal(0.0, 0.1)),
+                    state * math.exp(rng.normal(0.0, 0.1 * LAB_VARIABILITY[feature])),
                     utc=True,
                 ),
             ]
