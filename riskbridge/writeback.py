@@ -11,8 +11,8 @@ model version hashes differently and so creates new resources. Every resource is
 An identifier appears in one bundle only and bundles are posted one after another: HAPI can create duplicates
 when two conditional creates for the same identifier run in parallel.
 
-This module builds the bundles (pure, unit-tested); :func:`write_assessments` posts them through any callable that
-sends a transaction bundle and returns the server's transaction-response bundle.
+This module builds the bundles (pure, unit-tested); :func:`write_assessments` posts them through anything with a
+``transaction(entries)`` method, such as :class:`riskbridge.connectors.fhir.FhirClient`.
 """
 
 from __future__ import annotations
@@ -20,10 +20,10 @@ from __future__ import annotations
 import hashlib
 import logging
 import uuid
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any
+from typing import Any, Protocol
 
 from fhir.resources.R4B.bundle import Bundle, BundleEntry, BundleEntryRequest
 from fhir.resources.R4B.codeableconcept import CodeableConcept
@@ -171,6 +171,8 @@ def _json(resource: RiskAssessment | Provenance) -> dict[str, Any]:
 def transaction_bundles(scores: Iterable[Score], config: WritebackConfig) -> Iterator[tuple[Bundle, list[str]]]:
     """Yield transaction bundles of at most ``config.bundle_size`` scores, with the keys each one carries.
 
+    Each score gives two entries: its RiskAssessment (conditional create), then its Provenance (PUT).
+
     A key met twice is an error (two scores for the same patient, study and model version cannot both be right).
     """
     seen: set[str] = set()
@@ -216,31 +218,45 @@ class WritebackReport:
     bundles: int = 0
 
 
+class TransactionResult(Protocol):
+    """One entry's answer in a transaction response (e.g. :class:`riskbridge.connectors.fhir.EntryResult`)."""
+
+    @property
+    def status(self) -> int:
+        """The entry's HTTP status: 201 created, 200 for a conditional create that matched, 200/201 for a PUT."""
+        ...
+
+
+class TransactionSender(Protocol):
+    """Sends a transaction Bundle's entries; answers one result per entry, in order (e.g. ``FhirClient``)."""
+
+    def transaction(self, entries: Sequence[Mapping[str, Any]]) -> Sequence[TransactionResult]:
+        """POST the entries as one transaction Bundle; raise if the server refuses it."""
+        ...
+
+
 def write_assessments(
-    scores: Sequence[Score],
-    post_transaction: Callable[[dict[str, Any]], dict[str, Any]],
-    config: WritebackConfig | None = None,
+    scores: Sequence[Score], sender: TransactionSender, config: WritebackConfig | None = None
 ) -> WritebackReport:
     """Post the scores' RiskAssessments and Provenances, bundle after bundle; report created vs already there.
 
-    ``post_transaction`` sends one transaction Bundle (JSON) and returns the transaction-response Bundle; it raises
-    on an HTTP error (a transaction is all or nothing, so a failed bundle leaves nothing half-written).
+    A transaction is all or nothing, so a refused bundle leaves nothing half-written; its error propagates and the
+    bundles already posted stay posted (a rerun finds them and creates nothing).
     """
     config = config or WritebackConfig()
     report = WritebackReport()
     for bundle, keys in transaction_bundles(scores, config):
-        response = post_transaction(bundle.model_dump(mode="json", exclude_none=True))
-        answers = response.get("entry") or []
-        if len(answers) != 2 * len(keys):
-            raise WritebackError(f"transaction answered {len(answers)} entries for {2 * len(keys)} sent")
+        entries = bundle.model_dump(mode="json", exclude_none=True)["entry"]
+        answers = sender.transaction(entries)
+        if len(answers) != len(entries):
+            raise WritebackError(f"transaction answered {len(answers)} entries for {len(entries)} sent")
         for key, answer in zip(keys, answers[::2], strict=True):
-            status = str((answer.get("response") or {}).get("status", ""))
-            if status.startswith("201"):
+            if answer.status == 201:
                 report.created.append(key)
-            elif status.startswith("200"):
+            elif answer.status == 200:
                 report.existing.append(key)
             else:
-                raise WritebackError(f"RiskAssessment {key}: unexpected transaction status {status!r}")
+                raise WritebackError(f"RiskAssessment {key}: unexpected transaction status {answer.status}")
         report.bundles += 1
         LOG.info("write-back bundle %d: %d assessments", report.bundles, len(keys))
     return report

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta, timezone
 from typing import Any
 
@@ -118,15 +120,28 @@ def test_bad_configuration_is_refused() -> None:
         WritebackConfig(thresholds=(0.5, 0.2))
 
 
+@dataclass(frozen=True)
+class _Answer:
+    status: int
+
+
+class _Server:
+    """Answers every entry of a transaction with one status (a stand-in for the FHIR client's transaction)."""
+
+    def __init__(self, status: int) -> None:
+        self.status = status
+        self.sent: list[list[Mapping[str, Any]]] = []
+
+    def transaction(self, entries: Sequence[Mapping[str, Any]]) -> list[_Answer]:
+        self.sent.append(list(entries))
+        return [_Answer(self.status) for _ in entries]
+
+
 def test_the_report_tells_created_from_existing_and_refuses_surprises() -> None:
-    def server(status: str) -> Any:
-        def post(bundle: dict[str, Any]) -> dict[str, Any]:
-            return {"entry": [{"response": {"status": status}} for _ in bundle["entry"]]}
-
-        return post
-
     scores = [_score(), _score("p2")]
-    assert len(write_assessments(scores, server("201 Created")).created) == 2
-    assert len(write_assessments(scores, server("200 OK")).existing) == 2
-    with pytest.raises(WritebackError, match="unexpected transaction status"):
-        write_assessments(scores, server("400 Bad Request"))
+    server = _Server(201)
+    assert len(write_assessments(scores, server).created) == 2
+    assert [entry["request"]["method"] for entry in server.sent[0]] == ["POST", "PUT", "POST", "PUT"]
+    assert len(write_assessments(scores, _Server(200)).existing) == 2
+    with pytest.raises(WritebackError, match="unexpected transaction status 400"):
+        write_assessments(scores, _Server(400))
