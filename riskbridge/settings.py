@@ -174,6 +174,8 @@ class FhirSettings(_Section):
     max_url_length: int = Field(6000, ge=512, le=65536)
     # "post" sends searches as POST [type]/_search with a form body (no URL length limit, nothing in access logs).
     search_method: Literal["get", "post"] = "get"
+    # Batched searches run this many OR-list chunks at once (threads sharing the connection pool).
+    search_workers: int = Field(1, ge=1, le=16)
     pool_size: int = Field(8, ge=1, le=64)
     retry: FhirRetry = FhirRetry()
 

@@ -1,0 +1,659 @@
+"""Unit tests of the FHIR client without a server: URL chunking, Retry-After, backoff bounds, note text decoding,
+authentication headers and SMART client assertions (verified with the public key), and the retry / paging / token
+logic driven through a scripted in-memory Session."""
+
+from __future__ import annotations
+
+import base64
+import itertools
+import json
+import logging
+import random
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta, timezone
+from email.utils import format_datetime
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qs, unquote_plus, urlsplit
+
+import jwt
+import pytest
+import requests
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from pydantic import ValidationError
+from requests.structures import CaseInsensitiveDict
+
+from riskbridge.connectors.fhir import (
+    FhirClient,
+    FhirError,
+    attachment_text,
+    backoff_delay,
+    code_filter,
+    content_type_charset,
+    date_filter,
+    encode_query,
+    html_to_text,
+    load_private_key,
+    or_list_chunks,
+    parse_retry_after,
+    referenced_id,
+    resource_json,
+    smart_client_assertion,
+    subject_patient_id,
+    transaction_entry,
+)
+from riskbridge.settings import FhirAuth, FhirRetry, FhirSettings
+
+BASE = "http://fhir.test/fhir"
+TOKEN_URL = "http://auth.test/token"
+SECRET = "client s3cr3t+/&value"  # characters RFC 6749 form-encodes in client_secret_basic
+
+
+# --- a scripted Session ------------------------------------------------------------------------------------------
+
+
+def make_response(status: int, body: Any = None, headers: dict[str, str] | None = None, raw: bytes | None = None):
+    """A requests.Response with a JSON (or raw) body, as the transport would return it."""
+    response = requests.Response()
+    response.status_code = status
+    response.headers = CaseInsensitiveDict(headers or {})
+    response._content_consumed = True  # the body is already in memory; close() has no connection to release
+    if raw is not None:
+        response._content = raw
+    else:
+        response._content = b"" if body is None else json.dumps(body).encode()
+        response.headers.setdefault("Content-Type", "application/fhir+json")
+    return response
+
+
+class ScriptedSession(requests.Session):
+    """Answers each request with ``handler(method, url, headers, data)`` and records every request."""
+
+    def __init__(self, handler: Callable[[str, str, dict[str, str], Any], requests.Response]) -> None:
+        super().__init__()
+        self.handler = handler
+        self.calls: list[tuple[str, str, dict[str, str], Any]] = []
+
+    def request(self, method, url, params=None, data=None, headers=None, **kwargs):  # type: ignore[override]
+        merged = {**self.headers, **(headers or {})}
+        self.calls.append((method, url, merged, data))
+        return self.handler(method, url, merged, data)
+
+
+def make_client(handler, auth: FhirAuth | None = None, clock=None, **settings: Any):
+    """A FhirClient over a ScriptedSession; sleeps are recorded, never slept."""
+    sleeps: list[float] = []
+    session = ScriptedSession(handler)
+    fhir = FhirSettings(base_url=BASE, auth=auth or FhirAuth(), **settings)
+    extra = {"clock": clock} if clock else {}
+    client = FhirClient(fhir, sleep=sleeps.append, rng=random.Random(1), session=session, **extra)
+    return client, session, sleeps
+
+
+def bundle(resources: list[dict[str, Any]], next_url: str | None = None) -> dict[str, Any]:
+    links = [{"relation": "next", "url": next_url}] if next_url else []
+    return {
+        "resourceType": "Bundle",
+        "type": "searchset",
+        "link": links,
+        "entry": [{"resource": r, "search": {"mode": "match"}} for r in resources],
+    }
+
+
+def observation(n: int, patient: str = "p1") -> dict[str, Any]:
+    return {"resourceType": "Observation", "id": f"o{n}", "subject": {"reference": f"Patient/{patient}"}}
+
+
+# --- URL building and chunking -----------------------------------------------------------------------------------
+
+
+def test_or_list_chunks_respect_length_and_count_and_keep_order() -> None:
+    prefix = f"{BASE}/Observation?code=x&_count=200&subject="
+    values = [f"Patient/rb-cafe0123-p{i:05d}" for i in range(500)]
+    chunks = or_list_chunks(prefix, values, max_url_length=1000, max_values=30)
+    assert [v for chunk in chunks for v in chunk] == values
+    for chunk in chunks:
+        url = prefix + encode_query([("x", ",".join(chunk))])[2:]
+        assert len(url) <= 1000
+        assert len(chunk) <= 30
+    # Greedy: every chunk but the last is full (adding the next value would break a limit).
+    for chunk, following in itertools.pairwise(chunks):
+        longer = prefix + ",".join([*chunk, following[0]])
+        assert len(longer) > 1000 or len(chunk) == 30
+
+
+def test_or_list_chunk_of_one_value_too_long_is_refused() -> None:
+    with pytest.raises(ValueError, match="exceeds the limit"):
+        or_list_chunks("http://x/" + "a" * 600, ["Patient/" + "b" * 64], max_url_length=640, max_values=10)
+
+
+def test_query_encoding_keeps_or_lists_readable_and_escapes_pipe_and_plus() -> None:
+    query = encode_query([("code", code_filter("http://loinc.org", ["2160-0", "718-7"])), *date_pairs()])
+    assert "code=http://loinc.org%7C2160-0,http://loinc.org%7C718-7" in query
+    assert "date=ge2024-01-13T10:00:00%2B01:00" in query
+    assert "date=le2024-01-15T10:00:00%2B01:00" in query
+
+
+def date_pairs() -> list[tuple[str, str]]:
+    end = datetime(2024, 1, 15, 10, tzinfo=timezone(timedelta(hours=1)))
+    return [("date", value) for value in date_filter(end - timedelta(days=2), end)]
+
+
+def test_references_and_subjects() -> None:
+    assert referenced_id("Patient/rb-1") == "rb-1"
+    assert referenced_id("http://h/fhir/Patient/rb-1/_history/3") == "rb-1"
+    assert referenced_id("Group/g1") is None
+    assert subject_patient_id({"subject": {"reference": "Patient/a"}}) == "a"
+    assert subject_patient_id({"patient": {"reference": "Patient/b"}}) == "b"
+    assert subject_patient_id({}) is None
+
+
+def test_batched_search_splits_patients_by_url_length() -> None:
+    seen_urls: list[str] = []
+
+    def handler(method, url, headers, data):
+        seen_urls.append(url)
+        subjects = parse_qs(urlsplit(url).query)["subject"][0].split(",")
+        return make_response(200, bundle([observation(i, s.split("/")[1]) for i, s in enumerate(subjects)]))
+
+    client, session, _ = make_client(handler, max_url_length=700)
+    ids = [f"rb-cafe0123-p{i:05d}" for i in range(100)]
+    found = list(client.search_by_patients("Observation", ids, {"code": "http://loinc.org|2160-0"}))
+    assert sorted(subject_patient_id(r) for r in found) == sorted(ids)
+    assert len(seen_urls) > 1
+    assert all(len(url) <= 700 for url in seen_urls)
+    assert all(call[2]["Cache-Control"] == "no-cache" for call in session.calls)
+
+
+def test_concurrent_batched_search_keeps_chunk_order_and_loses_nothing() -> None:
+    def handler(method, url, headers, data):
+        subjects = parse_qs(urlsplit(url).query)["subject"][0].split(",")
+        return make_response(200, bundle([observation(i, s.split("/")[1]) for i, s in enumerate(subjects)]))
+
+    client, session, _ = make_client(handler, batch_size=4, search_workers=3)
+    ids = [f"p{i:03d}" for i in range(30)]
+    found = [subject_patient_id(r) for r in client.search_by_patients("Observation", ids)]
+    assert found == ids  # chunk order, although the chunks ran at once
+    assert len(session.calls) == 8 and client.stats.requests == 8 and client.stats.pages == 8
+
+
+def test_concurrent_batched_search_raises_a_failing_chunk() -> None:
+    def handler(method, url, headers, data):
+        if "Patient/p005" in url:
+            return make_response(
+                400, {"resourceType": "OperationOutcome", "issue": [{"diagnostics": "HAPI-0001: bad"}]}
+            )
+        return make_response(200, bundle([]))
+
+    client, _, _ = make_client(handler, batch_size=2, search_workers=2)
+    with pytest.raises(FhirError, match="HAPI-0001: bad"):
+        list(client.search_by_patients("Observation", [f"p{i:03d}" for i in range(10)]))
+
+
+def test_batched_search_rejects_ids_that_could_break_an_or_list() -> None:
+    client, _, _ = make_client(lambda *a: make_response(200, bundle([])))
+    with pytest.raises(ValueError, match="not a valid FHIR id"):
+        list(client.search_by_patients("Observation", ["a,b"]))
+
+
+def test_post_search_sends_a_form_body() -> None:
+    def handler(method, url, headers, data):
+        assert method == "POST" and url == f"{BASE}/Observation/_search"
+        assert headers["Content-Type"] == "application/x-www-form-urlencoded"
+        form = parse_qs(data.decode())
+        assert form["subject"] == ["Patient/a,Patient/b"] and form["_count"] == ["50"]
+        return make_response(200, bundle([observation(1, "a"), observation(2, "b")]))
+
+    client, _, _ = make_client(handler, search_method="post")
+    assert len(list(client.search_by_patients("Observation", ["a", "b"], page_size=50))) == 2
+
+
+# --- paging and restarts -----------------------------------------------------------------------------------------
+
+
+def test_search_follows_next_links_to_the_end() -> None:
+    pages = {
+        "first": bundle([observation(1), observation(2)], f"{BASE}?_getpages=s&_getpagesoffset=2"),
+        "_getpagesoffset=2": bundle([observation(3), observation(4)], f"{BASE}?_getpages=s&_getpagesoffset=4"),
+        "_getpagesoffset=4": bundle([observation(5)]),
+    }
+
+    def handler(method, url, headers, data):
+        key = next((k for k in pages if k in url), "first")
+        return make_response(200, pages[key])
+
+    client, session, _ = make_client(handler)
+    assert [r["id"] for r in client.search("Observation", {"subject": "Patient/p1"}, page_size=2)] == [
+        "o1",
+        "o2",
+        "o3",
+        "o4",
+        "o5",
+    ]
+    assert "_count=2" in session.calls[0][1]
+    assert client.stats.pages == 3
+
+
+def test_expired_page_restarts_the_search_without_duplicates() -> None:
+    expired = {"done": False}
+
+    def handler(method, url, headers, data):
+        if "_getpagesoffset=2" in url:
+            if not expired["done"]:
+                expired["done"] = True
+                return make_response(410, {"resourceType": "OperationOutcome", "issue": [{"diagnostics": "gone"}]})
+            return make_response(200, bundle([observation(3), observation(4)]))
+        return make_response(200, bundle([observation(1), observation(2)], f"{BASE}?_getpages=s&_getpagesoffset=2"))
+
+    client, _, _ = make_client(handler)
+    assert [r["id"] for r in client.search("Observation", {"subject": "Patient/p1"})] == ["o1", "o2", "o3", "o4"]
+    assert client.stats.search_restarts == 1
+
+
+def test_next_link_to_another_host_is_refused() -> None:
+    client, _, _ = make_client(lambda *a: make_response(200, bundle([observation(1)], "http://evil.test/fhir?p=1")))
+    with pytest.raises(FhirError, match="outside the FHIR server"):
+        list(client.search("Observation"))
+
+
+# --- retries -----------------------------------------------------------------------------------------------------
+
+
+def test_retry_after_in_seconds_and_as_http_date() -> None:
+    now = datetime(2024, 1, 15, 12, 0, 0, tzinfo=UTC)
+    assert parse_retry_after("7") == 7.0
+    assert parse_retry_after(format_datetime(now + timedelta(seconds=30), usegmt=True), now=now) == 30.0
+    assert parse_retry_after("Mon, 15 Jan 2024 11:00:00 GMT", now=now) == 0.0
+    assert parse_retry_after("soon") is None
+    assert parse_retry_after(None) is None
+    assert parse_retry_after("  ") is None
+
+
+@pytest.mark.parametrize("attempt", range(1, 12))
+def test_backoff_stays_within_its_bounds(attempt: int) -> None:
+    rng = random.Random(attempt)
+    ceiling = min(8.0, 0.25 * 2 ** (attempt - 1))
+    delays = [backoff_delay(attempt, 0.25, 8.0, rng) for _ in range(200)]
+    assert all(ceiling / 2 <= delay <= ceiling for delay in delays)
+    assert len(set(delays)) > 100  # jittered, not a constant
+
+
+def test_backoff_attempts_count_from_one() -> None:
+    with pytest.raises(ValueError):
+        backoff_delay(0, 1.0, 2.0, random.Random(0))
+
+
+def test_503_burst_is_retried_honouring_retry_after() -> None:
+    answers = [
+        make_response(503, headers={"Retry-After": "3"}),
+        make_response(503),
+        make_response(429, headers={"Retry-After": "1"}),
+        make_response(200, bundle([observation(1)])),
+    ]
+    client, session, sleeps = make_client(lambda *a: answers.pop(0))
+    assert [r["id"] for r in client.search("Observation")] == ["o1"]
+    assert len(session.calls) == 4
+    assert sleeps[0] == 3.0 and sleeps[2] == 1.0
+    assert 0.25 <= sleeps[1] <= 1.0  # backoff for attempt 2 with the default base of 0.5 s
+
+
+def test_retries_are_bounded_and_the_error_carries_the_diagnostics() -> None:
+    outcome = {"resourceType": "OperationOutcome", "issue": [{"diagnostics": "HAPI-9999: overloaded"}]}
+    client, session, sleeps = make_client(
+        lambda *a: make_response(503, outcome), retry=FhirRetry(max_attempts=3, backoff_base_s=0.1)
+    )
+    with pytest.raises(FhirError) as caught:
+        list(client.search("Observation", {"subject": "Patient/x"}))
+    assert caught.value.status == 503
+    assert "HAPI-9999: overloaded" in str(caught.value)
+    assert "Patient/x" not in str(caught.value)  # query strings never reach messages
+    assert len(session.calls) == 3 and len(sleeps) == 2
+
+
+def test_too_long_retry_after_is_not_waited_for() -> None:
+    client, session, sleeps = make_client(
+        lambda *a: make_response(503, headers={"Retry-After": "3600"}), retry=FhirRetry(max_retry_after_s=60)
+    )
+    with pytest.raises(FhirError, match="503"):
+        client.read("Patient", "a")
+    assert len(session.calls) == 1 and sleeps == []
+
+
+def test_non_idempotent_post_is_not_resent_after_a_502() -> None:
+    client, session, _ = make_client(lambda *a: make_response(502))
+    entry = {"request": {"method": "POST", "url": "RiskAssessment"}, "resource": {"resourceType": "RiskAssessment"}}
+    with pytest.raises(FhirError, match="502"):
+        client.transaction([entry])
+    assert len(session.calls) == 1
+
+
+def test_connection_errors_are_retried_for_reads() -> None:
+    failures = [requests.ConnectionError("reset"), requests.ReadTimeout("slow")]
+
+    def handler(method, url, headers, data):
+        if failures:
+            raise failures.pop(0)
+        return make_response(200, {"resourceType": "Patient", "id": "a"})
+
+    client, session, sleeps = make_client(handler)
+    assert client.read("Patient", "a")["id"] == "a"
+    assert len(session.calls) == 3 and len(sleeps) == 2
+
+
+# --- writes ------------------------------------------------------------------------------------------------------
+
+
+def risk_assessment():
+    from fhir.resources.R4B.riskassessment import RiskAssessment
+
+    return RiskAssessment.model_validate(
+        {
+            "resourceType": "RiskAssessment",
+            "status": "final",
+            "identifier": [{"system": "urn:test", "value": "k1"}],
+            "subject": {"reference": "Patient/a"},
+            "prediction": [{"probabilityDecimal": 0.25}],
+        }
+    )
+
+
+def test_outgoing_resources_must_be_r4b_models() -> None:
+    from fhir.resources.riskassessment import RiskAssessment as R5RiskAssessment
+
+    assert resource_json(risk_assessment())["prediction"] == [{"probabilityDecimal": 0.25}]
+    r5 = R5RiskAssessment.model_validate(
+        {"resourceType": "RiskAssessment", "status": "final", "subject": {"reference": "Patient/a"}}
+    )
+    with pytest.raises(TypeError, match="R4B"):
+        resource_json(r5)
+    with pytest.raises(TypeError):
+        resource_json({"resourceType": "RiskAssessment"})
+
+
+def test_transaction_posts_a_bundle_and_returns_each_entry_status() -> None:
+    def handler(method, url, headers, data):
+        sent = json.loads(data)
+        assert url == BASE and sent["type"] == "transaction"
+        assert sent["entry"][0]["request"] == {
+            "method": "POST",
+            "url": "RiskAssessment",
+            "ifNoneExist": "identifier=urn:test|k1",
+        }
+        return make_response(
+            200,
+            {
+                "resourceType": "Bundle",
+                "type": "transaction-response",
+                "entry": [
+                    {"response": {"status": "201 Created", "location": "RiskAssessment/7/_history/1"}},
+                    {"response": {"status": "200 OK", "location": "RiskAssessment/5/_history/1"}},
+                ],
+            },
+        )
+
+    client, _, _ = make_client(handler)
+    entries = [transaction_entry(risk_assessment(), if_none_exist="identifier=urn:test|k1") for _ in range(2)]
+    results = client.transaction(entries)
+    assert [(r.status, r.created, r.resource_id) for r in results] == [(201, True, "7"), (200, False, "5")]
+
+
+def test_conditional_create_sends_if_none_exist() -> None:
+    def handler(method, url, headers, data):
+        assert headers["If-None-Exist"] == "identifier=urn:test|k1"
+        return make_response(201, headers={"Location": f"{BASE}/RiskAssessment/9/_history/1"})
+
+    client, _, _ = make_client(handler)
+    result = client.conditional_create(risk_assessment(), "identifier=urn:test|k1")
+    assert result.created and result.resource_id == "9"
+
+
+# --- note text ---------------------------------------------------------------------------------------------------
+
+
+def test_html_is_stripped_and_entities_unescaped() -> None:
+    html = (
+        "<html><head><title>t</title><style>p{}</style></head><body><h1>Assessment</h1>"
+        "<p>Temp 38.2&deg;C &amp; rising &#8594; <b>COPD</b>.</p><script>alert(1)</script>"
+        "<ul><li>Denies   diabetes.</li><li>Never smoker.</li></ul></body></html>"
+    )
+    assert html_to_text(html) == "Assessment\nTemp 38.2°C & rising → COPD.\nDenies diabetes.\nNever smoker."
+
+
+def test_charset_parameter_is_honoured() -> None:
+    latin = "Temp 38.5 °C. Denies diabetes.".encode("latin-1")
+    assert content_type_charset("text/plain; charset=ISO-8859-1") == "ISO-8859-1"
+    assert content_type_charset('text/plain;charset="UTF-8"') == "UTF-8"
+    assert content_type_charset("text/plain") is None
+    assert attachment_text(latin, "text/plain; charset=ISO-8859-1") == "Temp 38.5 °C. Denies diabetes."
+    assert attachment_text("38 °C".encode(), "text/plain;charset=UTF-8") == "38 °C"
+    assert attachment_text("38 °C".encode(), None) == "38 °C"
+    assert attachment_text("<p>38 °C</p>".encode("latin-1"), "text/html; charset=iso-8859-1") == "38 °C"
+    assert attachment_text(b"%PDF-1.4", "application/pdf") is None
+    assert attachment_text("38 °C".encode(), "text/plain; charset=no-such-charset") == "38 °C"
+
+
+def test_note_texts_from_inline_data_binary_url_and_conclusion() -> None:
+    def handler(method, url, headers, data):
+        assert url == f"{BASE}/Binary/b1"
+        return make_response(200, raw="Prior NSTEMI. 37 °C".encode("latin-1"), headers={"Content-Type": "text/plain"})
+
+    client, _, _ = make_client(handler)
+    doc = {
+        "resourceType": "DocumentReference",
+        "id": "d1",
+        "content": [
+            {"attachment": {"contentType": "text/html", "data": base64.b64encode(b"<p>COPD &amp; CKD</p>").decode()}},
+            {"attachment": {"contentType": "text/plain; charset=ISO-8859-1", "url": "Binary/b1"}},
+        ],
+    }
+    texts = client.note_texts(doc)
+    assert [(t.text, t.origin) for t in texts] == [("COPD & CKD", "data"), ("Prior NSTEMI. 37 °C", "url")]
+    report = {"resourceType": "DiagnosticReport", "id": "r1", "conclusion": "No acute findings."}
+    assert [(t.text, t.origin) for t in client.note_texts(report)] == [("No acute findings.", "conclusion")]
+
+
+def test_binary_served_as_fhir_json_is_decoded() -> None:
+    binary = {"resourceType": "Binary", "contentType": "text/plain", "data": base64.b64encode(b"Denies COPD.").decode()}
+    client, _, _ = make_client(lambda *a: make_response(200, binary))
+    assert client.read_binary(f"{BASE}/Binary/b2") == (b"Denies COPD.", "text/plain")
+
+
+# --- authentication ----------------------------------------------------------------------------------------------
+
+
+def test_basic_and_bearer_headers() -> None:
+    client, session, _ = make_client(
+        lambda *a: make_response(200, {"resourceType": "Patient", "id": "a"}),
+        auth=FhirAuth(type="basic", username="svc", password=SECRET),
+    )
+    client.read("Patient", "a")
+    expected = "Basic " + base64.b64encode(f"svc:{SECRET}".encode()).decode()
+    assert session.calls[0][2]["Authorization"] == expected
+    assert SECRET not in repr(client)
+
+    client, session, _ = make_client(
+        lambda *a: make_response(200, {"resourceType": "Patient", "id": "a"}),
+        auth=FhirAuth(type="bearer", token=SECRET),
+    )
+    client.read("Patient", "a")
+    assert session.calls[0][2]["Authorization"] == f"Bearer {SECRET}"
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class TokenIssuer:
+    """Scripted token endpoint + resource server: tokens t1, t2, ...; the server accepts only ``valid`` tokens."""
+
+    def __init__(self, expires_in: int = 300) -> None:
+        self.expires_in = expires_in
+        self.issued: list[str] = []
+        self.forms: list[dict[str, list[str]]] = []
+        self.token_headers: list[dict[str, str]] = []
+        self.valid: set[str] = set()
+
+    def __call__(self, method, url, headers, data):
+        if url == TOKEN_URL:
+            self.forms.append(parse_qs(data) if isinstance(data, str) else {k: [v] for k, v in data.items()})
+            self.token_headers.append(headers)
+            token = f"t{len(self.issued) + 1}"
+            self.issued.append(token)
+            self.valid.add(token)
+            return make_response(200, {"access_token": token, "token_type": "Bearer", "expires_in": self.expires_in})
+        if headers.get("Authorization", "").removeprefix("Bearer ") not in self.valid:
+            return make_response(401, {"resourceType": "OperationOutcome", "issue": [{"diagnostics": "no"}]})
+        return make_response(200, {"resourceType": "Patient", "id": "a"})
+
+
+def oauth2_auth(**extra: Any) -> FhirAuth:
+    return FhirAuth(
+        type="oauth2", token_url=TOKEN_URL, client_id="riskbridge", client_secret=SECRET, scope="system/*.rs", **extra
+    )
+
+
+def test_client_credentials_token_is_cached_until_expiry_then_renewed() -> None:
+    issuer, clock = TokenIssuer(expires_in=300), FakeClock()
+    client, _, _ = make_client(issuer, auth=oauth2_auth(refresh_skew_s=30), clock=clock)
+    for _ in range(5):
+        client.read("Patient", "a")
+    assert issuer.issued == ["t1"]
+    form = issuer.forms[0]
+    assert form["grant_type"] == ["client_credentials"] and form["scope"] == ["system/*.rs"]
+    user, _, password = base64.b64decode(issuer.token_headers[0]["Authorization"].split()[1]).decode().partition(":")
+    assert (unquote_plus(user), unquote_plus(password)) == ("riskbridge", SECRET)
+    clock.now += 269  # still inside expiry - skew
+    client.read("Patient", "a")
+    assert issuer.issued == ["t1"]
+    clock.now += 2  # past expires_in - skew: renewed before the server would refuse it
+    client.read("Patient", "a")
+    assert issuer.issued == ["t1", "t2"]
+
+
+def test_a_401_renews_the_token_once() -> None:
+    issuer = TokenIssuer()
+    client, _, _ = make_client(issuer, auth=oauth2_auth())
+    client.read("Patient", "a")
+    issuer.valid.clear()  # the server revoked t1
+    client.read("Patient", "a")
+    assert issuer.issued == ["t1", "t2"] and client.stats.token_renewals_on_401 == 1
+
+    def refuse_everything(method, url, headers, data):
+        response = issuer(method, url, headers, data)
+        if url != TOKEN_URL:
+            return make_response(401, {"resourceType": "OperationOutcome", "issue": [{"diagnostics": "no"}]})
+        return response
+
+    client, session, _ = make_client(refuse_everything, auth=oauth2_auth())
+    with pytest.raises(FhirError) as caught:
+        client.read("Patient", "a")
+    assert caught.value.status == 401
+    assert len([c for c in session.calls if c[1] != TOKEN_URL]) == 2  # the first try and one renewal, no loop
+
+
+def test_token_endpoint_errors_never_show_the_secret(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG)
+
+    def handler(method, url, headers, data):
+        return make_response(401, {"error": "invalid_client", "error_description": "bad secret"})
+
+    client, _, _ = make_client(handler, auth=oauth2_auth())
+    with pytest.raises(FhirError) as caught:
+        client.read("Patient", "a")
+    assert "invalid_client: bad secret" in str(caught.value)
+    assert SECRET not in str(caught.value) and SECRET not in repr(client) and SECRET not in caplog.text
+
+
+def test_access_tokens_are_not_logged(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG)
+    issuer = TokenIssuer()
+    client, _, _ = make_client(issuer, auth=oauth2_auth())
+    client.read("Patient", "a")
+    assert "access token obtained" in caplog.text
+    assert "Bearer t1" not in caplog.text and SECRET not in caplog.text
+
+
+def write_key(tmp_path: Path, algorithm: str) -> tuple[Path, Any]:
+    if algorithm == "RS384":
+        key: Any = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    else:
+        key = ec.generate_private_key(ec.SECP384R1())
+    path = tmp_path / f"{algorithm}.pem"
+    path.write_bytes(
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    )
+    return path, key.public_key()
+
+
+@pytest.mark.parametrize("algorithm", ["RS384", "ES384"])
+def test_smart_backend_services_assertion_verifies_with_the_public_key(tmp_path: Path, algorithm: str) -> None:
+    key_file, public_key = write_key(tmp_path, algorithm)
+    issuer = TokenIssuer()
+    auth = FhirAuth(
+        type="smart",
+        token_url=TOKEN_URL,
+        client_id="rb-client",
+        private_key_file=key_file,
+        key_id="key-1",
+        algorithm=algorithm,
+        scope="system/Observation.rs",
+    )
+    client, _, _ = make_client(issuer, auth=auth)
+    client.read("Patient", "a")
+    client.read("Patient", "a")
+    assert issuer.issued == ["t1"]
+    form = issuer.forms[0]
+    assert form["grant_type"] == ["client_credentials"]
+    assert form["client_assertion_type"] == ["urn:ietf:params:oauth:client-assertion-type:jwt-bearer"]
+    assert "Authorization" not in issuer.token_headers[0]
+    assertion = form["client_assertion"][0]
+    header = jwt.get_unverified_header(assertion)
+    assert header["alg"] == algorithm and header["kid"] == "key-1" and header["typ"] == "JWT"
+    claims = jwt.decode(assertion, public_key, algorithms=[algorithm], audience=TOKEN_URL)
+    assert claims["iss"] == claims["sub"] == "rb-client"
+    now = datetime.now(UTC).timestamp()
+    assert now < claims["exp"] <= now + 300
+    assert claims["jti"]
+    other = smart_client_assertion("rb-client", TOKEN_URL, load_private_key(key_file, algorithm), "key-1", algorithm)
+    assert jwt.decode(other, public_key, algorithms=[algorithm], audience=TOKEN_URL)["jti"] != claims["jti"]
+
+
+def test_private_key_must_match_the_algorithm(tmp_path: Path) -> None:
+    rsa_file, _ = write_key(tmp_path, "RS384")
+    ec_file, _ = write_key(tmp_path, "ES384")
+    with pytest.raises(FhirError, match="ES384 needs an EC P-384 key"):
+        load_private_key(rsa_file, "ES384")
+    with pytest.raises(FhirError, match="RS384 needs an RSA key"):
+        load_private_key(ec_file, "RS384")
+    garbage = tmp_path / "garbage.pem"
+    garbage.write_text("not a key")
+    with pytest.raises(FhirError, match="not an unencrypted PEM private key"):
+        load_private_key(garbage, "RS384")
+
+
+@pytest.mark.parametrize(
+    ("values", "missing"),
+    [
+        ({"type": "oauth2", "token_url": TOKEN_URL, "client_id": "c"}, "client_secret"),
+        ({"type": "smart", "token_url": TOKEN_URL, "client_id": "c", "scope": "s"}, "private_key_file, key_id"),
+        ({"type": "basic", "username": "u"}, "password"),
+    ],
+)
+def test_auth_settings_name_what_is_missing(values: dict[str, Any], missing: str) -> None:
+    with pytest.raises(ValidationError, match=f"needs {missing}"):
+        FhirAuth(**values)
+
+
+def test_auth_settings_check_the_key_file_and_token_url(tmp_path: Path) -> None:
+    with pytest.raises(ValidationError, match="file not found"):
+        FhirAuth(private_key_file=tmp_path / "absent.pem")
+    with pytest.raises(ValidationError, match="must start with http"):
+        FhirAuth(token_url="ftp://auth")
+    with pytest.raises(ValidationError):
+        FhirAuth(algorithm="HS256")
+    assert SECRET not in repr(oauth2_auth())
