@@ -338,7 +338,9 @@ def report(results: list[Measured], args: argparse.Namespace) -> str:
         f"({ceiling.bytes / 1e6:.0f} MB), from the benchmark's own Orthanc (Debian package) on loopback; best of "
         f"{args.repeat}; wall time of the whole set including association set-up and, for riskbridge with "
         "several workers, starting the worker processes; riskbridge's time includes the SERIES-level C-FIND for "
-        "the instance counts it verifies against. dcmtk runs with TCP_NODELAY=1.\n\n"
+        "the instance counts it verifies against. dcmtk runs with TCP_NODELAY=1. On a 2-CPU machine Orthanc, "
+        "the sender, competes with the receivers for the same cores, so more workers cannot scale far, and "
+        "whole-run figures moved by up to 2x between runs here: compare rows of one run.\n\n"
         + markdown_table(header, rows)
         + "\n\n"
         + "\n".join(targets)
