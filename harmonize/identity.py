@@ -34,6 +34,7 @@ from rapidfuzz import fuzz
 from rapidfuzz.distance import JaroWinkler
 
 from riskbridge.records import PacsPatient, StudyRef, uid_hash
+from riskbridge.settings import IdentitySettings
 
 LOG = logging.getLogger(__name__)
 
@@ -187,6 +188,20 @@ class IdentityConfig:
             raise ValueError(f"max_link_depth must be >= 0 (value {self.max_link_depth})")
         if self.default_issuer is not None and self.system_for(self.default_issuer) is None:
             raise ValueError(f"default_issuer {self.default_issuer!r} is not a key of issuer_systems")
+
+    @classmethod
+    def from_settings(cls, identity: IdentitySettings) -> IdentityConfig:
+        """The configuration the ``[identity]`` settings describe."""
+        return cls(
+            issuer_systems=dict(identity.issuer_systems),
+            default_issuer=identity.default_issuer,
+            normalization=IdentifierNormalization(site_prefix_pattern=identity.site_prefix_pattern),
+            fallback=FallbackPolicy(
+                enabled=identity.fallback,
+                link_threshold=identity.fallback_link_threshold,
+                review_threshold=identity.fallback_review_threshold,
+            ),
+        )
 
     def system_for(self, issuer: str) -> str | None:
         """The identifier system an issuer maps to, or None when it is not configured."""

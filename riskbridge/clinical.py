@@ -19,9 +19,17 @@ from typing import Any
 
 from riskbridge.connectors.fhir import FhirClient, code_filter, date_filter, subject_patient_id
 from riskbridge.harmonize import notes as note_flags
-from riskbridge.harmonize.features import FeatureSpec, FeatureVector, LabFeature, build_vector
-from riskbridge.harmonize.units import Exclusion, UnitTable, default_table
+from riskbridge.harmonize.features import (
+    FeatureSpec,
+    FeatureVector,
+    LabFeature,
+    build_vector,
+    load_default_feature_spec,
+    load_feature_spec,
+)
+from riskbridge.harmonize.units import Exclusion, UnitTable, default_table, load_table
 from riskbridge.harmonize.windows import Measurement, WindowSelection, parse_fhir_datetime, select_value
+from riskbridge.settings import Settings
 
 LOG = logging.getLogger(__name__)
 
@@ -119,6 +127,20 @@ def _span(patients: Sequence[PatientIndex], before: timedelta, after: timedelta)
 
 class ClinicalStage:
     """Fetches and harmonizes the clinical inputs of a batch of patients for one feature spec."""
+
+    @classmethod
+    def from_settings(cls, client: FhirClient, settings: Settings) -> ClinicalStage:
+        """The stage the settings describe: ``feature_spec``, ``site.timezone`` and ``units_table``."""
+        if settings.site.timezone is None:
+            raise ValueError("set site.timezone (RISKBRIDGE_SITE__TIMEZONE), e.g. 'America/New_York'")
+        spec_name = settings.feature_spec
+        spec = (
+            load_feature_spec(spec_name)
+            if spec_name.endswith((".yaml", ".yml")) or "/" in spec_name
+            else load_default_feature_spec(spec_name)
+        )
+        table = load_table(settings.units_table) if settings.units_table else None
+        return cls(client, spec, settings.site.timezone, table)
 
     def __init__(
         self, client: FhirClient, spec: FeatureSpec, zone: tzinfo | str, table: UnitTable | None = None

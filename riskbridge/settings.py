@@ -193,6 +193,64 @@ class DatabaseSettings(_Section):
     dsn: SecretStr = SecretStr("postgresql://riskbridge@127.0.0.1:15432/riskbridge")
 
 
+class SiteSettings(_Section):
+    """Facts about the hospital that data does not always carry."""
+
+    # IANA zone for times without an offset (DICOM without TimezoneOffsetFromUTC, partial FHIR dates). No default:
+    # guessing a zone shifts every window by hours.
+    timezone: str | None = None
+
+    @field_validator("timezone")
+    @classmethod
+    def _known_zone(cls, value: str | None) -> str | None:
+        if value is not None:
+            from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+            try:
+                ZoneInfo(value)
+            except (ZoneInfoNotFoundError, ValueError):
+                raise ValueError(f"unknown IANA time zone {value!r} (e.g. 'America/New_York')") from None
+        return value
+
+
+class IdentitySettings(_Section):
+    """How PACS patients are matched to FHIR Patients (see docs/identity.md)."""
+
+    # IssuerOfPatientID -> FHIR identifier system, e.g. {"SYNTH_HOSP" = "http://hospital.example/mrn"}.
+    issuer_systems: dict[str, str] = {}
+    default_issuer: str | None = None  # stands in for a missing IssuerOfPatientID; must be a key above
+    site_prefix_pattern: str | None = r"^[A-Z][A-Z0-9]*-"  # one site prefix removed before comparing (None: off)
+    fallback: bool = False  # Jaro-Winkler on names + exact birth date when no identifier resolves
+    fallback_link_threshold: float = Field(0.97, gt=0, le=1)
+    fallback_review_threshold: float = Field(0.88, gt=0, le=1)
+
+    @model_validator(mode="after")
+    def _default_is_mapped(self) -> IdentitySettings:
+        if self.default_issuer is not None and self.default_issuer not in self.issuer_systems:
+            raise ValueError(f"default_issuer {self.default_issuer!r} is not a key of issuer_systems")
+        if self.fallback_review_threshold > self.fallback_link_threshold:
+            raise ValueError("fallback_review_threshold must not exceed fallback_link_threshold")
+        return self
+
+
+class WritebackSettings(_Section):
+    """How RiskAssessments are identified, coded and bundled (see riskbridge/writeback.py)."""
+
+    identifier_system: str = "urn:riskbridge:risk-assessment"
+    outcome_system: str = "http://snomed.info/sct"
+    outcome_code: str = "363358000"
+    outcome_display: str = "Malignant tumor of lung"
+    low_below: float = Field(0.1, gt=0, lt=1)  # probability below this: low
+    high_from: float = Field(0.3, gt=0, lt=1)  # from this on: high; between: moderate
+    bundle_size: int = Field(50, ge=1, le=500)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> WritebackSettings:
+        if not self.low_below < self.high_from:
+            raise ValueError("low_below must be smaller than high_from")
+        return self
+
+
 class SandboxSettings(_Section):
     """Ports and state directory of the loopback sandbox (``riskbridge sandbox up``)."""
 
@@ -221,6 +279,11 @@ class Settings(BaseSettings):
     staging_dir: Path = Path(".riskbridge/staging")
     model_dir: Path = Path(".riskbridge/models")
     series_rules: str = "chest_ct"  # a shipped rule set's name, or the path of a YAML rule file
+    feature_spec: str = "chest_ct"  # a shipped feature spec's name, or the path of a YAML spec
+    units_table: Path | None = None  # a site's unit table, on top of the shipped one (docs/units.md)
+    site: SiteSettings = SiteSettings()
+    identity: IdentitySettings = IdentitySettings()
+    writeback: WritebackSettings = WritebackSettings()
     sandbox: SandboxSettings = SandboxSettings()
 
     @classmethod

@@ -34,6 +34,7 @@ from fhir.resources.R4B.reference import Reference
 from fhir.resources.R4B.riskassessment import RiskAssessment, RiskAssessmentPrediction
 
 from riskbridge import __version__
+from riskbridge.settings import WritebackSettings
 
 LOG = logging.getLogger(__name__)
 
@@ -56,6 +57,16 @@ class WritebackConfig:
     method_system: str = "urn:riskbridge:model"
     device_identifier_system: str = "urn:riskbridge:device"
     bundle_size: int = 50
+
+    @classmethod
+    def from_settings(cls, writeback: WritebackSettings) -> WritebackConfig:
+        """The configuration the ``[writeback]`` settings describe."""
+        return cls(
+            identifier_system=writeback.identifier_system,
+            outcome=(writeback.outcome_system, writeback.outcome_code, writeback.outcome_display),
+            thresholds=(writeback.low_below, writeback.high_from),
+            bundle_size=writeback.bundle_size,
+        )
 
     def __post_init__(self) -> None:
         low, high = self.thresholds

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from riskbridge.settings import SettingsError, load_settings
+from riskbridge.settings import Settings, SettingsError, load_settings
 
 
 @pytest.fixture(autouse=True)
@@ -99,3 +99,43 @@ def test_tls_files_must_exist(tmp_path: Path) -> None:
     )
     with pytest.raises(SettingsError, match=r"pacs\.tls\.ca_file: Value error, file not found"):
         load_settings(config)
+
+
+def test_site_identity_and_writeback_sections_build_their_configs(monkeypatch: pytest.MonkeyPatch) -> None:
+    from riskbridge.harmonize.identity import IdentityConfig
+    from riskbridge.writeback import WritebackConfig
+
+    monkeypatch.setenv("RISKBRIDGE_SITE__TIMEZONE", "America/New_York")
+    monkeypatch.setenv("RISKBRIDGE_IDENTITY__ISSUER_SYSTEMS", '{"SYNTH_HOSP": "http://hospital.example/mrn"}')
+    monkeypatch.setenv("RISKBRIDGE_IDENTITY__DEFAULT_ISSUER", "SYNTH_HOSP")
+    monkeypatch.setenv("RISKBRIDGE_WRITEBACK__HIGH_FROM", "0.4")
+    settings = load_settings()
+    assert settings.site.timezone == "America/New_York"
+    identity = IdentityConfig.from_settings(settings.identity)
+    assert identity.system_for("synth_hosp") == "http://hospital.example/mrn" and not identity.fallback.enabled
+    assert WritebackConfig.from_settings(settings.writeback).thresholds == (0.1, 0.4)
+
+
+@pytest.mark.parametrize(
+    ("env", "value", "key"),
+    [
+        ("RISKBRIDGE_SITE__TIMEZONE", "Mars/Olympus", "site.timezone"),
+        ("RISKBRIDGE_IDENTITY__DEFAULT_ISSUER", "NOWHERE", "identity"),
+        ("RISKBRIDGE_WRITEBACK__LOW_BELOW", "0.5", "writeback"),
+    ],
+)
+def test_bad_site_identity_and_writeback_settings_name_the_key(
+    monkeypatch: pytest.MonkeyPatch, env: str, value: str, key: str
+) -> None:
+    monkeypatch.setenv(env, value)
+    with pytest.raises(SettingsError, match=key):
+        load_settings()
+
+
+def test_the_clinical_stage_needs_a_site_timezone() -> None:
+    from riskbridge.clinical import ClinicalStage
+
+    with pytest.raises(ValueError, match=r"site\.timezone"):
+        ClinicalStage.from_settings(None, Settings())  # type: ignore[arg-type]
+    stage = ClinicalStage.from_settings(None, Settings(site={"timezone": "Europe/Zurich"}))  # type: ignore[arg-type]
+    assert stage.spec.label == "chest_ct@1" and stage.zone == "Europe/Zurich"
