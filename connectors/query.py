@@ -21,10 +21,9 @@ release took the full 30 s timeout here). Nothing identifying is logged: studies
 from __future__ import annotations
 
 import logging
-import re
 from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
-from datetime import date, datetime, timedelta, timezone
+from datetime import date, datetime, time, timezone
 from typing import Any
 
 from pydicom.datadict import dictionary_VR, tag_for_keyword
@@ -35,6 +34,7 @@ from pydicom.sequence import Sequence
 from pydicom.valuerep import PersonName
 
 from riskbridge.connectors.dicom import find
+from riskbridge.dicomtime import parse_dicom_date, parse_dicom_offset, parse_dicom_time
 from riskbridge.records import PacsPatient, SeriesRef, StudyRef, uid_hash
 from riskbridge.settings import PacsSettings
 
@@ -82,8 +82,6 @@ INSTANCE_RETURN_KEYS: tuple[str, ...] = ("SOPInstanceUID", "SOPClassUID", "Insta
 # Elements of the C-FIND protocol itself, not attributes of the matched object.
 _PROTOCOL_KEYWORDS = frozenset({"QueryRetrieveLevel", "RetrieveAETitle", "SpecificCharacterSet"})
 _INSTANCE_COUNT = "NumberOfSeriesRelatedInstances"
-_TIME = re.compile(r"^(\d{2})(?::?(\d{2})(?::?(\d{2})(?:\.(\d{1,6}))?)?)?$")
-_OFFSET = re.compile(r"^([+-])(\d{2})(\d{2})$")
 
 
 @dataclass(frozen=True)
@@ -216,14 +214,10 @@ def _integer(attributes: Mapping[str, Any], keyword: str) -> int | None:
 
 def parse_timezone_offset(offset: str | None) -> timezone | None:
     """Parse TimezoneOffsetFromUTC (``-0500``, ``+0130``) into a timezone; None when absent or malformed."""
-    match = _OFFSET.match((offset or "").strip())
-    if not match:
+    try:
+        return parse_dicom_offset(offset) if offset and offset.strip() else None
+    except ValueError:
         return None
-    sign, hours, minutes = match.groups()
-    delta = timedelta(hours=int(hours), minutes=int(minutes))
-    if delta > timedelta(hours=14) or int(minutes) >= 60:
-        return None
-    return timezone(-delta if sign == "-" else delta)
 
 
 def parse_study_datetime(
@@ -235,27 +229,15 @@ def parse_study_datetime(
     midnight of StudyDate. Accepts the DICOM forms ``HHMMSS.FFFFFF``, ``HHMMSS``, ``HHMM``, ``HH`` and the old
     ``HH:MM:SS``. Returns None when StudyDate is missing or any part is malformed.
     """
-    try:
-        day = datetime.strptime((study_date or "").strip(), "%Y%m%d")
-    except ValueError:
+    day = parse_dicom_date(study_date)
+    if day is None:
         return None
-    text = (study_time or "").strip()
-    if text:
-        match = _TIME.match(text)
-        if not match:
-            return None
-        hours, minutes, seconds, fraction = match.groups()
-        try:
-            day = day.replace(
-                hour=int(hours),
-                minute=int(minutes or 0),
-                second=int(seconds or 0),
-                microsecond=int((fraction or "0").ljust(6, "0")),
-            )
-        except ValueError:
-            return None
+    clock = parse_dicom_time(study_time) if (study_time or "").strip() else time()
+    if clock is None:
+        return None
+    moment = datetime.combine(day, clock)
     tz = parse_timezone_offset(timezone_offset)
-    return day.replace(tzinfo=tz) if tz is not None else day
+    return moment.replace(tzinfo=tz) if tz is not None else moment
 
 
 def _other_patient_ids(answer: Dataset) -> tuple[tuple[str, str | None], ...]:

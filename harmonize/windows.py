@@ -24,11 +24,18 @@ import math
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from datetime import UTC, date, datetime, time, timedelta, timezone, tzinfo
+from datetime import UTC, date, datetime, time, timedelta, tzinfo
 from enum import StrEnum
 from typing import Any, Protocol
 from zoneinfo import ZoneInfo
 
+from riskbridge.dicomtime import (
+    fraction_microseconds,
+    parse_dicom_date,
+    parse_dicom_datetime,
+    parse_dicom_offset,
+    parse_dicom_time,
+)
 from riskbridge.records import StudyRef
 
 ObservationResource = Mapping[str, Any]
@@ -94,75 +101,6 @@ def _localize(naive: datetime, zone: tzinfo) -> datetime:
     return naive.replace(tzinfo=zone)
 
 
-_DICOM_OFFSET = re.compile(r"([+-])(\d{2})(\d{2})")
-
-
-def parse_dicom_offset(text: str) -> timezone:
-    """A DICOM UTC offset (TimezoneOffsetFromUTC or a DT suffix, "+HHMM"/"-HHMM") as a fixed timezone.
-
-    Raises ValueError for anything else (DICOM allows -1200 to +1400).
-    """
-    found = _DICOM_OFFSET.fullmatch(text.strip())
-    if found is None:
-        raise ValueError(f"not a DICOM UTC offset: {text!r}")
-    sign, hours, minutes = found.group(1), int(found.group(2)), int(found.group(3))
-    if minutes >= 60 or hours > 14:
-        raise ValueError(f"not a DICOM UTC offset: {text!r}")
-    delta = timedelta(hours=hours, minutes=minutes)
-    return timezone(-delta if sign == "-" else delta)
-
-
-def _fraction(text: str | None) -> int:
-    return int((text or ".0")[1:].ljust(6, "0")[:6])
-
-
-_DICOM_DT = re.compile(r"(\d{4})(\d{2})(\d{2})(\d{2})(\d{2})?(\d{2})?(\.\d{1,6})?([+-]\d{4})?")
-_DICOM_TM = re.compile(r"(\d{2})(\d{2})?(\d{2})?(\.\d{1,6})?")
-
-
-def _parse_dicom_dt(value: Any) -> tuple[datetime, tzinfo | None] | None:
-    """A DICOM DT with at least the hour as (naive wall time, its own offset or None); None otherwise."""
-    if isinstance(value, datetime):  # pydicom with datetime_conversion on
-        return value.replace(tzinfo=None), value.tzinfo
-    found = _DICOM_DT.fullmatch(str(value or "").strip())
-    if found is None:
-        return None
-    year, month, day, hour = (int(found.group(k)) for k in range(1, 5))
-    minute, second = int(found.group(5) or 0), int(found.group(6) or 0)
-    try:
-        naive = datetime(year, month, day, hour, minute, second, _fraction(found.group(7)))
-        offset = parse_dicom_offset(found.group(8)) if found.group(8) else None
-    except ValueError:
-        return None
-    return naive, offset
-
-
-def _parse_dicom_date(value: Any) -> date | None:
-    """A DICOM DA (YYYYMMDD, or the old YYYY.MM.DD form); None when missing or invalid."""
-    if isinstance(value, date):
-        return value
-    text = str(value or "").strip().replace(".", "")
-    if not re.fullmatch(r"\d{8}", text):
-        return None
-    try:
-        return date(int(text[:4]), int(text[4:6]), int(text[6:]))
-    except ValueError:
-        return None
-
-
-def _parse_dicom_time(value: Any) -> time | None:
-    """A DICOM TM (HH, HHMM, HHMMSS, with a fraction; the old HH:MM:SS form too); None when missing or invalid."""
-    if isinstance(value, time):
-        return value
-    found = _DICOM_TM.fullmatch(str(value or "").strip().replace(":", ""))
-    if found is None:
-        return None
-    try:
-        return time(int(found.group(1)), int(found.group(2) or 0), int(found.group(3) or 0), _fraction(found.group(4)))
-    except ValueError:
-        return None
-
-
 class AttributeSource(Protocol):
     """Anything with ``get(keyword, default)`` over DICOM keywords: a dict of C-FIND values or a pydicom Dataset."""
 
@@ -198,11 +136,11 @@ def index_time(attributes: AttributeSource, zone: str | tzinfo) -> IndexTime:
     except ValueError as error:
         raise IndexTimeError(f"TimezoneOffsetFromUTC: {error}") from None
     candidates: list[tuple[str, datetime, tzinfo | None]] = []
-    parsed = _parse_dicom_dt(attributes.get("AcquisitionDateTime"))
+    parsed = parse_dicom_datetime(attributes.get("AcquisitionDateTime"))
     if parsed is not None:
         candidates.append(("AcquisitionDateTime", parsed[0], parsed[1]))
     for date_key, time_key in (("AcquisitionDate", "AcquisitionTime"), ("StudyDate", "StudyTime")):
-        day, clock = _parse_dicom_date(attributes.get(date_key)), _parse_dicom_time(attributes.get(time_key))
+        day, clock = parse_dicom_date(attributes.get(date_key)), parse_dicom_time(attributes.get(time_key))
         if day is not None and clock is not None:
             candidates.append((f"{date_key}+{time_key}", datetime.combine(day, clock), None))
     if not candidates:
@@ -278,7 +216,9 @@ def parse_fhir_datetime(text: str, zone: str | tzinfo) -> TimeSpan:
     local = site_zone(zone)
     if hour is not None:
         assert month is not None and day is not None  # the pattern nests them
-        naive = datetime(int(year), int(month), int(day), int(hour), int(minute), int(second or 0), _fraction(fraction))
+        naive = datetime(
+            int(year), int(month), int(day), int(hour), int(minute), int(second or 0), fraction_microseconds(fraction)
+        )
         if offset is None:
             moment = _localize(naive, local)
         elif offset == "Z":
