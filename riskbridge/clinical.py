@@ -158,13 +158,7 @@ class ClinicalStage:
         after = max(lab.window.after for lab in self.spec.labs)
         start, end = _span(patients, before, after)
         params = [("code", code_filter(LOINC_SYSTEM, codes)), *(("date", d) for d in date_filter(start, end))]
-        grouped: dict[str, list[dict[str, Any]]] = defaultdict(list)
-        ids = [p.patient_id for p in patients]
-        for observation in self.client.search_by_patients("Observation", ids, params):
-            owner = subject_patient_id(observation)
-            if owner is not None:
-                grouped[owner].append(observation)
-        return grouped
+        return self._by_patient("Observation", [p.patient_id for p in patients], params)
 
     def _measurements(self, lab: LabFeature, observations: Iterable[Mapping[str, Any]]) -> list[Measurement]:
         """The feature's Observations, each normalized to the feature's unit (or None with the reason)."""

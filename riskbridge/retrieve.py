@@ -23,9 +23,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from pydicom.dataset import Dataset
-
-from riskbridge.connectors import dicom, staging
+from riskbridge.connectors import dicom, query, staging
 from riskbridge.connectors.dicomweb import DicomwebClient, DicomwebError
 from riskbridge.connectors.storescp import CT_STORAGE_CLASSES, InstanceSink, StorageSCP
 from riskbridge.records import RetrievedSeries, uid_hash
@@ -57,12 +55,8 @@ class RetrievalFailure:
 
 def expected_instances(settings: Settings, study_uid: str, series_uid: str) -> set[str]:
     """Return the SOPInstanceUIDs the PACS lists for a series (IMAGE-level C-FIND)."""
-    query = Dataset()
-    query.StudyInstanceUID = study_uid
-    query.SeriesInstanceUID = series_uid
-    query.SOPInstanceUID = ""
-    matches = dicom.find(settings.pacs, "IMAGE", query, settings.pacs.timeout_s)
-    return {str(match.SOPInstanceUID) for match in matches if match.get("SOPInstanceUID")}
+    listed = query.find_instances(settings.pacs, study_uid, series_uid, timeout_s=settings.pacs.timeout_s)
+    return {instance.sop_instance_uid for instance in listed if instance.sop_instance_uid}
 
 
 def resolve_transport(settings: Settings) -> str:
