@@ -1,0 +1,105 @@
+"""The run report: its page, its plots, and that it shows no identifier."""
+
+from __future__ import annotations
+
+import random
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+
+from riskbridge.report import (
+    ReportError,
+    RunSummary,
+    calibration_bins,
+    expected_calibration_error,
+    write_report,
+)
+
+STARTED = datetime(2024, 1, 15, 2, 0, tzinfo=UTC)
+
+
+def _summary(scores: list[tuple[str, float, str]], **overrides: object) -> RunSummary:
+    values: dict[str, object] = {
+        "run_id": 7,
+        "run_key": "cli:2024-01-01..2024-01-14",
+        "kind": "nightly",
+        "status": "success",
+        "window": (STARTED - timedelta(days=14), STARTED),
+        "started": STARTED,
+        "finished": STARTED + timedelta(minutes=3),
+        "stage_counts": {
+            "discover": {"done": 30},
+            "match": {"done": 26, "quarantined": 4},
+            "select": {"done": 24, "quarantined": 2},
+            "score": {"done": len(scores)},
+        },
+        "stage_seconds": {"discover": 0.4, "retrieve": 12.5, "score": 3.2},
+        "quarantine": {"identity_conflict": 2, "identity_unmatched": 2, "no_usable_series": 2},
+        "scores": scores,
+        "attention": [{"image": 0.2, "labs": 0.5, "notes": 0.3}] * len(scores),
+        "writebacks": {"created": len(scores)},
+        "model": "chest-ct-fusion 1.0.0 0123456789ab",
+        "thresholds": (0.2, 0.5),
+    }
+    values.update(overrides)
+    return RunSummary(**values)  # type: ignore[arg-type]
+
+
+def _scores(n: int, seed: int = 3) -> tuple[list[tuple[str, float, str]], dict[str, int]]:
+    rng = random.Random(seed)
+    scores, labels = [], {}
+    for i in range(n):
+        p = rng.random()
+        uid = f"1.2.826.0.1.3680043.8.498.{1000 + i}"
+        scores.append((uid, p, "low" if p < 0.2 else "high" if p >= 0.5 else "moderate"))
+        labels[uid] = int(rng.random() < p)
+    return scores, labels
+
+
+def test_report_writes_page_and_every_plot(tmp_path: Path) -> None:
+    scores, labels = _scores(60)
+    page = write_report(_summary(scores), tmp_path / "7", labels=labels)
+    text = page.read_text()
+    expected = {"stage_counts.png", "quarantine.png", "risk_distribution.png", "calibration.png", "attention.png"}
+    expected.add("stage_timings.png")
+    assert {p.name for p in page.parent.glob("*.png")} == expected
+    for name in expected:
+        assert f"src='{name}'" in text
+        assert (page.parent / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "identity_conflict" in text and "ECE" in text
+    assert not any(uid in text for uid, _, _ in scores), "the report must not show a StudyInstanceUID"
+
+
+def test_without_labels_there_is_no_calibration_plot(tmp_path: Path) -> None:
+    scores, _ = _scores(10)
+    page = write_report(_summary(scores), tmp_path)
+    assert not (tmp_path / "calibration.png").exists()
+    assert "calibration.png" not in page.read_text()
+
+
+def test_empty_run_reports_without_plots_it_cannot_draw(tmp_path: Path) -> None:
+    summary = _summary([], stage_counts={}, stage_seconds={}, quarantine={}, attention=[], writebacks={})
+    page = write_report(summary, tmp_path)
+    assert "No study was scored" in page.read_text()
+    assert "Nothing was quarantined" in page.read_text()
+    assert list(tmp_path.glob("*.png")) == []
+
+
+def test_run_key_is_escaped(tmp_path: Path) -> None:
+    page = write_report(_summary([], run_key="<script>x</script>"), tmp_path)
+    assert "<script>x" not in page.read_text()
+
+
+def test_probability_outside_unit_interval_is_refused() -> None:
+    with pytest.raises(ReportError, match="outside"):
+        _summary([("1.2.3", 1.5, "high")])
+
+
+def test_calibration_bins_and_ece() -> None:
+    bins = calibration_bins([0.05, 0.15, 0.95, 0.95], [0, 1, 1, 1], bins=10)
+    assert bins == [(0.05, 0.0, 1), (0.15, 1.0, 1), (0.95, 1.0, 2)]
+    ece = expected_calibration_error([0.05, 0.15, 0.95, 0.95], [0, 1, 1, 1], bins=10)
+    assert ece == pytest.approx((0.05 + 0.85 + 2 * 0.05) / 4)
+    with pytest.raises(ReportError):
+        calibration_bins([0.1], [])
