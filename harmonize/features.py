@@ -21,6 +21,7 @@ from typing import Any
 import yaml
 
 from riskbridge.harmonize.windows import FeatureWindow, Policy
+from riskbridge.settings import names_a_file
 
 DEFAULT_SPEC = "chest_ct"
 DEMOGRAPHICS = ("age_years", "sex_male")
@@ -293,6 +294,11 @@ def load_feature_spec(path: str | Path) -> FeatureSpec:
         raise FeatureSpecError(f"{path}: feature spec not found") from None
     except yaml.YAMLError as exc:
         raise FeatureSpecError(f"{path}: not valid YAML: {exc}") from None
+
+
+def resolve_feature_spec(name_or_path: str) -> FeatureSpec:
+    """Load the spec a ``feature_spec`` setting names: a shipped spec (``chest_ct``) or the path of a YAML file."""
+    return load_feature_spec(name_or_path) if names_a_file(name_or_path) else load_default_feature_spec(name_or_path)
 
 
 def load_default_feature_spec(name: str = DEFAULT_SPEC) -> FeatureSpec:

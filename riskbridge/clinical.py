@@ -24,8 +24,7 @@ from riskbridge.harmonize.features import (
     FeatureVector,
     LabFeature,
     build_vector,
-    load_default_feature_spec,
-    load_feature_spec,
+    resolve_feature_spec,
 )
 from riskbridge.harmonize.units import Exclusion, UnitTable, default_table, load_table
 from riskbridge.harmonize.windows import Measurement, WindowSelection, parse_fhir_datetime, select_value
@@ -133,12 +132,7 @@ class ClinicalStage:
         """The stage the settings describe: ``feature_spec``, ``site.timezone`` and ``units_table``."""
         if settings.site.timezone is None:
             raise ValueError("set site.timezone (RISKBRIDGE_SITE__TIMEZONE), e.g. 'America/New_York'")
-        spec_name = settings.feature_spec
-        spec = (
-            load_feature_spec(spec_name)
-            if spec_name.endswith((".yaml", ".yml")) or "/" in spec_name
-            else load_default_feature_spec(spec_name)
-        )
+        spec = resolve_feature_spec(settings.feature_spec)
         table = load_table(settings.units_table) if settings.units_table else None
         return cls(client, spec, settings.site.timezone, table)
 

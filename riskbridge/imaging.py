@@ -16,14 +16,14 @@ from riskbridge.connectors import query
 from riskbridge.harmonize.series import RuleSet, SelectionResult, load_default_rules, load_rules, select_series
 from riskbridge.records import RetrievedSeries, uid_hash
 from riskbridge.retrieve import RetrievalFailure, retrieve_all
-from riskbridge.settings import Settings
+from riskbridge.settings import Settings, names_a_file
 
 LOG = logging.getLogger(__name__)
 
 
 def load_rule_set(spec: str) -> RuleSet:
     """Load the rules named by ``spec``: a shipped rule set (``chest_ct``) or the path of a YAML rule file."""
-    if spec.endswith((".yaml", ".yml")) or "/" in spec:
+    if names_a_file(spec):
         return load_rules(Path(spec))
     return load_default_rules(spec)
 

@@ -251,6 +251,15 @@ class WritebackSettings(_Section):
         return self
 
 
+class RunSettings(_Section):
+    """How ``riskbridge run`` and the DAGs run the pipeline: chunk sizes, the report directory, the model package."""
+
+    report_dir: Path = Path(".riskbridge/reports")  # each run's HTML report goes to <report_dir>/<run_id>/
+    retrieve_chunk_size: int = Field(8, ge=1, le=1000)  # chosen series per retrieve task (Airflow map index)
+    clinical_chunk_size: int = Field(50, ge=1, le=5000)  # studies per clinical task (batched FHIR searches)
+    model_package: Path | None = None  # a model package directory; None: the reference model shipped with riskbridge
+
+
 class SandboxSettings(_Section):
     """Ports and state directory of the loopback sandbox (``riskbridge sandbox up``)."""
 
@@ -284,6 +293,7 @@ class Settings(BaseSettings):
     site: SiteSettings = SiteSettings()
     identity: IdentitySettings = IdentitySettings()
     writeback: WritebackSettings = WritebackSettings()
+    run: RunSettings = RunSettings()
     sandbox: SandboxSettings = SandboxSettings()
 
     @classmethod
@@ -319,6 +329,11 @@ def _describe(error: dict[str, Any]) -> str:
     if any(secret in key for secret in ("password", "token", "secret", "dsn")):
         shown = ""
     return f"{key}: {message}{shown}"
+
+
+def names_a_file(value: str) -> bool:
+    """True when a name-or-path setting (``series_rules``, ``feature_spec``) names a YAML file, not a shipped one."""
+    return value.endswith((".yaml", ".yml")) or "/" in value
 
 
 def config_file_path(explicit: Path | None = None) -> Path | None:

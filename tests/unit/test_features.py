@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -15,6 +16,7 @@ from riskbridge.harmonize.features import (
     load_default_feature_spec,
     load_feature_spec,
     parse_feature_spec,
+    resolve_feature_spec,
 )
 from riskbridge.harmonize.windows import Policy
 from riskbridge.synth.cohort import COMORBIDITIES, LAB_WINDOW, LABS, NOTE_LOOKBACK
@@ -147,3 +149,12 @@ def test_a_spec_file_round_trips_and_keeps_its_windows(tmp_path: Any) -> None:
     assert (spec.labs[0].window.before, spec.labs[0].window.after) == (timedelta(days=2), timedelta(hours=6))
     with pytest.raises(FeatureSpecError, match="not found"):
         load_feature_spec(tmp_path / "absent.yaml")
+
+
+def test_resolve_feature_spec_takes_a_shipped_name_or_a_path(tmp_path: Path) -> None:
+    assert resolve_feature_spec("chest_ct") == SPEC
+    path = tmp_path / "site.yaml"
+    path.write_text((Path(__file__).parents[2] / "harmonize/data/features_chest_ct.yaml").read_text())
+    assert resolve_feature_spec(str(path)).label == SPEC.label
+    with pytest.raises(FeatureSpecError, match="no shipped feature spec"):
+        resolve_feature_spec("no_such_spec")
