@@ -260,6 +260,38 @@ class RunSettings(_Section):
     model_package: Path | None = None  # a model package directory; None: the reference model shipped with riskbridge
 
 
+class AirflowSettings(_Section):
+    """How the Airflow DAGs schedule, retry and place the pipeline's tasks (docs/operations.md)."""
+
+    schedule: str = "0 2 * * *"  # riskbridge_nightly's cron, in site.timezone (UTC when unset)
+    nightly_window_hours: int = Field(24, ge=1, le=744)  # a nightly run covers the studies of the hours before it
+    retries: int = Field(3, ge=0, le=20)
+    retry_delay_s: float = Field(60.0, gt=0)
+    retry_backoff: float = Field(2.0, ge=0)  # delay multiplier per retry (60 s, 120 s, 240 s); 0: constant delay
+    max_retry_delay_s: float = Field(1800.0, gt=0)
+    task_timeout_min: float = Field(120.0, gt=0)  # execution timeout of every task
+    pacs_pool: str = "pacs_associations"  # a retrieve task takes pacs.workers slots: one per DICOM association
+    pacs_pool_slots: int = Field(4, ge=1, le=256)
+    gpu_pool: str = "gpu"
+    gpu_pool_slots: int = Field(1, ge=1, le=64)
+    score_queue: str | None = None  # executor queue for scoring (CeleryExecutor: "gpu"); None: the default queue
+    clinical_parallelism: int = Field(2, ge=1, le=64)  # clinical tasks of one run at once (FHIR server load)
+    # Airflow Connections the tasks read credentials from; None: use this file's [pacs], [fhir], [database].
+    pacs_conn_id: str | None = "pacs_default"
+    fhir_conn_id: str | None = "fhir_default"
+    db_conn_id: str | None = "riskbridge_db"
+    home: Path = Path(".riskbridge/airflow")  # the AIRFLOW_HOME `riskbridge airflow init` prepares
+
+    @field_validator("schedule")
+    @classmethod
+    def _cron(cls, value: str) -> str:
+        from croniter import croniter
+
+        if not croniter.is_valid(value):
+            raise ValueError(f"not a cron expression: {value!r} (e.g. '0 2 * * *')")
+        return value
+
+
 class SandboxSettings(_Section):
     """Ports and state directory of the loopback sandbox (``riskbridge sandbox up``)."""
 
@@ -294,6 +326,7 @@ class Settings(BaseSettings):
     identity: IdentitySettings = IdentitySettings()
     writeback: WritebackSettings = WritebackSettings()
     run: RunSettings = RunSettings()
+    airflow: AirflowSettings = AirflowSettings()
     sandbox: SandboxSettings = SandboxSettings()
 
     @classmethod
