@@ -90,3 +90,14 @@ class RetrievedSeries:
     def complete(self) -> bool:
         """True when every expected instance is staged."""
         return not self.missing and self.received >= self.expected
+
+
+@dataclass(frozen=True)
+class WriteBack:
+    """A RiskAssessment in the write-back outbox: its identifier value, the server's id once known, and its state."""
+
+    key: str  # riskbridge.writeback.assessment_key(model version, patient, study)
+    study_uid: str
+    status: str  # pending, created, exists or failed
+    attempts: int = 0
+    fhir_id: str | None = None
