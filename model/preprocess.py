@@ -124,6 +124,9 @@ class Preprocessor:
         Raises :class:`VolumeError` when the series cannot become a trustworthy volume.
         """
         series_dir = Path(series_dir)
+        if not series_dir.is_dir():
+            where = uid_hash(series_uid or series_dir.name)
+            raise VolumeError("empty", "the staged series directory does not exist", series=where)
         uid = series_uid or _first_series_uid(series_dir)
         cached = self._load_cached(uid)
         if cached is not None:

@@ -230,6 +230,12 @@ def test_unreadable_first_file_without_uid_is_a_clear_error(tmp_path: Path) -> N
     assert error.value.code == "unreadable"
 
 
+def test_missing_series_directory_is_a_clear_error(tmp_path: Path) -> None:
+    with pytest.raises(VolumeError) as error:
+        Preprocessor(CONFIG).from_series(tmp_path / "1.2.3.4", "1.2.3.4")
+    assert error.value.code == "empty" and "does not exist" in str(error.value)
+
+
 def test_wrong_series_uid_is_rejected(tmp_path: Path) -> None:
     hu, _, _ = marker_volume()
     write_series(tmp_path / "series", hu)
