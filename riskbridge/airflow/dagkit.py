@@ -1,0 +1,429 @@
+"""The wiring the three DAG files in dags/ share: one Airflow task per pipeline stage, thin over riskbridge.pipeline.
+
+start_run -> discover -> match -> select -> plan_retrieve -> retrieve (mapped over series chunks, pool
+``pacs_associations``) -> plan_clinical -> clinical (mapped over study chunks) -> harmonize -> score (pool ``gpu``)
+-> write_back -> report -> finish_run.
+
+The ledger run is keyed ``airflow:<dag_id>:<run_id>``, so a retried task or a cleared DAG run resumes the same
+ledger run, and every stage only does what the ledger says is left. XCom carries the ledger run id, the UID chunks
+the mapped tasks work on and each stage's counts; the data itself lives in staging and the ledger. Credentials come
+from the Airflow Connections named in [airflow] (riskbridge.airflow.hooks).
+
+Parsing a DAG file imports this module, riskbridge.settings and Airflow only: the pipeline (and with it torch and
+MONAI) is imported inside the tasks.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from datetime import UTC, date, datetime, timedelta, tzinfo
+from typing import TYPE_CHECKING, Any
+from zoneinfo import ZoneInfo
+
+from riskbridge.settings import Settings, load_settings
+
+if TYPE_CHECKING:
+    from airflow.sdk import DAG
+
+    from riskbridge.pipeline import Pipeline
+
+log = logging.getLogger(__name__)
+
+NIGHTLY_DAG_ID = "riskbridge_nightly"
+BACKFILL_DAG_ID = "riskbridge_backfill"
+ON_DEMAND_DAG_ID = "riskbridge_on_demand"
+START_DATE = datetime(2026, 1, 1, tzinfo=UTC)
+# Stage tasks whose counts the report task sums up, in pipeline order.
+STAGE_TASKS = ("discover", "match", "select", "retrieve", "clinical", "harmonize", "score", "write_back")
+
+
+def run_key(dag_id: str, airflow_run_id: str) -> str:
+    """Return the ledger run key of an Airflow DAG run: retries and cleared runs map to the same ledger run."""
+    return f"airflow:{dag_id}:{airflow_run_id}"
+
+
+def task_settings() -> Settings:
+    """Load riskbridge's settings as a task sees them: config file and environment, then the Airflow Connections."""
+    from riskbridge.airflow.hooks import settings_with_connections
+
+    return settings_with_connections(load_settings())
+
+
+@contextmanager
+def open_pipeline(settings: Settings | None = None) -> Iterator[Pipeline]:
+    """Yield a Pipeline built from ``settings`` (default: :func:`task_settings`) and close it afterwards."""
+    from riskbridge.pipeline import Pipeline
+
+    pipeline = Pipeline.from_settings(settings if settings is not None else task_settings())
+    try:
+        yield pipeline
+    finally:
+        pipeline.close()
+
+
+def _progress_logger(stage: str) -> Callable[[int, int], None]:
+    """Return a ``progress(done, total)`` callback that logs at most once per tenth of the stage."""
+    last_tenth = -1
+
+    def report(done: int, total: int) -> None:
+        nonlocal last_tenth
+        tenth = 10 if total <= 0 else (10 * done) // total
+        if tenth != last_tenth:
+            last_tenth = tenth
+            log.info("%s: %d/%d", stage, done, total)
+
+    return report
+
+
+def _log_counts(counts: Mapping[str, Any], run_id: int) -> None:
+    log.info(
+        "%s: done=%d skipped=%d quarantined=%d failed=%d in %.1f s (ledger run %d)",
+        counts["stage"],
+        counts["done"],
+        counts["skipped"],
+        counts["quarantined"],
+        counts["failed"],
+        counts["seconds"],
+        run_id,
+    )
+
+
+def run_stage(stage: str, run_id: int, *args: Any) -> dict[str, Any]:
+    """Run one pipeline stage for the ledger run, log its counts and return them (the task's XCom)."""
+    with open_pipeline() as pipeline:
+        result = getattr(pipeline, stage)(run_id, *args, progress=_progress_logger(stage))
+    counts: dict[str, Any] = result.to_dict()
+    _log_counts(counts, run_id)
+    return counts
+
+
+def _site_zone(settings: Settings) -> tzinfo:
+    return ZoneInfo(settings.site.timezone) if settings.site.timezone else UTC
+
+
+def _as_datetime(value: datetime) -> datetime:
+    """Airflow hands out pendulum datetimes; the ledger gets plain, timezone-aware ones."""
+    return datetime.fromtimestamp(value.timestamp(), tz=UTC)
+
+
+def backfill_window(start: str, end: str, zone: tzinfo) -> tuple[datetime, datetime]:
+    """Return the window [start 00:00, day after end 00:00) in ``zone`` for two ISO dates, both days included."""
+    try:
+        first, last = date.fromisoformat(start), date.fromisoformat(end)
+    except (TypeError, ValueError):
+        raise ValueError(f"backfill start and end must be dates like 2026-01-31 (got {start!r}, {end!r})") from None
+    if last < first:
+        raise ValueError(f"backfill end {end} is before its start {start}")
+    midnight = datetime.min.time()
+    return (
+        datetime.combine(first, midnight, tzinfo=zone).astimezone(UTC),
+        datetime.combine(last + timedelta(days=1), midnight, tzinfo=zone).astimezone(UTC),
+    )
+
+
+def _identifiers(value: Any, name: str) -> tuple[str, ...]:
+    if value is None:
+        return ()
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, Sequence) or not all(isinstance(item, str) for item in value):
+        raise ValueError(f"on-demand param {name!r} must be a list of strings")
+    return tuple(item.strip() for item in value if item.strip())
+
+
+def run_scope(
+    kind: str, context: Mapping[str, Any], settings: Settings
+) -> tuple[tuple[datetime, datetime] | None, tuple[str, ...], tuple[str, ...]]:
+    """Return (window, accessions, patient IDs) of a DAG run: the data interval, the backfill dates or the params."""
+    params = context["params"]
+    if kind == "nightly":
+        return (_as_datetime(context["data_interval_start"]), _as_datetime(context["data_interval_end"])), (), ()
+    if kind == "backfill":
+        return backfill_window(params["start"], params["end"], _site_zone(settings)), (), ()
+    if kind == "on_demand":
+        accessions = _identifiers(params.get("accessions"), "accessions")
+        patient_ids = _identifiers(params.get("patient_ids"), "patient_ids")
+        if not accessions and not patient_ids:
+            raise ValueError("an on-demand run needs accession numbers or patient IDs (params accessions, patient_ids)")
+        return None, accessions, patient_ids
+    raise ValueError(f"unknown run kind {kind!r}")
+
+
+def start_ledger_run(kind: str, context: Mapping[str, Any]) -> int:
+    """Open (or resume) the ledger run of this DAG run and return its id; the scope comes from the kind."""
+    window, accessions, patient_ids = run_scope(kind, context, load_settings())
+    key = run_key(context["dag"].dag_id, context["run_id"])
+    with open_pipeline() as pipeline:
+        ledger_run = pipeline.start_run(kind, key, window=window, accessions=accessions, patient_ids=patient_ids)
+    scope = (
+        f"window {window[0].isoformat()} .. {window[1].isoformat()}"
+        if window
+        else f"{len(accessions)} accession(s), {len(patient_ids)} patient ID(s)"
+    )
+    log.info("ledger run %d (%s) for %s, %s", ledger_run, kind, key, scope)
+    return ledger_run
+
+
+def plan_chunks(stage: str, run_id: int) -> list[list[str]]:
+    """Return the UID chunks still to do for ``retrieve`` or ``clinical``; each chunk becomes one mapped task."""
+    settings = task_settings()
+    with open_pipeline(settings) as pipeline:
+        if stage == "retrieve":
+            chunks = pipeline.retrieve_chunks(run_id, settings.run.retrieve_chunk_size)
+        else:
+            chunks = pipeline.clinical_chunks(run_id, settings.run.clinical_chunk_size)
+    log.info("%s: %d item(s) left in %d chunk(s) (ledger run %d)", stage, sum(map(len, chunks)), len(chunks), run_id)
+    return chunks
+
+
+def _stage_results(value: Any) -> list[Mapping[str, Any]]:
+    """Normalize an xcom_pull of one task: None (skipped), one dict, or a list of dicts (mapped)."""
+    if value is None:
+        return []
+    if isinstance(value, Mapping):
+        return [value]
+    return [item for item in value if isinstance(item, Mapping)]
+
+
+def write_report(run_id: int, context: Mapping[str, Any]) -> str:
+    """Write the run's HTML report, log every stage's summed counts and the report's location; return its path."""
+    task_instance = context["ti"]
+    header = f"{'stage':<11}{'tasks':>6}{'done':>8}{'skipped':>9}{'quarantined':>13}{'failed':>8}{'seconds':>9}"
+    lines = [header]
+    for stage in STAGE_TASKS:
+        results = _stage_results(task_instance.xcom_pull(task_ids=stage))
+        totals = {
+            name: sum(result[name] for result in results) for name in ("done", "skipped", "quarantined", "failed")
+        }
+        seconds = sum(float(result["seconds"]) for result in results)
+        lines.append(
+            f"{stage:<11}{len(results):>6}{totals['done']:>8}{totals['skipped']:>9}{totals['quarantined']:>13}"
+            f"{totals['failed']:>8}{seconds:>9.1f}"
+        )
+    log.info("ledger run %d, stage counts:\n%s", run_id, "\n".join(lines))
+    with open_pipeline() as pipeline:
+        path = pipeline.report(run_id).resolve()
+    log.info("run report: %s", path.as_uri())
+    return str(path)
+
+
+def finish_ledger_run(run_id: int) -> None:
+    """Mark the ledger run successful."""
+    with open_pipeline() as pipeline:
+        pipeline.finish_run(run_id, status="success")
+    log.info("ledger run %d finished", run_id)
+
+
+def on_task_failure(context: Mapping[str, Any]) -> None:
+    """Failure callback: log the ledger run and task, and mark the ledger run failed (a cleared run resumes it)."""
+    task_instance = context["ti"]
+    key = run_key(task_instance.dag_id, task_instance.run_id)
+    exception = context.get("exception")
+    ledger_run = task_instance.xcom_pull(task_ids="start_run", map_indexes=-1)
+    log.error(
+        "riskbridge task %s (map index %s) failed with %s; ledger run %s, %s",
+        task_instance.task_id,
+        task_instance.map_index,
+        type(exception).__name__ if exception is not None else "an unknown error",
+        ledger_run,
+        key,
+    )
+    if ledger_run is None:
+        log.error("no ledger run to mark failed: start_run did not finish for %s", key)
+        return
+    try:
+        with open_pipeline() as pipeline:
+            pipeline.finish_run(int(ledger_run), status="failed")
+    except Exception:  # the callback must not hide the task's own failure behind its own
+        log.exception("could not mark ledger run %s failed", ledger_run)
+
+
+def default_args(settings: Settings) -> dict[str, Any]:
+    """Return the retry, backoff, timeout and callback arguments every riskbridge task gets."""
+    config = settings.airflow
+    return {
+        "owner": "riskbridge",
+        "retries": config.retries,
+        "retry_delay": timedelta(seconds=config.retry_delay_s),
+        "retry_exponential_backoff": config.retry_backoff,
+        "max_retry_delay": timedelta(seconds=config.max_retry_delay_s),
+        "execution_timeout": timedelta(minutes=config.task_timeout_min),
+        "on_failure_callback": on_task_failure,
+    }
+
+
+def build_pipeline_dag(
+    dag_id: str,
+    kind: str,
+    *,
+    settings: Settings,
+    schedule: Any,
+    params: Mapping[str, Any],
+    doc_md: str,
+    max_active_runs: int = 1,
+) -> DAG:
+    """Return a DAG running the pipeline stages of one ledger run of ``kind`` (nightly, backfill, on_demand)."""
+    from airflow.sdk import DAG, TriggerRule, chain, get_current_context, task
+
+    config = settings.airflow
+    score_placement: dict[str, Any] = {"pool": config.gpu_pool}
+    if config.score_queue:
+        score_placement["queue"] = config.score_queue
+
+    with DAG(
+        dag_id=dag_id,
+        description=doc_md.strip().splitlines()[0],
+        doc_md=doc_md,
+        schedule=schedule,
+        start_date=START_DATE,
+        catchup=False,
+        max_active_runs=max_active_runs,
+        params=dict(params),
+        default_args=default_args(settings),
+        tags=["riskbridge", kind],
+    ) as dag:
+
+        @task(task_id="start_run")
+        def start_run() -> int:
+            return start_ledger_run(kind, get_current_context())
+
+        @task(task_id="discover")
+        def discover(ledger_run: int) -> dict[str, Any]:
+            return run_stage("discover", ledger_run)
+
+        @task(task_id="match")
+        def match(ledger_run: int) -> dict[str, Any]:
+            return run_stage("match", ledger_run)
+
+        @task(task_id="select")
+        def select(ledger_run: int) -> dict[str, Any]:
+            return run_stage("select", ledger_run)
+
+        # The chunks are UIDs: kept out of the task log (XCom and the mapped tasks' inputs still carry them).
+        @task(task_id="plan_retrieve", show_return_value_in_logs=False)
+        def plan_retrieve(ledger_run: int) -> list[list[str]]:
+            return plan_chunks("retrieve", ledger_run)
+
+        @task(task_id="retrieve", pool=config.pacs_pool)
+        def retrieve(ledger_run: int, series_uids: list[str]) -> dict[str, Any]:
+            return run_stage("retrieve", ledger_run, series_uids)
+
+        # Runs when retrieve was skipped because nothing was left to retrieve (a resumed run).
+        @task(task_id="plan_clinical", show_return_value_in_logs=False, trigger_rule=TriggerRule.NONE_FAILED)
+        def plan_clinical(ledger_run: int) -> list[list[str]]:
+            return plan_chunks("clinical", ledger_run)
+
+        @task(task_id="clinical", max_active_tis_per_dagrun=config.clinical_parallelism)
+        def clinical(ledger_run: int, study_uids: list[str]) -> dict[str, Any]:
+            return run_stage("clinical", ledger_run, study_uids)
+
+        @task(task_id="harmonize", trigger_rule=TriggerRule.NONE_FAILED)
+        def harmonize(ledger_run: int) -> dict[str, Any]:
+            return run_stage("harmonize", ledger_run)
+
+        @task(task_id="score", **score_placement)
+        def score(ledger_run: int) -> dict[str, Any]:
+            return run_stage("score", ledger_run)
+
+        @task(task_id="write_back")
+        def write_back(ledger_run: int) -> dict[str, Any]:
+            return run_stage("write_back", ledger_run)
+
+        @task(task_id="report")
+        def report(ledger_run: int) -> str:
+            return write_report(ledger_run, get_current_context())
+
+        @task(task_id="finish_run")
+        def finish_run(ledger_run: int) -> None:
+            finish_ledger_run(ledger_run)
+
+        # The ledger run id as an XComArg (Airflow's own run_id names the DAG run); Any: the tasks declare int.
+        ledger_run: Any = start_run()
+        retrieve_chunks = plan_retrieve(ledger_run)
+        clinical_chunks = plan_clinical(ledger_run)
+        chain(
+            ledger_run,
+            discover(ledger_run),
+            match(ledger_run),
+            select(ledger_run),
+            retrieve_chunks,
+            retrieve.partial(ledger_run=ledger_run).expand(series_uids=retrieve_chunks),
+            clinical_chunks,
+            clinical.partial(ledger_run=ledger_run).expand(study_uids=clinical_chunks),
+            harmonize(ledger_run),
+            score(ledger_run),
+            write_back(ledger_run),
+            report(ledger_run),
+            finish_run(ledger_run),
+        )
+    return dag
+
+
+NIGHTLY_DOC = """Every night: find, match, retrieve, harmonize and score the CT studies of the window before the run.
+
+The cron (`[airflow] schedule`, in `[site] timezone`) and the window length (`nightly_window_hours`) come from
+riskbridge's settings; no catch-up. A retried task or a cleared run resumes the same ledger run. See
+docs/operations.md.
+"""
+
+BACKFILL_DOC = """Score the CT studies of a date range (params `start`, `end`: both days included, site time zone).
+
+Trigger it with `{"start": "2026-01-01", "end": "2026-01-31"}`. Studies already scored by another run are skipped
+by the ledger and the write-back's conditional create, so overlapping ranges create no duplicates.
+"""
+
+ON_DEMAND_DOC = """Score the studies of given accession numbers and/or all CT studies of given PACS patient IDs.
+
+Trigger it with `{"accessions": ["ACC123"], "patient_ids": []}`; at least one list must hold an identifier.
+"""
+
+
+def nightly_dag(settings: Settings | None = None) -> DAG:
+    """Return ``riskbridge_nightly``: cron from [airflow] schedule; data interval = the preceding window."""
+    from airflow.sdk import CronTriggerTimetable
+
+    settings = settings if settings is not None else load_settings()
+    zone = settings.site.timezone or "UTC"
+    timetable = CronTriggerTimetable(
+        settings.airflow.schedule, timezone=zone, interval=timedelta(hours=settings.airflow.nightly_window_hours)
+    )
+    return build_pipeline_dag(
+        NIGHTLY_DAG_ID, "nightly", settings=settings, schedule=timetable, params={}, doc_md=NIGHTLY_DOC
+    )
+
+
+def backfill_dag(settings: Settings | None = None) -> DAG:
+    """Return ``riskbridge_backfill``: triggered by hand with a ``start`` and ``end`` date."""
+    from airflow.sdk import Param
+
+    settings = settings if settings is not None else load_settings()
+    params = {
+        "start": Param(type="string", format="date", description="First study day (YYYY-MM-DD), included."),
+        "end": Param(type="string", format="date", description="Last study day (YYYY-MM-DD), included."),
+    }
+    return build_pipeline_dag(
+        BACKFILL_DAG_ID, "backfill", settings=settings, schedule=None, params=params, doc_md=BACKFILL_DOC
+    )
+
+
+def on_demand_dag(settings: Settings | None = None) -> DAG:
+    """Return ``riskbridge_on_demand``: triggered with accession numbers and/or PACS patient IDs."""
+    from airflow.sdk import Param
+
+    settings = settings if settings is not None else load_settings()
+    item = {"type": "string", "minLength": 1}
+    params = {
+        "accessions": Param([], type="array", items=item, description="Accession numbers of the studies to score."),
+        "patient_ids": Param([], type="array", items=item, description="PACS patient IDs: all their CT studies."),
+    }
+    return build_pipeline_dag(
+        ON_DEMAND_DAG_ID,
+        "on_demand",
+        settings=settings,
+        schedule=None,
+        params=params,
+        doc_md=ON_DEMAND_DOC,
+        max_active_runs=4,
+    )
