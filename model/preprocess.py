@@ -160,6 +160,7 @@ class Preprocessor:
 
     def _run(self, volume: MetaTensor) -> np.ndarray:
         """Shift the window minimum to 0 in place (so padding is air), then apply the transforms."""
+        volume = _in_storage_order(volume)
         volume.sub_(self.config.hu_window[0])
         output = self._transform(volume)
         array = np.ascontiguousarray(output.as_tensor().numpy() if isinstance(output, MetaTensor) else output)
@@ -194,6 +195,22 @@ class Preprocessor:
         except BaseException:
             Path(temporary).unlink(missing_ok=True)
             raise
+
+
+def _in_storage_order(volume: MetaTensor) -> MetaTensor:
+    """The same voxels, no copy, with the spatial axes in memory order and the affine's columns permuted to match.
+
+    harmonize.volume returns ``(1, X, Y, Z)`` as a view of a slice-contiguous ``(Z, Y, X)`` buffer; resampling that
+    view reads memory with a large stride (measured 3-4x slower). In storage order the one lazy resample reads it
+    sequentially, and the axis swap back to RAS costs nothing: Orientation folds it into the same resample.
+    """
+    strides = volume.stride()[1:]
+    order = sorted(range(3), key=lambda axis: -strides[axis])
+    if order == [0, 1, 2]:
+        return volume
+    tensor = volume.as_tensor().permute(0, *(axis + 1 for axis in order))
+    affine = volume.affine[:, [*order, 3]]
+    return MetaTensor(tensor, affine=affine, meta={MetaKeys.SPACE: SpaceKeys.RAS, MetaKeys.ORIGINAL_AFFINE: affine})
 
 
 def _first_series_uid(series_dir: Path) -> str:

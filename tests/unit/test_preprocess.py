@@ -113,6 +113,15 @@ def test_ras_affine_gives_the_same_output_as_lps() -> None:
     np.testing.assert_array_equal(lps, ras)
 
 
+def test_memory_layout_does_not_change_the_output() -> None:
+    # the same voxels stored x-fastest (C order of (z, y, x)) and z-fastest (Fortran order): same output
+    hu, affine, _ = marker_volume()
+    preprocessor = Preprocessor(CONFIG)
+    np.testing.assert_array_equal(
+        preprocessor.from_volume(np.asfortranarray(hu), affine), preprocessor.from_volume(hu, affine)
+    )
+
+
 def test_from_volume_leaves_the_input_unchanged() -> None:
     hu, affine, _ = marker_volume()
     before = hu.copy()
