@@ -202,6 +202,86 @@ def synth(
     console.print(loaded.describe())
 
 
+@app.command()
+def score(
+    requests_file: Path = typer.Argument(..., help="JSONL of requests: key, series_dir, series_uid, vector."),
+    out: Path = typer.Option(..., "--out", "-o", help="JSONL of results, one line per request."),
+    package: Path | None = typer.Option(
+        None, "--package", help="Model package directory (default: run.model_package, else the shipped reference)."
+    ),
+    device: str = typer.Option("auto", "--device", help="auto (CUDA when present), cpu, cuda or cuda:N."),
+    batch_size: int | None = typer.Option(None, "--batch-size", min=1, help="Default: 8 on CPU, probed on CUDA."),
+    workers: int | None = typer.Option(None, "--workers", min=0, max=32, help="Loader processes (default: cores-1)."),
+    cache_dir: Path = typer.Option(
+        Path(".riskbridge/cache/preprocess"), "--cache-dir", help="Preprocessed volumes, per series UID."
+    ),
+) -> None:
+    """Score patients with a verified model package: calibrated probability, risk and attention per modality.
+
+    Each result line has key, probability, raw_probability, risk, attention and the model's name, version and
+    sha256; a request that cannot be scored gets a line with its error instead, and the exit status is 1.
+    """
+    import json
+
+    from riskbridge.harmonize.features import FeatureSpecError, resolve_feature_spec
+    from riskbridge.model.package import ModelPackageError, reference_package_path
+    from riskbridge.model.scoring import Scorer, ScoreRequest, default_workers
+    from riskbridge.writeback import qualitative_risk
+
+    settings = _settings()
+    requests: list[ScoreRequest] = []
+    try:
+        with requests_file.open(encoding="utf-8") as stream:
+            for number, line in enumerate(stream, start=1):
+                if line.strip():
+                    try:
+                        requests.append(ScoreRequest.from_json(json.loads(line)))
+                    except ValueError as exc:  # json.JSONDecodeError is a ValueError
+                        raise _fail(f"{requests_file} line {number}: {exc}") from None
+    except OSError as exc:
+        raise _fail(f"cannot read {requests_file}: {exc.strerror}") from None
+    try:
+        spec = resolve_feature_spec(settings.feature_spec)
+        package_path = package or settings.run.model_package or reference_package_path()
+        scorer = Scorer.from_package(
+            package_path,
+            spec,
+            device=device,
+            cache_dir=cache_dir,
+            batch_size=batch_size,
+            workers=default_workers() if workers is None else workers,
+        )
+        with _count_progress() as report:
+            results, failures = scorer.score_with_failures(requests, lambda done, total: report("scored", done, total))
+    except (ModelPackageError, FeatureSpecError) as exc:
+        raise _fail(str(exc)) from None
+    except ValueError as exc:  # bad --device, duplicate keys
+        raise _fail(str(exc)) from None
+    thresholds = (settings.writeback.low_below, settings.writeback.high_from)
+    model = {"model": scorer.model_name, "model_version": scorer.model_version, "package_sha256": scorer.sha256}
+    by_key = {result.key: result for result in results}
+    lines = []
+    for request in requests:
+        result = by_key.get(request.key)
+        if result is None:
+            lines.append({"key": request.key, "error": failures[request.key], **model})
+            continue
+        risk, _ = qualitative_risk(result.probability, thresholds)
+        lines.append({"key": result.key, "probability": result.probability, "raw_probability": result.raw_probability,
+                      "risk": risk, "attention": result.attention, **model})  # fmt: skip
+    out.parent.mkdir(parents=True, exist_ok=True)
+    partial = out.with_name(f".{out.name}.partial")
+    partial.write_text("".join(json.dumps(line, sort_keys=True) + "\n" for line in lines), encoding="utf-8")
+    partial.replace(out)
+    console.print(
+        f"scored {len(results)} of {len(requests)} with {scorer.model_name} {scorer.model_version} "
+        f"on {scorer.device} -> {out}"
+        + (f"; [red]{len(failures)} not scored[/] (see their error lines)" if failures else "")
+    )
+    if failures:
+        raise typer.Exit(code=1)
+
+
 def _parse_day(value: str | None, option: str) -> date | None:
     if value is None:
         return None
