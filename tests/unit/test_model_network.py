@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 import torch
 
@@ -13,11 +15,11 @@ LABS = ("wbc", "crp", "age_years")
 NOTES = ("diabetes", "copd")
 
 
-def config(strategy: str = "hybrid", dropout: float = 0.25) -> ModelConfig:
+def config(strategy: Any = "hybrid", dropout: float = 0.25) -> ModelConfig:
     return ModelConfig(
         name="test",
         version="0",
-        strategy=strategy,  # type: ignore[arg-type]
+        strategy=strategy,
         feature_spec="chest_ct@1",
         lab_features=LABS,
         note_features=NOTES,

@@ -1,0 +1,327 @@
+"""Training tables: the labelled, harmonized inputs the fusion model is trained on (format in docs/model.md).
+
+A training table is a directory::
+
+    manifest.json   format, version, feature_spec label, preprocess config, source, counts
+    table.jsonl     one row per patient: key, label, feature_spec, names, values, observed, volume
+    volumes/<key>.npy   the preprocessed image (float16, shape (1, *preprocess.size)); ``volume`` null: no image
+
+``values``/``observed`` are a :class:`~riskbridge.harmonize.features.FeatureVector`'s (imputed values and the
+missingness mask), so any cohort the pipeline exports (feature vectors and preprocessed volumes from its ledger)
+trains the same way as the synthetic cohort. :func:`build_synthetic_table` writes the synthetic cohort's table
+without DICOM files: it renders each index study's thin lung-kernel series with :mod:`riskbridge.synth.phantom`
+and takes labs and note flags as the pipeline reproduces them (the truth's windowed labs and note comorbidities,
+missing staying missing). Patients the truth quarantines (identity, no usable series) are left out.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from collections import Counter
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from riskbridge.harmonize.features import FeatureSpec, FeatureVector, build_vector
+from riskbridge.model.package import tabular_tensors
+from riskbridge.model.preprocess import PreprocessConfig, Preprocessor
+
+TABLE_FORMAT = "riskbridge-training-table"
+TABLE_VERSION = 1
+# What the reference model sees: 280 x 200 x 100 mm around the scan centre at 5 mm (both lungs fit in x and y).
+DEFAULT_PREPROCESS = PreprocessConfig(spacing_mm=(5.0, 5.0, 5.0), size=(56, 40, 20), hu_window=(-1000.0, 400.0))
+DEFAULT_TRAINING_SEED = 20240501  # not the demo cohort's seed: the reference model never saw the sandbox patients
+
+
+class TrainingTableError(ValueError):
+    """A training table is missing, malformed or built for another feature spec / preprocessing."""
+
+
+@dataclass(frozen=True)
+class TableRow:
+    """One patient of a training table: label, feature vector and preprocessed volume (None: no image)."""
+
+    key: str
+    label: int
+    vector: FeatureVector
+    volume: np.ndarray | None
+
+
+@dataclass
+class TrainingTable:
+    """A loaded table as arrays: ``labs``/``notes`` are the network inputs, ``present`` is ``[N, 3]`` bool."""
+
+    root: Path
+    manifest: dict[str, Any]
+    preprocess: PreprocessConfig
+    keys: list[str]
+    labels: np.ndarray
+    labs: np.ndarray
+    notes: np.ndarray
+    present: np.ndarray
+    volumes: np.ndarray
+
+    def __len__(self) -> int:
+        """Number of patients."""
+        return len(self.keys)
+
+    def subset(self, index: np.ndarray) -> TrainingTable:
+        """The rows ``index`` (copies of the small arrays, a fancy-indexed copy of the volumes)."""
+        return TrainingTable(
+            self.root,
+            self.manifest,
+            self.preprocess,
+            [self.keys[i] for i in index],
+            self.labels[index],
+            self.labs[index],
+            self.notes[index],
+            self.present[index],
+            self.volumes[index],
+        )
+
+
+class TableWriter:
+    """Write a training table row by row; :meth:`close` writes the manifest (a table without one is unfinished)."""
+
+    def __init__(self, out_dir: Path, spec: FeatureSpec, preprocess: PreprocessConfig, source: dict[str, Any]):
+        """Create ``out_dir`` (it must be empty or an earlier table, which is replaced)."""
+        self.root = Path(out_dir)
+        if self.root.exists() and any(self.root.iterdir()) and not (self.root / "table.jsonl").exists():
+            raise TrainingTableError(f"{self.root}: exists and is not a training table; refusing to overwrite")
+        (self.root / "volumes").mkdir(parents=True, exist_ok=True)
+        for stale in (self.root / "volumes").glob("*.npy"):
+            stale.unlink()
+        (self.root / "manifest.json").unlink(missing_ok=True)
+        self.spec, self.preprocess, self.source = spec, preprocess, source
+        self._rows = (self.root / "table.jsonl").open("w", encoding="utf-8")
+        self.count = 0
+        self.with_volume = 0
+        self.positives = 0
+
+    def add(self, row: TableRow) -> None:
+        """Append one patient (its volume is stored as float16)."""
+        if row.vector.spec != self.spec.label:
+            raise TrainingTableError(f"row {row.key}: vector built by {row.vector.spec}, table is {self.spec.label}")
+        if row.label not in (0, 1):
+            raise TrainingTableError(f"row {row.key}: label must be 0 or 1, got {row.label!r}")
+        volume_name = None
+        if row.volume is not None:
+            expected = (1, *self.preprocess.size)
+            if row.volume.shape != expected:
+                raise TrainingTableError(f"row {row.key}: volume shape {row.volume.shape}, expected {expected}")
+            volume_name = f"volumes/{row.key}.npy"
+            np.save(self.root / volume_name, row.volume.astype(np.float16), allow_pickle=False)
+            self.with_volume += 1
+        record = {
+            "key": row.key,
+            "label": row.label,
+            "feature_spec": row.vector.spec,
+            "names": list(row.vector.names),
+            "values": list(row.vector.values),
+            "observed": list(row.vector.observed),
+            "volume": volume_name,
+        }
+        self._rows.write(json.dumps(record, sort_keys=True) + "\n")
+        self.count += 1
+        self.positives += row.label
+
+    def close(self, excluded: dict[str, int] | None = None) -> Path:
+        """Finish the table: write manifest.json atomically and return the table directory."""
+        self._rows.close()
+        manifest = {
+            "format": TABLE_FORMAT,
+            "version": TABLE_VERSION,
+            "feature_spec": self.spec.label,
+            "preprocess": self.preprocess.to_dict(),
+            "source": self.source,
+            "rows": self.count,
+            "with_volume": self.with_volume,
+            "positives": self.positives,
+            "excluded": dict(sorted((excluded or {}).items())),
+        }
+        handle, temporary = tempfile.mkstemp(dir=self.root, prefix=".manifest.", suffix=".tmp")
+        with os.fdopen(handle, "w") as stream:
+            json.dump(manifest, stream, indent=2, sort_keys=True)
+        os.replace(temporary, self.root / "manifest.json")
+        return self.root
+
+
+def read_manifest(root: Path) -> dict[str, Any]:
+    """A table's manifest, checked for format and version."""
+    path = Path(root) / "manifest.json"
+    if not path.is_file():
+        raise TrainingTableError(f"{root}: no manifest.json (not a training table, or its build did not finish)")
+    manifest = json.loads(path.read_text())
+    if manifest.get("format") != TABLE_FORMAT or manifest.get("version") != TABLE_VERSION:
+        raise TrainingTableError(f"{root}: not a {TABLE_FORMAT} version {TABLE_VERSION}")
+    return dict(manifest)
+
+
+def load_table(root: Path, spec: FeatureSpec) -> TrainingTable:
+    """Load a table built with ``spec``; every row's names must be the spec's and every volume must exist."""
+    root = Path(root)
+    manifest = read_manifest(root)
+    if manifest["feature_spec"] != spec.label:
+        raise TrainingTableError(f"{root}: built with feature spec {manifest['feature_spec']}, not {spec.label}")
+    preprocess = PreprocessConfig.from_dict(manifest["preprocess"])
+    keys: list[str] = []
+    labels, labs, notes, present, volume_files = [], [], [], [], []
+    with (root / "table.jsonl").open(encoding="utf-8") as stream:
+        for number, line in enumerate(stream, start=1):
+            try:
+                row = json.loads(line)
+                vector = FeatureVector(
+                    row["feature_spec"],
+                    tuple(row["names"]),
+                    tuple(float(v) for v in row["values"]),
+                    tuple(bool(v) for v in row["observed"]),
+                )
+                label = int(row["label"])
+            except (ValueError, KeyError, TypeError) as exc:
+                raise TrainingTableError(f"{root}/table.jsonl line {number}: malformed row ({exc})") from None
+            if label not in (0, 1):
+                raise TrainingTableError(f"{root}/table.jsonl line {number}: label must be 0 or 1")
+            if not all(math.isfinite(v) for v in vector.values):
+                raise TrainingTableError(f"{root}/table.jsonl line {number}: non-finite feature value")
+            try:
+                lab_input, note_input, has_labs, has_notes = tabular_tensors(spec, vector)
+            except ValueError as exc:
+                raise TrainingTableError(f"{root}/table.jsonl line {number}: {exc}") from None
+            keys.append(str(row["key"]))
+            labels.append(label)
+            labs.append(lab_input)
+            notes.append(note_input)
+            volume_files.append(row.get("volume"))
+            present.append((row.get("volume") is not None, has_labs, has_notes))
+    if not keys:
+        raise TrainingTableError(f"{root}: the table has no rows")
+    volumes = np.zeros((len(keys), 1, *preprocess.size), dtype=np.float16)
+    for i, name in enumerate(volume_files):
+        if name is None:
+            continue
+        path = root / name
+        if not path.is_file():
+            raise TrainingTableError(f"{root}: row {keys[i]} names {name}, which does not exist")
+        array = np.load(path, allow_pickle=False)
+        if array.shape != volumes.shape[1:]:
+            raise TrainingTableError(f"{root}: {name} has shape {array.shape}, expected {volumes.shape[1:]}")
+        volumes[i] = array
+    return TrainingTable(
+        root,
+        manifest,
+        preprocess,
+        keys,
+        np.asarray(labels, dtype=np.int64),
+        np.stack(labs),
+        np.stack(notes),
+        np.asarray(present, dtype=bool),
+        volumes,
+    )
+
+
+# --- the synthetic cohort --------------------------------------------------------------------------------------
+
+
+def synthetic_lung_volume(patient: Any, preprocess: PreprocessConfig) -> np.ndarray:
+    """The preprocessed thin lung-kernel volume of a synthetic patient's index study (as its DICOM would give).
+
+    The phantom's array is ``(z, y, x)`` on the study's thin grid; the affine maps it to DICOM patient
+    coordinates (LPS) exactly as the generated ImagePositionPatient/PixelSpacing do.
+    """
+    from riskbridge.synth.phantom import render_study
+
+    study = patient.index_study
+    geometry = study.geometry
+    hu = render_study(study, patient.nodules).thin_lung
+    affine = np.array(
+        [
+            [0.0, 0.0, geometry.pixel_mm, geometry.origin_xy],
+            [0.0, geometry.pixel_mm, 0.0, geometry.origin_xy],
+            [-geometry.thin_mm, 0.0, 0.0, geometry.z_top],
+            [0.0, 0.0, 0.0, 1.0],
+        ]
+    )
+    return Preprocessor(preprocess).from_volume(hu, affine, space="LPS")
+
+
+def synthetic_row(patient: Any, spec: FeatureSpec, preprocess: PreprocessConfig) -> TableRow:
+    """A synthetic patient's table row: the truth's labs and note flags, age and sex, the rendered volume."""
+    from riskbridge.synth.cohort import expected_comorbidities, expected_labs
+
+    wanted = {lab.name for lab in spec.labs}
+    labs = {name: (entry or {}).get("value") for name, entry in expected_labs(patient).items() if name in wanted}
+    flags = expected_comorbidities(patient)
+    if flags is not None:
+        flags = {name: value for name, value in flags.items() if name in spec.flags}
+    demographics = {"age_years": float(patient.age_years), "sex_male": 1.0 if patient.sex == "M" else 0.0}
+    demographics = {k: v for k, v in demographics.items() if k in {d.name for d in spec.demographics}}
+    vector = build_vector(spec, labs, flags, demographics)
+    return TableRow(patient.key, int(patient.label), vector, synthetic_lung_volume(patient, preprocess))
+
+
+def _rows_worker(args: tuple[Sequence[Any], FeatureSpec, PreprocessConfig]) -> list[TableRow]:
+    patients, spec, preprocess = args
+    import torch
+
+    torch.set_num_threads(1)
+    return [synthetic_row(patient, spec, preprocess) for patient in patients]
+
+
+def _chunks(items: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+def build_synthetic_table(
+    out_dir: Path,
+    spec: FeatureSpec,
+    patients: int = 3000,
+    seed: int = DEFAULT_TRAINING_SEED,
+    preprocess: PreprocessConfig = DEFAULT_PREPROCESS,
+    size: str = "small",
+    workers: int = 1,
+    progress: Callable[[int, int], None] | None = None,
+) -> Path:
+    """Write the training table of the synthetic cohort ``(seed, patients, size)``; returns ``out_dir``.
+
+    ``workers`` > 1 renders and preprocesses in that many processes (rows stay in patient order).
+    """
+    from riskbridge.synth.cohort import GENERATOR_VERSION, build_cohort, expected_quarantine
+
+    cohort = build_cohort(seed, patients, size)
+    usable = [p for p in cohort.patients if expected_quarantine(p) is None]
+    excluded = Counter(str(expected_quarantine(p)) for p in cohort.patients if expected_quarantine(p) is not None)
+    source = {
+        "kind": "synthetic",
+        "generator_version": GENERATOR_VERSION,
+        "cohort_id": cohort.cohort_id,
+        "seed": seed,
+        "patients": patients,
+        "size": size,
+    }
+    writer = TableWriter(out_dir, spec, preprocess, source)
+    done = 0
+    batches = [(chunk, spec, preprocess) for chunk in _chunks(usable, 16)]
+    if workers > 1:
+        with ProcessPoolExecutor(max_workers=workers) as pool:
+            for rows in pool.map(_rows_worker, batches):
+                for row in rows:
+                    writer.add(row)
+                done += len(rows)
+                if progress:
+                    progress(done, len(usable))
+    else:
+        for batch in batches:
+            for patient in batch[0]:
+                writer.add(synthetic_row(patient, spec, preprocess))
+                done += 1
+                if progress:
+                    progress(done, len(usable))
+    return writer.close(dict(excluded))

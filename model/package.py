@@ -1,0 +1,252 @@
+"""Model packages: a trained network's weights, config, calibration, metrics and model card, checksummed together.
+
+A package is a directory (format in docs/model.md)::
+
+    config.json        ModelConfig (strategy, feature-spec version, feature layout, preprocessing, sizes)
+    weights.pt         the FusionNet state dict (torch.save; loaded with weights_only=True)
+    calibration.json   the Calibrator (temperature or Platt) fitted on a held-out calibration split
+    metrics.json       cross-validated and held-out metrics with 95% CIs, the decision threshold, training data
+    MODEL_CARD.md      intended use, data, metrics, limitations ("NOT FOR CLINICAL USE" for synthetic data)
+    SHA256SUMS         sha256 of every other file (``<hex>  <name>`` lines, sorted by name)
+
+The package's sha256 is the sha256 of SHA256SUMS, so it pins every file. :func:`load_package` verifies every
+listed file, and rejects missing, unlisted or altered files with :class:`ModelPackageError`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from riskbridge.harmonize.features import FeatureSpec, FeatureVector
+from riskbridge.model.calibration import Calibrator
+from riskbridge.model.network import FusionNet, ModelConfig
+
+REFERENCE_NAME = "chest-ct-fusion"
+REFERENCE_VERSION = "0.1.0"
+PACKAGE_FILES = ("config.json", "weights.pt", "calibration.json", "metrics.json", "MODEL_CARD.md")
+CHECKSUMS = "SHA256SUMS"
+
+
+class ModelPackageError(ValueError):
+    """A model package is missing, incomplete, altered, or does not fit the feature spec it is used with."""
+
+
+def lab_feature_names(spec: FeatureSpec) -> tuple[str, ...]:
+    """The labs modality's features: the spec's labs, then its demographics."""
+    return (*(lab.name for lab in spec.labs), *(d.name for d in spec.demographics))
+
+
+def tabular_tensors(spec: FeatureSpec, vector: FeatureVector) -> tuple[np.ndarray, np.ndarray, bool, bool]:
+    """Split a feature vector into the network's labs and notes inputs (``[values, mask]`` float32 each).
+
+    Returns ``(labs, notes, present_labs, present_notes)``: labs present when at least one lab (not a
+    demographic) was observed, notes present when the note flags were observed. A vector built by another spec
+    is a :class:`ModelPackageError`.
+    """
+    if vector.spec != spec.label or tuple(vector.names) != spec.names:
+        raise ModelPackageError(f"feature vector built by {vector.spec}, the model reads {spec.label}")
+    by_name = dict(zip(vector.names, zip(vector.values, vector.observed, strict=True), strict=True))
+    lab_names = lab_feature_names(spec)
+
+    def block(names: tuple[str, ...]) -> np.ndarray:
+        values = [by_name[name][0] for name in names]
+        mask = [1.0 if by_name[name][1] else 0.0 for name in names]
+        return np.asarray(values + mask, dtype=np.float32)
+
+    present_labs = any(by_name[lab.name][1] for lab in spec.labs)
+    present_notes = any(by_name[flag][1] for flag in spec.flags)
+    return block(lab_names), block(spec.flags), present_labs, present_notes
+
+
+@dataclass(frozen=True)
+class ModelPackage:
+    """A loaded, verified package (see :func:`load_package`)."""
+
+    path: Path
+    config: ModelConfig
+    sha256: str
+    calibrator: Calibrator
+    metrics: dict[str, Any]
+
+    @property
+    def threshold(self) -> float:
+        """The decision threshold on calibrated probabilities chosen in training (F1-optimal on calibration)."""
+        return float(self.metrics.get("threshold", 0.5))
+
+    @property
+    def synthetic(self) -> bool:
+        """True when the package was trained on synthetic data (not for clinical use)."""
+        return bool(self.metrics.get("training", {}).get("synthetic", False))
+
+    def build_network(self) -> FusionNet:
+        """The network with the package's weights loaded, in eval mode, on the CPU."""
+        network = FusionNet(self.config)
+        try:
+            state = torch.load(self.path / "weights.pt", map_location="cpu", weights_only=True)
+            network.load_state_dict(state, strict=True)
+        except (RuntimeError, KeyError, ValueError) as exc:
+            raise ModelPackageError(f"{self.path}: weights do not fit the config: {exc}") from None
+        return network.eval()
+
+    def calibrate(self, logits: Tensor) -> Tensor:
+        """Calibrated probabilities of the network's logits (same shape, float32)."""
+        values = self.calibrator.probabilities(logits.detach().float().cpu().numpy())
+        return torch.from_numpy(values.astype(np.float32))
+
+    def require_spec(self, spec: FeatureSpec) -> None:
+        """ModelPackageError unless ``spec`` is the feature spec (version and layout) the package was trained on."""
+        if spec.label != self.config.feature_spec:
+            raise ModelPackageError(
+                f"model {self.config.name} {self.config.version} was trained on feature spec "
+                f"{self.config.feature_spec}, not {spec.label}"
+            )
+        if lab_feature_names(spec) != self.config.lab_features or spec.flags != self.config.note_features:
+            raise ModelPackageError(f"feature spec {spec.label} lists other features than the model was trained on")
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as stream:
+        for chunk in iter(lambda: stream.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def model_card(config: ModelConfig, metrics: dict[str, Any]) -> str:
+    """The MODEL_CARD.md text: intended use, training data, metrics with CIs, limitations."""
+    training = metrics.get("training", {})
+    synthetic = bool(training.get("synthetic", False))
+    lines = [f"# Model card: {config.name} {config.version}", ""]
+    if synthetic:
+        lines += [
+            "**NOT FOR CLINICAL USE.** This model was trained on synthetic data (the riskbridge synthetic cohort); "
+            "its scores demonstrate the pipeline and mean nothing about real patients.",
+            "",
+        ]
+    lines += [
+        "## Intended use",
+        "",
+        "Ranks adult patients with a chest CT by the risk of the outcome the training data defines, from the thin "
+        "lung-kernel axial CT series, labs within 48 h before the scan, comorbidities from notes of the past year, "
+        "age and sex. Decision support for a clinician reviewing a worklist, never an automated decision. Scores "
+        f"only vectors built by feature spec `{config.feature_spec}`.",
+        "",
+        "## Model",
+        "",
+        f"- strategy: `{config.strategy}` (modalities image, labs, notes; missing modalities are masked out)",
+        f"- image input: {config.preprocess.size} voxels at {config.preprocess.spacing_mm} mm (RAS), "
+        f"HU window {config.preprocess.hu_window}",
+        f"- labs modality: {', '.join(config.lab_features)} (+ missingness mask)",
+        f"- notes modality: {', '.join(config.note_features)} (+ missingness mask)",
+        f"- embedding {config.embed_dim}, hidden {config.hidden_dim}, modality dropout {config.modality_dropout}",
+        f"- calibration: {metrics.get('calibration', {}).get('method', 'none')}",
+        "",
+        "## Training data",
+        "",
+    ]
+    lines += [f"- {key}: {value}" for key, value in sorted(training.items())]
+    lines += ["", "## Performance", ""]
+    for section in ("cross_validation", "calibration_split"):
+        block = metrics.get(section)
+        if not block:
+            continue
+        lines += [f"{section.replace('_', ' ')} ({block.get('description', '')}):", ""]
+        lines += ["| metric | value (95% CI) |", "|---|---|"]
+        for name, estimate in block.get("metrics", {}).items():
+            lines.append(f"| {name} | {estimate['value']:.3f} ({estimate['low']:.3f}-{estimate['high']:.3f}) |")
+        lines.append("")
+    lines += [
+        "## Limitations",
+        "",
+        "- Validated only by cross-validation on the training cohort; no external validation.",
+        "- Depends on the series selection, lab windows, unit normalization and note extraction upstream.",
+        "- Attention weights show which modality the fusion leaned on, not a causal explanation.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def save_package(
+    out_dir: Path, config: ModelConfig, network: FusionNet, calibrator: Calibrator, metrics: dict[str, Any]
+) -> str:
+    """Write a package into ``out_dir`` (created; must not hold other files) and return its sha256.
+
+    ``metrics`` should hold ``training`` (the data's description, ``synthetic`` true or false), ``threshold``
+    and the metric blocks; the model card is written from it.
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    allowed = {*PACKAGE_FILES, CHECKSUMS}
+    stray = sorted(p.name for p in out_dir.iterdir() if p.name not in allowed)
+    if stray:
+        raise ModelPackageError(f"{out_dir}: not an empty or package directory (holds {', '.join(stray[:5])})")
+    metrics = {**metrics, "calibration": calibrator.to_dict()}
+    state = {key: value.detach().cpu().contiguous() for key, value in network.state_dict().items()}
+    torch.save(state, out_dir / "weights.pt")
+    (out_dir / "config.json").write_text(json.dumps(config.to_dict(), indent=2, sort_keys=True) + "\n")
+    (out_dir / "calibration.json").write_text(json.dumps(calibrator.to_dict(), indent=2, sort_keys=True) + "\n")
+    (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
+    (out_dir / "MODEL_CARD.md").write_text(model_card(config, metrics))
+    sums = "".join(f"{_sha256(out_dir / name)}  {name}\n" for name in sorted(PACKAGE_FILES))
+    (out_dir / CHECKSUMS).write_text(sums)
+    return hashlib.sha256(sums.encode()).hexdigest()
+
+
+def load_package(path: Path, expected_sha256: str | None = None) -> ModelPackage:
+    """Load and verify a package: every file's checksum, no file missing or unlisted, the config parses.
+
+    ``expected_sha256`` pins the whole package (the sha256 recorded with earlier scores, say).
+    """
+    path = Path(path)
+    sums_path = path / CHECKSUMS
+    if not sums_path.is_file():
+        raise ModelPackageError(f"{path}: not a model package (no {CHECKSUMS})")
+    sums_bytes = sums_path.read_bytes()
+    sha256 = hashlib.sha256(sums_bytes).hexdigest()
+    if expected_sha256 is not None and sha256 != expected_sha256:
+        raise ModelPackageError(
+            f"{path}: package sha256 {sha256[:12]}... is not the expected {expected_sha256[:12]}..."
+        )
+    listed: dict[str, str] = {}
+    for number, line in enumerate(sums_bytes.decode("utf-8", "replace").splitlines(), start=1):
+        digest, _, name = line.partition("  ")
+        if len(digest) != 64 or not name or "/" in name:
+            raise ModelPackageError(f"{path}: {CHECKSUMS} line {number} is malformed")
+        listed[name] = digest
+    missing = sorted(set(PACKAGE_FILES) - set(listed))
+    if missing:
+        raise ModelPackageError(f"{path}: {CHECKSUMS} does not list {', '.join(missing)}")
+    present = {p.name for p in path.iterdir()} - {CHECKSUMS}
+    unlisted = sorted(present - set(listed))
+    if unlisted:
+        raise ModelPackageError(f"{path}: file(s) not in {CHECKSUMS}: {', '.join(unlisted)}")
+    for name, digest in sorted(listed.items()):
+        if not (path / name).is_file():
+            raise ModelPackageError(f"{path}: {name} is missing")
+        if _sha256(path / name) != digest:
+            raise ModelPackageError(f"{path}: {name} does not match its sha256 (altered or damaged)")
+    try:
+        config = ModelConfig.from_dict(json.loads((path / "config.json").read_text()))
+        calibrator = Calibrator.from_dict(json.loads((path / "calibration.json").read_text()))
+        metrics = json.loads((path / "metrics.json").read_text())
+    except (ValueError, KeyError, TypeError) as exc:
+        raise ModelPackageError(f"{path}: unreadable package content: {exc}") from None
+    return ModelPackage(path, config, sha256, calibrator, metrics)
+
+
+def reference_package_path() -> Path:
+    """The reference model shipped with riskbridge (trained on the synthetic cohort; not for clinical use)."""
+    resource = resources.files("riskbridge.model").joinpath("reference", f"{REFERENCE_NAME}-{REFERENCE_VERSION}")
+    path = Path(str(resource))
+    if not (path / CHECKSUMS).is_file():
+        raise ModelPackageError(f"the reference model package is not installed at {path}")
+    return path
