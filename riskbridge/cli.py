@@ -407,3 +407,113 @@ def imaging_retrieve(
     console.print(table)
     if failed:
         raise typer.Exit(code=1)
+
+
+# --- the ledger and whole runs (riskbridge db ..., riskbridge run) ---------------------------------------------
+
+db_app = typer.Typer(help="The PostgreSQL ledger: schema migrations.")
+app.add_typer(db_app, name="db")
+
+
+@db_app.command("upgrade")
+def db_upgrade() -> None:
+    """Apply the ledger's SQL migrations that are not applied yet, in order (idempotent)."""
+    from riskbridge.connectors.db import DatabaseError, safe_dsn
+    from riskbridge.ledger import Ledger, LedgerError
+
+    settings = _settings()
+    try:
+        with Ledger.connect(settings.database) as ledger:
+            applied = ledger.upgrade()
+            version = max(ledger.applied_migrations(), default=0)
+    except (DatabaseError, LedgerError) as exc:
+        raise _fail(str(exc)) from None
+    for migration in applied:
+        console.print(f"applied {migration.version:04d}_{migration.name}.sql")
+    where = safe_dsn(settings.database.dsn.get_secret_value())
+    console.print(f"ledger {where}: schema version {version}" + ("" if applied else " (already up to date)"))
+
+
+def _run_window(window: str, zone: str | None) -> tuple[Any, Any]:
+    from riskbridge.pipeline import PipelineError, window_of_days
+
+    first, sep, last = window.partition("..")
+    if not sep:
+        raise _fail(f"--window must look like 2024-01-01..2024-01-14, not {window!r}")
+    if zone is None:
+        raise _fail("set site.timezone (RISKBRIDGE_SITE__TIMEZONE): the window's dates are days in the site's zone")
+    start, end = _parse_day(first, "--window start"), _parse_day(last, "--window end")
+    assert start is not None and end is not None
+    try:
+        return window_of_days(start, end, zone)
+    except PipelineError as exc:
+        raise _fail(str(exc)) from None
+
+
+def _run_table(counts: dict[str, dict[str, int]], seconds: dict[str, float], title: str) -> Table:
+    table = Table("stage", "done", "skipped", "quarantined", "failed", "seconds", title=title)
+    for stage, row in counts.items():
+        table.add_row(stage, *(str(row[k]) for k in ("done", "skipped", "quarantined", "failed")),
+                      f"{seconds.get(stage, 0.0):.1f}")  # fmt: skip
+    return table
+
+
+@app.command("run")
+def run_pipeline(
+    window: str | None = typer.Option(None, "--window", help="START..END: study dates (inclusive) in the site zone."),
+    accessions: list[str] | None = typer.Option(None, "--accession", help="On demand: an AccessionNumber; repeatable."),
+    patients: list[str] | None = typer.Option(None, "--patient", help="On demand: a PACS PatientID; repeatable."),
+    kind: str | None = typer.Option(None, "--kind", help="nightly, backfill or on_demand (default from the options)."),
+    run_key: str | None = typer.Option(None, "--run-key", help="Names the run; the same key resumes it."),
+    until: str | None = typer.Option(None, "--until", help="Stop after this stage; rerun to resume."),
+) -> None:
+    """Run the pipeline's stages without Airflow: discover, match, select, retrieve, clinical, harmonize, score,
+    write back, report. The same window (or --run-key) resumes the same run and redoes nothing."""
+    import hashlib
+
+    from riskbridge.connectors.db import DatabaseError
+    from riskbridge.connectors.dicom import DicomError
+    from riskbridge.connectors.fhir import FhirError
+    from riskbridge.ledger import STAGES, LedgerError
+    from riskbridge.pipeline import Pipeline, PipelineError
+
+    settings = _settings()
+    if until is not None and until not in STAGES:
+        raise _fail(f"--until must be one of {', '.join(STAGES)}, not {until!r}")
+    if (window is None) == (not accessions and not patients):
+        raise _fail("give either --window or --accession/--patient")
+    bounds = _run_window(window, settings.site.timezone) if window is not None else None
+    kind = kind or ("backfill" if bounds is not None else "on_demand")
+    if run_key is None:
+        if bounds is not None:
+            run_key = f"cli:{kind}:{window}"
+        else:
+            listed = "\n".join([*sorted(accessions or []), "--", *sorted(patients or [])])
+            run_key = f"cli:{kind}:{hashlib.sha256(listed.encode()).hexdigest()[:16]}"
+    expected_errors = (DatabaseError, DicomError, FhirError, LedgerError, PipelineError, OSError, ValueError)
+    with Pipeline.from_settings(settings) as pipeline:
+        try:
+            run_id = pipeline.start_run(kind, run_key, bounds, accessions or (), patients or ())
+        except expected_errors as exc:
+            raise _fail(str(exc)) from None
+        console.print(f"run {run_id} ({run_key})")
+        try:
+            with _count_progress() as report:
+                pipeline.run_stages(run_id, report, until)
+        except expected_errors as exc:
+            pipeline.finish_run(run_id, "failed")
+            message = f"run {run_id} failed ({type(exc).__name__}): {exc}; rerun the same command to resume"
+            raise _fail(message) from None
+        summary = pipeline.ledger.run_summary(run_id)
+        console.print(_run_table(dict(summary.stage_counts), dict(summary.stage_seconds), f"run {run_id}"))
+        if summary.quarantine:
+            console.print("quarantined: " + ", ".join(f"{reason} {n}" for reason, n in summary.quarantine.items()))
+        if until is not None:
+            console.print(f"stopped after {until}; rerun the same command to resume")
+            return
+        failed = sum(row["failed"] for row in summary.stage_counts.values())
+        pipeline.finish_run(run_id, "success")
+        console.print(f"report: {pipeline.report(run_id)}")
+    if failed:
+        console.print(f"[yellow]{failed} item(s) failed (retrieval or write-back); rerun the same command to retry[/]")
+        raise typer.Exit(code=1)

@@ -1,0 +1,304 @@
+"""The whole pipeline without Airflow against the sandbox (Orthanc, HAPI FHIR, PostgreSQL) on a synthetic cohort,
+checked against its ground truth: every planted identity and series edge case quarantined with its expected reason,
+one RiskAssessment per scored patient, a rerun that sends and writes nothing, a run interrupted after retrieve and
+resumed by a new process (a new Pipeline) with the same result, and ``riskbridge run`` on the same window.
+
+The model is a tiny real package with seeded random weights (the scores mean nothing; the plumbing is tested).
+The sandbox may hold other tests' cohorts in the same window, so assertions are about this cohort's studies.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+from datetime import date
+from pathlib import Path
+from typing import Any
+
+import psycopg2.extensions
+import pytest
+from pydantic import SecretStr
+from typer.testing import CliRunner
+
+from riskbridge.connectors import db
+from riskbridge.connectors.fhir import FhirClient
+from riskbridge.ledger import Ledger
+from riskbridge.pipeline import Pipeline, StageResult, window_of_days
+from riskbridge.settings import DatabaseSettings, IdentitySettings, RunSettings, Settings, SiteSettings
+from riskbridge.synth import EdgeCaseRates, generate, load, read_truth
+
+pytestmark = pytest.mark.integration
+
+ZONE = "America/New_York"  # the synthetic cohort's fixed -05:00 in January
+WINDOW = (date(2024, 1, 1), date(2024, 1, 14))
+RATES = EdgeCaseRates(shared_mrn=0.1, no_fhir_patient=0.1, no_usable_series=0.1)
+RUN_TABLES = (
+    "studies", "identity_decisions", "selections", "series_decisions", "retrievals", "clinical_values",
+    "note_dispositions", "note_findings", "features", "scores", "quarantine",
+)  # fmt: skip
+
+
+def tiny_package(directory: Path) -> Path:
+    """A small real model package with seeded random weights for the shipped feature spec."""
+    import torch
+
+    from riskbridge.harmonize.features import load_default_feature_spec
+    from riskbridge.model.calibration import Calibrator
+    from riskbridge.model.network import FusionNet, ModelConfig
+    from riskbridge.model.package import lab_feature_names, save_package
+    from riskbridge.model.preprocess import PreprocessConfig
+
+    spec = load_default_feature_spec()
+    config = ModelConfig(
+        name="tiny",
+        version=f"0.0.1-{uuid.uuid4().hex[:8]}",  # a version of its own: HAPI keeps what earlier tests wrote
+        strategy="hybrid",
+        feature_spec=spec.label,
+        lab_features=lab_feature_names(spec),
+        note_features=spec.flags,
+        preprocess=PreprocessConfig(spacing_mm=(8.0, 8.0, 8.0), size=(16, 16, 16), hu_window=(-1000.0, 400.0)),
+        embed_dim=8,
+        hidden_dim=8,
+        image_channels=(4, 4, 4, 4),
+    )
+    torch.manual_seed(0)
+    metrics = {"training": {"synthetic": True}, "threshold": 0.5}
+    save_package(directory, config, FusionNet(config), Calibrator("platt", scale=0.5, bias=-0.2), metrics)
+    return directory
+
+
+def fresh_database(sandbox: Settings) -> tuple[DatabaseSettings, str]:
+    """A new database in the sandbox cluster with the ledger schema applied."""
+    name = f"rb_pipeline_{uuid.uuid4().hex[:12]}"
+    admin = db.connect(sandbox.database)
+    admin.autocommit = True
+    with admin.cursor() as cursor:
+        cursor.execute(f'CREATE DATABASE "{name}"')
+    admin.close()
+    database = DatabaseSettings(
+        dsn=SecretStr(psycopg2.extensions.make_dsn(sandbox.database.dsn.get_secret_value(), dbname=name))
+    )
+    with Ledger.connect(database) as ledger:
+        ledger.upgrade()
+    return database, name
+
+
+def drop_database(sandbox: Settings, name: str) -> None:
+    admin = db.connect(sandbox.database)
+    admin.autocommit = True
+    with admin.cursor() as cursor:
+        cursor.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    admin.close()
+
+
+@pytest.fixture(scope="module")
+def truth(sandbox: Settings, tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
+    out = tmp_path_factory.mktemp("pipeline") / "cohort"
+    generate(out, patients=16, seed=67, rates=RATES)
+    load(out, f"http://127.0.0.1:{sandbox.sandbox.orthanc_http_port}", sandbox.fhir.base_url)
+    return read_truth(out)
+
+
+@pytest.fixture
+def package(tmp_path: Path) -> Path:
+    """A model version per test: its RiskAssessment keys and Provenance ids are the test's own."""
+    return tiny_package(tmp_path / "tiny")
+
+
+@pytest.fixture
+def settings(sandbox: Settings, package: Path, tmp_path: Path) -> Iterator[Settings]:
+    """The sandbox's settings with the cohort's site rules, a fresh ledger, staging and report dirs of this test."""
+    database, name = fresh_database(sandbox)
+    yield sandbox.model_copy(
+        update={
+            "database": database,
+            "site": SiteSettings(timezone=ZONE),
+            "identity": IdentitySettings(
+                issuer_systems={"SYNTH_HOSP": "http://hospital.example/mrn"}, default_issuer="SYNTH_HOSP"
+            ),
+            "staging_dir": tmp_path / "staging",
+            "model_dir": tmp_path / "models",
+            "run": RunSettings(
+                report_dir=tmp_path / "reports", retrieve_chunk_size=4, clinical_chunk_size=5, model_package=package
+            ),
+            "writeback": sandbox.writeback.model_copy(
+                update={"identifier_system": f"urn:riskbridge:test-pipeline-{uuid.uuid4().hex[:12]}", "bundle_size": 4}
+            ),
+        }
+    )
+    drop_database(sandbox, name)
+
+
+def _mine(truth: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    return {record["index_study"]["study_uid"]: record for record in truth}
+
+
+def _ledger_rows(ledger: Ledger, run_id: int) -> dict[str, int]:
+    counts = {}
+    with ledger.connection, ledger.connection.cursor() as cursor:
+        for table in RUN_TABLES:
+            cursor.execute(f"SELECT count(*) FROM {table} WHERE run_id = %s", (run_id,))
+            row = cursor.fetchone()
+            assert row is not None
+            counts[table] = int(row[0])
+        cursor.execute("SELECT count(*) FROM writebacks")
+        row = cursor.fetchone()
+        assert row is not None
+        counts["writebacks"] = int(row[0])
+    return counts
+
+
+def _assessments(settings: Settings) -> dict[str, list[dict[str, Any]]]:
+    """RiskAssessments of this test's identifier system, by subject Patient id."""
+    found: dict[str, list[dict[str, Any]]] = {}
+    with FhirClient(settings.fhir) as client:
+        for resource in client.search("RiskAssessment", {"identifier": f"{settings.writeback.identifier_system}|"}):
+            found.setdefault(resource["subject"]["reference"].removeprefix("Patient/"), []).append(resource)
+    return found
+
+
+def _check_against_truth(settings: Settings, run_id: int, truth: list[dict[str, Any]]) -> set[str]:
+    """Every truth quarantine reproduced, every other study of the cohort scored or skipped by the minimum-data
+    policy with a reason; one RiskAssessment per scored patient. Returns the scored studies."""
+    mine = _mine(truth)
+    with Ledger.connect(settings.database) as ledger:
+        quarantined = ledger.quarantined(run_id)
+        summary = ledger.run_summary(run_id)
+        writebacks = {w.study_uid: w for w in ledger.writebacks(run_id)}
+    assert set(mine) <= set(ledger_study_uids(settings, run_id))
+    reasons = {record["quarantine"] for record in truth if record["quarantine"]}
+    assert reasons == {"identity_conflict", "identity_unmatched", "no_usable_series"}  # the cohort covers them all
+    scored = {uid for uid, _, _ in summary.scores}
+    for uid, record in mine.items():
+        if record["quarantine"] is not None:
+            assert quarantined.get(uid, ("", "", ""))[1] == record["quarantine"], record["patient_key"]
+            assert uid not in scored
+        elif uid in quarantined:  # only the minimum-data policy may stop an otherwise clean study, with reasons
+            stage, reason, detail = quarantined[uid]
+            assert stage == "harmonize" and reason in ("too_much_missing", "missing_required") and detail, detail
+        else:
+            assert uid in scored, record["patient_key"]
+    mine_scored = scored & set(mine)
+    assert len(mine_scored) >= len(mine) // 2
+    assessments = _assessments(settings)
+    for uid in mine_scored:
+        patient = mine[uid]["identity"]["fhir_patient_id"]
+        assert len(assessments.get(patient, [])) == 1, mine[uid]["patient_key"]
+        assert writebacks[uid].status in ("created", "exists") and writebacks[uid].fhir_id
+        assert assessments[patient][0]["id"] == writebacks[uid].fhir_id
+    return mine_scored
+
+
+def ledger_study_uids(settings: Settings, run_id: int) -> list[str]:
+    with Ledger.connect(settings.database) as ledger:
+        return ledger.study_uids(run_id)
+
+
+def test_a_run_quarantines_the_truths_cases_writes_once_and_a_rerun_does_nothing(
+    settings: Settings, truth: list[dict[str, Any]]
+) -> None:
+    window = window_of_days(*WINDOW, ZONE)
+    with Pipeline.from_settings(settings) as pipeline:
+        run_id = pipeline.start_run("nightly", "test:pipeline:once", window)
+        first = pipeline.run_stages(run_id)
+        pipeline.finish_run(run_id)
+        report = pipeline.report(run_id)
+    assert report.is_file() and report.name == "index.html"
+    assert sum(r.failed for r in first) == 0, first
+    scored = _check_against_truth(settings, run_id, truth)
+    write_back = next(r for r in first if r.stage == "write_back")
+    assert write_back.done >= len(scored)
+    with Ledger.connect(settings.database) as ledger:
+        rows = _ledger_rows(ledger, run_id)
+        assert {w.status for w in ledger.writebacks(run_id)} == {"created"}
+
+    # A rerun of the same run key (a new process) resumes a finished run: nothing to do, nothing written.
+    with Pipeline.from_settings(settings) as pipeline:
+        assert pipeline.start_run("nightly", "test:pipeline:once", window) == run_id
+        again = pipeline.run_stages(run_id)
+    assert all(r.total == 0 for r in again), [r for r in again if r.total]
+    with Ledger.connect(settings.database) as ledger:
+        assert _ledger_rows(ledger, run_id) == rows
+        assert {w.attempts for w in ledger.writebacks(run_id)} == {1}
+    assert sum(len(v) for v in _assessments(settings).values()) == rows["writebacks"]
+
+    # Another run over the same window scores again but sends nothing new: the outbox key exists already.
+    with Pipeline.from_settings(settings) as pipeline:
+        other = pipeline.start_run("backfill", "test:pipeline:twice", window)
+        second = pipeline.run_stages(other)
+        assert next(r for r in second if r.stage == "write_back").total == 0
+        assert pipeline.ledger.run_summary(other).writebacks == {"created": rows["writebacks"]}
+    assert sum(len(v) for v in _assessments(settings).values()) == rows["writebacks"]
+
+
+def test_a_run_interrupted_after_retrieve_resumes_to_the_same_result(
+    settings: Settings, truth: list[dict[str, Any]]
+) -> None:
+    window = window_of_days(*WINDOW, ZONE)
+    with Pipeline.from_settings(settings) as pipeline:
+        run_id = pipeline.start_run("nightly", "test:pipeline:interrupted", window)
+        partial = pipeline.run_stages(run_id, until="retrieve")
+        assert [r.stage for r in partial][-1] == "retrieve"
+        assert pipeline.clinical_chunks(run_id, 100)  # clinical work is left
+        assert pipeline.retrieve_chunks(run_id, 100) == []
+    # The crash: the process is gone. A new one resumes the same run key from the ledger.
+    with Pipeline.from_settings(settings) as pipeline:
+        assert pipeline.start_run("nightly", "test:pipeline:interrupted", window) == run_id
+        rest = pipeline.run_stages(run_id)
+        pipeline.finish_run(run_id)
+    assert {r.stage for r in rest if r.total} == {"clinical", "harmonize", "score", "write_back"}
+    _check_against_truth(settings, run_id, truth)
+    with Ledger.connect(settings.database) as ledger:
+        assert ledger.run(run_id).status == "success"
+
+
+def test_a_crash_between_send_and_mark_is_resolved_by_the_conditional_create(
+    settings: Settings, truth: list[dict[str, Any]]
+) -> None:
+    window = window_of_days(*WINDOW, ZONE)
+    with Pipeline.from_settings(settings) as pipeline:
+        run_id = pipeline.start_run("nightly", "test:pipeline:crash", window)
+        pipeline.run_stages(run_id, until="write_back")
+        with pipeline.ledger.connection, pipeline.ledger.connection.cursor() as cursor:
+            # As if the process died after the server answered and before the outbox was marked.
+            cursor.execute("UPDATE writebacks SET status = 'pending', attempts = 0, fhir_id = NULL")
+        resent = pipeline.write_back(run_id)
+    assert resent.failed == 0 and resent.done > 0
+    with Ledger.connect(settings.database) as ledger:
+        assert {w.status for w in ledger.writebacks(run_id)} == {"exists"}
+    _check_against_truth(settings, run_id, truth)
+
+
+def test_riskbridge_run_on_a_window_prints_the_stage_table_and_resumes(
+    settings: Settings, truth: list[dict[str, Any]], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    from riskbridge import cli
+
+    monkeypatch.setattr(cli, "_settings", lambda: settings)
+    runner = CliRunner()
+    stopped = runner.invoke(cli.app, ["run", "--window", "2024-01-01..2024-01-14", "--until", "select"])
+    assert stopped.exit_code == 0, stopped.output
+    assert "stopped after select" in stopped.output
+    done = runner.invoke(cli.app, ["run", "--window", "2024-01-01..2024-01-14"])
+    assert done.exit_code == 0, done.output
+    for word in ("discover", "write_back", "identity_conflict", "no_usable_series", "report:"):
+        assert word in done.output, word
+    with Ledger.connect(settings.database) as ledger:
+        run = ledger.run_by_key("cli:backfill:2024-01-01..2024-01-14")
+    assert run.status == "success"
+    _check_against_truth(settings, run.run_id, truth)
+    bad = runner.invoke(cli.app, ["run", "--window", "2024-01-14..2024-01-01"])
+    assert bad.exit_code == 2 and "before it starts" in bad.output
+
+
+def test_stage_results_are_small_json_for_xcom() -> None:
+    result = StageResult("retrieve", done=3, failed=1, seconds=1.25)
+    assert result.to_dict() == {
+        "stage": "retrieve",
+        "done": 3,
+        "skipped": 0,
+        "quarantined": 0,
+        "failed": 1,
+        "seconds": 1.25,
+    }
+    assert result.total == 4
