@@ -47,6 +47,7 @@ from riskbridge.model.package import lab_feature_names, save_package
 from riskbridge.model.preprocess import PreprocessConfig, Preprocessor
 from riskbridge.model.scoring import Scorer, ScoreRequest
 
+WAIT_COLUMNS = ["loader", "model step s", "loader wait s", "steady wait share", "median wait per batch s", "GPU util"]
 # Two threads at most for the model on a shared CPU machine (the project's rule); a GPU run is unaffected.
 CPU_THREADS = 2
 
@@ -211,6 +212,7 @@ def end_to_end(scorer: Scorer, requests: list[ScoreRequest]) -> dict[str, float]
 def run(arguments: argparse.Namespace) -> str:
     """Run every measurement; return the markdown body of the report section."""
     spec = load_default_feature_spec()
+    load_before = os.getloadavg()[0]
     workers = arguments.workers if arguments.workers is not None else max(1, min(8, (os.cpu_count() or 2) - 1))
     with tempfile.TemporaryDirectory(prefix="riskbridge-bench-scoring-") as temporary:
         root = Path(temporary)
@@ -303,8 +305,11 @@ def run(arguments: argparse.Namespace) -> str:
         f"{markdown_table(['stage', 'time', 'volumes/s', 'vs reference'], rows)}\n\n"
         "Where the end-to-end time went (model step = copy to the device, forward, results back; loader wait = "
         "the model step had no batch; steady-state share excludes the first batch):\n\n"
-        f"{markdown_table(['loader', 'model step s', 'loader wait s', 'steady wait share', 'median wait per batch s', 'GPU util'], waits)}\n\n"  # noqa: E501
-        f"{verdict}\n\nRun `python bench/scoring.py` to refresh (on a GPU machine it measures the GPU)."
+        f"{markdown_table(WAIT_COLUMNS, waits)}\n\n"
+        f"{verdict} One-minute load average {load_before:.1f} before and {os.getloadavg()[0]:.1f} after the run on "
+        f"{os.cpu_count()} cores: other processes shared the machine, so figures from separate runs can differ by "
+        "a factor of two; compare rows of the same run.\n\n"
+        "Run `python bench/scoring.py` to refresh (on a GPU machine it measures the GPU)."
     )
     return text
 
