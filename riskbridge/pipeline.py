@@ -522,12 +522,12 @@ class Pipeline:
         """Score every study the policy let through, in batches; a study the model cannot score is quarantined."""
 
         def work() -> Counter[str]:
-            from riskbridge.model.scoring import ScoreRequest
-
             counts: Counter[str] = Counter()
             tasks = self.ledger.pending_score(run_id)
             if not tasks:
-                return counts
+                return counts  # before importing torch: a rerun with nothing to score stays fast
+            from riskbridge.model.scoring import ScoreRequest
+
             scorer = self.scorer()
             model = (scorer.model_name, scorer.model_version, scorer.sha256)
             self.ledger.set_model(run_id, f"{scorer.model_name} {scorer.model_version} {scorer.sha256[:12]}")
