@@ -35,7 +35,14 @@ from riskbridge.ledger import ClinicalTask, Ledger, LedgerError, ScoreTask, Stor
 from riskbridge.records import RetrievedSeries, StudyRef, uid_hash
 from riskbridge.retrieve import RetrievalFailure, retrieve_all
 from riskbridge.settings import Settings
-from riskbridge.writeback import Score, WritebackConfig, assessment_key, qualitative_risk, write_assessments
+from riskbridge.writeback import (
+    Score,
+    WritebackConfig,
+    WritebackError,
+    assessment_key,
+    qualitative_risk,
+    write_assessments,
+)
 
 LOG = logging.getLogger(__name__)
 
@@ -610,14 +617,16 @@ class Pipeline:
                 if progress:
                     progress(sum(sender.outcomes.values()), total)
 
-            try:
-                for start in range(0, total, config.bundle_size):
+            for start in range(0, total, config.bundle_size):
+                try:
                     write_assessments(scores[start : start + config.bundle_size], sender, config)
-                    report_progress()
-            except FhirError as exc:
-                LOG.warning(
-                    "run %d write-back: a bundle failed (%s); its keys stay open for the next call", run_id, exc
-                )
+                except FhirError as exc:
+                    LOG.warning("run %d write-back: a bundle failed (%s); its keys stay open", run_id, exc)
+                    if exc.status is None:
+                        break  # the server is unreachable: the other bundles would only fail the same way
+                except WritebackError as exc:  # an entry answered neither 201 nor 200; the sender marked it failed
+                    LOG.warning("run %d write-back: %s", run_id, exc)
+                report_progress()
             counts["done"] = sender.outcomes["created"] + sender.outcomes["exists"]
             counts["failed"] = sender.outcomes["failed"]
             return counts

@@ -302,3 +302,52 @@ def test_stage_results_are_small_json_for_xcom() -> None:
         "seconds": 1.25,
     }
     assert result.total == 4
+
+
+def test_a_bundle_the_server_never_answers_stays_open_and_the_next_call_sends_it(
+    settings: Settings, truth: list[dict[str, Any]]
+) -> None:
+    window = window_of_days(*WINDOW, ZONE)
+    # A real fault: the FHIR server is unreachable (nothing listens on port 9), and the client does not retry.
+    down = settings.fhir.model_copy(
+        update={
+            "base_url": "http://127.0.0.1:9/fhir",
+            "retry": settings.fhir.retry.model_copy(update={"max_attempts": 1}),
+        }
+    )
+    with Pipeline.from_settings(settings) as pipeline:
+        run_id = pipeline.start_run("nightly", "test:pipeline:fhir-down", window)
+        pipeline.run_stages(run_id, until="score")
+    with Pipeline.from_settings(settings.model_copy(update={"fhir": down})) as pipeline:
+        refused = pipeline.write_back(run_id)
+        assert refused.done == 0 and refused.failed == settings.writeback.bundle_size  # the first bundle, then stop
+        before = {w.key: w for w in pipeline.ledger.writebacks(run_id)}
+    failed = {key for key, w in before.items() if w.status == "failed"}
+    assert len(failed) == refused.failed and {w.status for w in before.values()} == {"failed", "pending"}
+    assert all(before[key].fhir_id is None for key in failed)
+    with Pipeline.from_settings(settings) as pipeline:
+        sent = pipeline.write_back(run_id)
+        assert sent.failed == 0 and sent.done == len(before)
+        after = {w.key: w for w in pipeline.ledger.writebacks(run_id)}
+    assert {w.status for w in after.values()} == {"created"}
+    assert {key: w.attempts for key, w in after.items()} == {key: 2 if key in failed else 1 for key in before}
+    _check_against_truth(settings, run_id, truth)
+
+
+def test_an_on_demand_run_discovers_exactly_its_accessions_and_patients(
+    settings: Settings, truth: list[dict[str, Any]]
+) -> None:
+    by_accession = next(r for r in truth if r["quarantine"] is None and not r["prior_studies"])
+    by_patient = next(r for r in truth if r["prior_studies"] and r is not by_accession)
+    expected = {by_accession["index_study"]["study_uid"]}
+    expected |= {s["study_uid"] for s in [by_patient["index_study"], *by_patient["prior_studies"]]}
+    with Pipeline.from_settings(settings) as pipeline:
+        run_id = pipeline.start_run(
+            "on_demand",
+            "test:pipeline:on-demand",
+            accessions=[by_accession["index_study"]["accession"]],
+            patient_ids=[by_patient["pacs"]["patient_id"]],
+        )
+        found = pipeline.discover(run_id)
+        assert found.done == len(expected) == len(set(pipeline.ledger.study_uids(run_id)) & expected)
+        assert set(pipeline.ledger.study_uids(run_id)) == expected
