@@ -270,13 +270,14 @@ class AirflowSettings(_Section):
     retry_backoff: float = Field(2.0, ge=0)  # delay multiplier per retry (60 s, 120 s, 240 s); 0: constant delay
     max_retry_delay_s: float = Field(1800.0, gt=0)
     task_timeout_min: float = Field(120.0, gt=0)  # execution timeout of every task
-    pacs_pool: str = "pacs_associations"  # a retrieve task takes pacs.workers slots: one per DICOM association
-    pacs_pool_slots: int = Field(4, ge=1, le=256)
+    # Retrieve tasks at once, each with one slot and up to pacs.workers associations: slots x workers at the PACS.
+    pacs_pool: str = "pacs_associations"
+    pacs_pool_slots: int = Field(2, ge=1, le=256)
     gpu_pool: str = "gpu"
     gpu_pool_slots: int = Field(1, ge=1, le=64)
     score_queue: str | None = None  # executor queue for scoring (CeleryExecutor: "gpu"); None: the default queue
     clinical_parallelism: int = Field(2, ge=1, le=64)  # clinical tasks of one run at once (FHIR server load)
-    # Airflow Connections the tasks read credentials from; None: use this file's [pacs], [fhir], [database].
+    # Airflow Connections the tasks read credentials from; "" (or None): use this file's [pacs], [fhir], [database].
     pacs_conn_id: str | None = "pacs_default"
     fhir_conn_id: str | None = "fhir_default"
     db_conn_id: str | None = "riskbridge_db"
