@@ -156,6 +156,40 @@ def doctor() -> None:
         raise typer.Exit(code=1)
 
 
+airflow_app = typer.Typer(help="A local Airflow for riskbridge's DAGs: metadata database, pools, Connections.")
+app.add_typer(airflow_app, name="airflow")
+
+
+@airflow_app.command("init")
+def airflow_init(
+    home: Path | None = typer.Option(None, "--home", help="AIRFLOW_HOME to prepare (default: [airflow] home)."),
+    metadata_url: str | None = typer.Option(
+        None, "--metadata-url", help="Airflow metadata database URL (default: SQLite in the home)."
+    ),
+    dags_folder: Path | None = typer.Option(None, "--dags-folder", help="DAG folder (default: this checkout's dags/)."),
+) -> None:
+    """Migrate Airflow's metadata database, create the pools and the Connections from riskbridge's settings."""
+    from dataclasses import replace
+
+    from riskbridge.airflow.local import AirflowCommandError, LocalAirflow
+
+    settings = _settings()
+    local = LocalAirflow.from_settings(settings, home, metadata_url)
+    if dags_folder is not None:
+        local = replace(local, dags_folder=dags_folder.resolve())
+    try:
+        with console.status("airflow db migrate"):
+            local.migrate()
+        pools = local.set_pools(settings)
+        connections = local.set_connections(settings)
+    except (AirflowCommandError, ValueError, OSError) as exc:
+        raise _fail(str(exc)) from None
+    console.print(f"metadata database: {local.database_url.split('@')[-1]}")
+    console.print("pools: " + ", ".join(f"{name} ({slots} slots)" for name, slots in pools.items()))
+    console.print("connections: " + ", ".join(connections))
+    console.print(f"DAG folder: {local.dags_folder}\nuse it with: export AIRFLOW_HOME={local.home}")
+
+
 @contextmanager
 def _count_progress() -> Iterator[Callable[[str, int, int], None]]:
     """Yield a ``progress(stage, done, total)`` callback that shows one bar per stage."""

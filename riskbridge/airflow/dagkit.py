@@ -18,9 +18,8 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from datetime import UTC, date, datetime, timedelta, tzinfo
+from datetime import UTC, date, datetime, timedelta
 from typing import TYPE_CHECKING, Any
-from zoneinfo import ZoneInfo
 
 from riskbridge.settings import Settings, load_settings
 
@@ -99,28 +98,22 @@ def run_stage(stage: str, run_id: int, *args: Any) -> dict[str, Any]:
     return counts
 
 
-def _site_zone(settings: Settings) -> tzinfo:
-    return ZoneInfo(settings.site.timezone) if settings.site.timezone else UTC
-
-
 def _as_datetime(value: datetime) -> datetime:
     """Airflow hands out pendulum datetimes; the ledger gets plain, timezone-aware ones."""
     return datetime.fromtimestamp(value.timestamp(), tz=UTC)
 
 
-def backfill_window(start: str, end: str, zone: tzinfo) -> tuple[datetime, datetime]:
-    """Return the window [start 00:00, day after end 00:00) in ``zone`` for two ISO dates, both days included."""
+def backfill_window(start: str, end: str, settings: Settings) -> tuple[datetime, datetime]:
+    """Return the window from ``start`` 00:00 to the end of ``end`` (ISO dates, both included) in the site zone."""
+    from riskbridge.pipeline import PipelineError, window_of_days
+
     try:
         first, last = date.fromisoformat(start), date.fromisoformat(end)
     except (TypeError, ValueError):
         raise ValueError(f"backfill start and end must be dates like 2026-01-31 (got {start!r}, {end!r})") from None
-    if last < first:
-        raise ValueError(f"backfill end {end} is before its start {start}")
-    midnight = datetime.min.time()
-    return (
-        datetime.combine(first, midnight, tzinfo=zone).astimezone(UTC),
-        datetime.combine(last + timedelta(days=1), midnight, tzinfo=zone).astimezone(UTC),
-    )
+    if settings.site.timezone is None:
+        raise PipelineError("a backfill's days are site days: set site.timezone (RISKBRIDGE_SITE__TIMEZONE)")
+    return window_of_days(first, last, settings.site.timezone)
 
 
 def _identifiers(value: Any, name: str) -> tuple[str, ...]:
@@ -141,7 +134,7 @@ def run_scope(
     if kind == "nightly":
         return (_as_datetime(context["data_interval_start"]), _as_datetime(context["data_interval_end"])), (), ()
     if kind == "backfill":
-        return backfill_window(params["start"], params["end"], _site_zone(settings)), (), ()
+        return backfill_window(params["start"], params["end"], settings), (), ()
     if kind == "on_demand":
         accessions = _identifiers(params.get("accessions"), "accessions")
         patient_ids = _identifiers(params.get("patient_ids"), "patient_ids")

@@ -8,7 +8,6 @@ import subprocess
 import sys
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from zoneinfo import ZoneInfo
 
 import pytest
 from airflow.dag_processing.dagbag import DagBag
@@ -152,18 +151,30 @@ def test_run_key_ties_an_airflow_run_to_one_ledger_run() -> None:
 
 
 def test_backfill_window_covers_both_days_in_the_site_zone() -> None:
-    start, end = dagkit.backfill_window("2026-03-28", "2026-03-29", ZoneInfo("Europe/Berlin"))
+    settings = Settings(site={"timezone": "Europe/Berlin"})
+    window, accessions, patient_ids = dagkit.run_scope(
+        "backfill", {"params": {"start": "2026-03-28", "end": "2026-03-29"}}, settings
+    )
     # 2026-03-29 is the spring-forward day in Berlin: 23 hours long.
-    assert (start, end) == (datetime(2026, 3, 27, 23, tzinfo=UTC), datetime(2026, 3, 29, 22, tzinfo=UTC))
+    assert window is not None and (accessions, patient_ids) == ((), ())
+    assert (window[0].astimezone(UTC), window[1].astimezone(UTC)) == (
+        datetime(2026, 3, 27, 23, tzinfo=UTC),
+        datetime(2026, 3, 29, 22, tzinfo=UTC),
+    )
 
 
 @pytest.mark.parametrize(
-    ("start", "end", "message"),
-    [("2026-03-02", "2026-03-01", "before its start"), ("yesterday", "2026-03-01", "must be dates")],
+    ("start", "end", "timezone", "message"),
+    [
+        ("2026-03-02", "2026-03-01", "UTC", "before it starts"),
+        ("yesterday", "2026-03-01", "UTC", "must be dates"),
+        ("2026-03-01", "2026-03-01", None, "set site.timezone"),
+    ],
 )
-def test_bad_backfill_dates_are_refused(start: str, end: str, message: str) -> None:
-    with pytest.raises(ValueError, match=message):
-        dagkit.run_scope("backfill", {"params": {"start": start, "end": end}}, Settings())
+def test_bad_backfill_dates_are_refused(start: str, end: str, timezone: str | None, message: str) -> None:
+    settings = Settings(site={"timezone": timezone})
+    with pytest.raises(Exception, match=message):
+        dagkit.run_scope("backfill", {"params": {"start": start, "end": end}}, settings)
 
 
 def test_on_demand_scope_needs_an_identifier() -> None:
