@@ -33,7 +33,9 @@ log = logging.getLogger(__name__)
 NIGHTLY_DAG_ID = "riskbridge_nightly"
 BACKFILL_DAG_ID = "riskbridge_backfill"
 ON_DEMAND_DAG_ID = "riskbridge_on_demand"
-START_DATE = datetime(2026, 1, 1, tzinfo=UTC)
+# Airflow creates no task for a logical date before a task's start_date: early, so past windows can run by hand
+# (airflow dags test, a cleared old run). catchup is off, so the scheduler never fills the years in between.
+START_DATE = datetime(2000, 1, 1, tzinfo=UTC)
 # Stage tasks whose counts the report task sums up, in pipeline order.
 STAGE_TASKS = ("discover", "match", "select", "retrieve", "clinical", "harmonize", "score", "write_back")
 
@@ -50,11 +52,22 @@ def task_settings() -> Settings:
     return settings_with_connections(load_settings())
 
 
+def keep_phi_out_of_task_logs() -> None:
+    """Stop pynetdicom from logging DICOM identifiers: Airflow's task log records INFO from every library, and
+    pynetdicom writes each C-FIND request and answer there (patient names, IDs, accession numbers)."""
+    from pynetdicom import _config
+
+    _config.LOG_REQUEST_IDENTIFIERS = False
+    _config.LOG_RESPONSE_IDENTIFIERS = False
+    logging.getLogger("pynetdicom").setLevel(logging.WARNING)
+
+
 @contextmanager
 def open_pipeline(settings: Settings | None = None) -> Iterator[Pipeline]:
     """Yield a Pipeline built from ``settings`` (default: :func:`task_settings`) and close it afterwards."""
     from riskbridge.pipeline import Pipeline
 
+    keep_phi_out_of_task_logs()
     pipeline = Pipeline.from_settings(settings if settings is not None else task_settings())
     try:
         yield pipeline
@@ -63,14 +76,13 @@ def open_pipeline(settings: Settings | None = None) -> Iterator[Pipeline]:
 
 
 def _progress_logger(stage: str) -> Callable[[int, int], None]:
-    """Return a ``progress(done, total)`` callback that logs at most once per tenth of the stage."""
-    last_tenth = -1
+    """Return a ``progress(done, total)`` callback that logs each quarter of the stage once (the counts follow)."""
+    logged: set[int] = set()
 
     def report(done: int, total: int) -> None:
-        nonlocal last_tenth
-        tenth = 10 if total <= 0 else (10 * done) // total
-        if tenth != last_tenth:
-            last_tenth = tenth
+        quarter = 4 if total <= 0 else (4 * done) // total
+        if quarter and quarter < 4 and quarter not in logged:
+            logged.add(quarter)
             log.info("%s: %d/%d", stage, done, total)
 
     return report
