@@ -6,6 +6,10 @@ A training table is a directory::
     table.jsonl     one row per patient: key, label, feature_spec, names, values, observed, volume
     volumes/<key>.npy   the preprocessed image (float16, shape (1, *preprocess.size)); ``volume`` null: no image
 
+``image_target`` (optional, null when unknown) is a number the image alone should predict, used as auxiliary
+supervision of the image stage: the synthetic builder writes the truth's image term (the nodule burden
+``1.1 ln(1 + sum of diameters / 5) - 1.2``); a clinical cohort could carry a radiologist's nodule measurements.
+
 ``values``/``observed`` are a :class:`~riskbridge.harmonize.features.FeatureVector`'s (imputed values and the
 missingness mask), so any cohort the pipeline exports (feature vectors and preprocessed volumes from its ledger)
 trains the same way as the synthetic cohort. :func:`build_synthetic_table` writes the synthetic cohort's table
@@ -52,6 +56,7 @@ class TableRow:
     label: int
     vector: FeatureVector
     volume: np.ndarray | None
+    image_target: float | None = None
 
 
 @dataclass
@@ -67,6 +72,7 @@ class TrainingTable:
     notes: np.ndarray
     present: np.ndarray
     volumes: np.ndarray
+    image_target: np.ndarray  # NaN where the row has none
 
     def __len__(self) -> int:
         """Number of patients."""
@@ -84,6 +90,7 @@ class TrainingTable:
             self.notes[index],
             self.present[index],
             self.volumes[index],
+            self.image_target[index],
         )
 
 
@@ -127,6 +134,7 @@ class TableWriter:
             "values": list(row.vector.values),
             "observed": list(row.vector.observed),
             "volume": volume_name,
+            "image_target": row.image_target,
         }
         self._rows.write(json.dumps(record, sort_keys=True) + "\n")
         self.count += 1
@@ -172,7 +180,7 @@ def load_table(root: Path, spec: FeatureSpec) -> TrainingTable:
         raise TrainingTableError(f"{root}: built with feature spec {manifest['feature_spec']}, not {spec.label}")
     preprocess = PreprocessConfig.from_dict(manifest["preprocess"])
     keys: list[str] = []
-    labels, labs, notes, present, volume_files = [], [], [], [], []
+    labels, labs, notes, present, volume_files, image_targets = [], [], [], [], [], []
     with (root / "table.jsonl").open(encoding="utf-8") as stream:
         for number, line in enumerate(stream, start=1):
             try:
@@ -199,6 +207,8 @@ def load_table(root: Path, spec: FeatureSpec) -> TrainingTable:
             labs.append(lab_input)
             notes.append(note_input)
             volume_files.append(row.get("volume"))
+            target = row.get("image_target")
+            image_targets.append(float(target) if target is not None else math.nan)
             present.append((row.get("volume") is not None, has_labs, has_notes))
     if not keys:
         raise TrainingTableError(f"{root}: the table has no rows")
@@ -223,6 +233,7 @@ def load_table(root: Path, spec: FeatureSpec) -> TrainingTable:
         np.stack(notes),
         np.asarray(present, dtype=bool),
         volumes,
+        np.asarray(image_targets, dtype=np.float64),
     )
 
 
@@ -263,7 +274,9 @@ def synthetic_row(patient: Any, spec: FeatureSpec, preprocess: PreprocessConfig)
     demographics = {"age_years": float(patient.age_years), "sex_male": 1.0 if patient.sex == "M" else 0.0}
     demographics = {k: v for k, v in demographics.items() if k in {d.name for d in spec.demographics}}
     vector = build_vector(spec, labs, flags, demographics)
-    return TableRow(patient.key, int(patient.label), vector, synthetic_lung_volume(patient, preprocess))
+    volume = synthetic_lung_volume(patient, preprocess)
+    # the truth's image term (nodule burden): optional auxiliary supervision of the image stage
+    return TableRow(patient.key, int(patient.label), vector, volume, float(patient.logit_components["image"]))
 
 
 def _rows_worker(args: tuple[Sequence[Any], FeatureSpec, PreprocessConfig]) -> list[TableRow]:

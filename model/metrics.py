@@ -31,14 +31,16 @@ class Estimate:
         return {"value": round(self.value, 4), "low": round(self.low, 4), "high": round(self.high, 4)}
 
     def text(self, digits: int = 3) -> str:
-        """``0.812 (0.790-0.833)``."""
-        return f"{self.value:.{digits}f} ({self.low:.{digits}f}-{self.high:.{digits}f})"
+        """``0.812 (0.790 to 0.833)``."""
+        return f"{self.value:.{digits}f} ({self.low:.{digits}f} to {self.high:.{digits}f})"
 
 
 def expected_calibration_error(labels: np.ndarray, probabilities: np.ndarray, bins: int = ECE_BINS) -> float:
     """ECE over ``bins`` equal-width bins of [0, 1] (the last bin includes 1.0)."""
     y = np.asarray(labels, dtype=np.float64)
     p = np.asarray(probabilities, dtype=np.float64)
+    if p.size and not (np.all(np.isfinite(p)) and p.min() >= 0.0 and p.max() <= 1.0):
+        raise ValueError("ECE needs probabilities in [0, 1]")
     index = np.minimum((p * bins).astype(int), bins - 1)
     counts = np.bincount(index, minlength=bins)
     gap = np.abs(np.bincount(index, weights=y, minlength=bins) - np.bincount(index, weights=p, minlength=bins))

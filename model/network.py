@@ -61,6 +61,7 @@ class ModelConfig:
     embed_dim: int = 32
     hidden_dim: int = 64
     image_channels: tuple[int, int, int, int] = (8, 16, 32, 64)
+    image_pool: Literal["max", "avg"] = "max"
     dropout: float = 0.1
     modality_dropout: float = 0.25
     lab_center: tuple[float, ...] = ()
@@ -126,8 +127,13 @@ class FusionOutput(NamedTuple):
 
 
 def image_encoder(config: ModelConfig) -> nn.Module:
-    """A compact MONAI 3D ResNet (one basic block per stage, stride-2 stem, no max-pool) -> ``embed_dim`` features."""
-    return ResNet(
+    """A compact MONAI 3D ResNet (one basic block per stage, stride-2 stem, no max-pool) -> ``embed_dim`` features.
+
+    With ``image_pool="max"`` the final global pooling is a max instead of MONAI's average: a nodule fills a few
+    voxels of the volume, and an average over the whole chest drowns its response (the image stage then learns
+    nothing from outcome labels, as measured in docs/model.md).
+    """
+    network = ResNet(
         block="basic",
         layers=[1, 1, 1, 1],
         block_inplanes=list(config.image_channels),
@@ -138,6 +144,9 @@ def image_encoder(config: ModelConfig) -> nn.Module:
         no_max_pool=True,
         num_classes=config.embed_dim,
     )
+    if config.image_pool == "max":
+        network.avgpool = nn.AdaptiveMaxPool3d(1)  # type: ignore[assignment]  # MONAI annotates only avg pools
+    return network
 
 
 def mlp(inputs: int, hidden: int, outputs: int, dropout: float) -> nn.Sequential:

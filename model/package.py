@@ -162,7 +162,7 @@ def model_card(config: ModelConfig, metrics: dict[str, Any]) -> str:
         lines += [f"{section.replace('_', ' ')} ({block.get('description', '')}):", ""]
         lines += ["| metric | value (95% CI) |", "|---|---|"]
         for name, estimate in block.get("metrics", {}).items():
-            lines.append(f"| {name} | {estimate['value']:.3f} ({estimate['low']:.3f}-{estimate['high']:.3f}) |")
+            lines.append(f"| {name} | {estimate['value']:.3f} ({estimate['low']:.3f} to {estimate['high']:.3f}) |")
         lines.append("")
     lines += [
         "## Limitations",

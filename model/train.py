@@ -61,6 +61,7 @@ class TrainOptions:
     hidden_dim: int = 64
     modality_dropout: float = 0.25
     bootstrap: int = 1000
+    image_target_weight: float = 1.0
 
     def to_dict(self) -> dict[str, Any]:
         """JSON form (recorded in the package's metrics)."""
@@ -231,8 +232,20 @@ def _train_loop(
     embeddings: tuple[Tensor, Tensor] | None,
     progress: Callable[[int, int], None] | None,
 ) -> list[dict[str, float]]:
-    """Adam on BCE; keeps the weights of the epoch with the lowest calibration-split loss."""
+    """AdamW on BCE; keeps the weights of the epoch with the lowest calibration-split loss.
+
+    In the image stage, rows with an ``image_target`` add ``image_target_weight`` times the squared error of a
+    linear read-out of the embedding against the standardized target (auxiliary supervision; the read-out is
+    discarded after training).
+    """
     parameters = [p for p in network.parameters() if p.requires_grad]
+    targets = fit.image_target
+    auxiliary: torch.nn.Module | None = None
+    if network.config.strategy == "image" and options.image_target_weight > 0 and np.isfinite(targets).any():
+        known = targets[np.isfinite(targets)]
+        target_mean, target_std = float(known.mean()), float(known.std()) or 1.0
+        auxiliary = torch.nn.Sequential(torch.nn.ReLU(), torch.nn.Linear(network.config.embed_dim, 1))
+        parameters += list(auxiliary.parameters())
     optimizer = torch.optim.AdamW(parameters, lr=options.learning_rate, weight_decay=options.weight_decay)
     generator = torch.Generator().manual_seed(seed)
     best_loss, best_state = math.inf, copy.deepcopy(network.state_dict())
@@ -254,8 +267,19 @@ def _train_loop(
                 kwargs["image_embedding"] = embeddings[0][index]
             elif uses_image_input:
                 image = _flip(_images(fit, index), generator)
-            out = network(image, labs, notes, present, **kwargs)
-            loss = network.loss(out, target, present)
+            if auxiliary is not None and image is not None:
+                embedding = network.encode_image(image)
+                out = network(None, labs, notes, present, image_embedding=embedding)
+                loss = network.loss(out, target, present)
+                wanted = torch.from_numpy((targets[index] - target_mean) / target_std).float()
+                known_rows = torch.isfinite(wanted)
+                if bool(known_rows.any()):
+                    guess = auxiliary(embedding).squeeze(1)
+                    error = (guess[known_rows] - wanted[known_rows]) ** 2
+                    loss = loss + options.image_target_weight * error.mean()
+            else:
+                out = network(image, labs, notes, present, **kwargs)
+                loss = network.loss(out, target, present)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()

@@ -237,6 +237,73 @@ def synth(
 
 
 @app.command()
+def train(
+    out: Path = typer.Option(Path(".riskbridge/models/chest-ct-fusion"), "--out", "-o", help="Package directory."),
+    table: Path = typer.Option(
+        Path(".riskbridge/training-table"),
+        "--table",
+        help="Training table directory (docs/model.md); built from the synthetic cohort when it holds none.",
+    ),
+    patients: int = typer.Option(3000, "--patients", "-n", min=20, help="Synthetic cohort size (table build)."),
+    seed: int = typer.Option(20240501, "--seed", "-s", help="Synthetic cohort seed (table build)."),
+    strategy: str = typer.Option("hybrid", "--strategy", help="image, tabular, early, late or hybrid."),
+    folds: int = typer.Option(5, "--folds", min=0, max=20, help="Stratified k-fold for the metrics; 0 skips it."),
+    epochs: int = typer.Option(12, "--epochs", min=1, help="Epochs of the image encoder stage."),
+    fusion_epochs: int = typer.Option(40, "--fusion-epochs", min=1, help="Epochs of the fusion stage."),
+    train_seed: int = typer.Option(0, "--train-seed", help="Seed of splits, initialisation and batches."),
+    calibration: str = typer.Option("temperature", "--calibration", help="temperature, platt or none."),
+    version: str = typer.Option("0.1.0", "--version", help="Model version written into the package."),
+    workers: int = typer.Option(1, "--workers", min=1, max=32, help="Processes for the table build."),
+    threads: int = typer.Option(1, "--threads", min=1, max=64, help="torch threads for training."),
+) -> None:
+    """Train the fusion model (stratified k-fold metrics, calibration) and write a checksummed model package."""
+    from riskbridge.harmonize.features import load_default_feature_spec
+    from riskbridge.model import data as training_data
+    from riskbridge.model.network import STRATEGIES
+    from riskbridge.model.package import ModelPackageError
+    from riskbridge.model.train import TrainOptions, train_package
+
+    if strategy not in STRATEGIES:
+        raise _fail(f"--strategy must be one of {', '.join(STRATEGIES)}, not {strategy!r}")
+    if calibration not in ("temperature", "platt", "none"):
+        raise _fail(f"--calibration must be temperature, platt or none, not {calibration!r}")
+    spec = load_default_feature_spec()
+    options = TrainOptions(
+        image_epochs=epochs,
+        fusion_epochs=fusion_epochs,
+        seed=train_seed,
+        calibration=calibration,
+        threads=threads,
+    )
+    try:
+        with _count_progress() as report:
+            if not (table / "manifest.json").is_file():
+                training_data.build_synthetic_table(
+                    table, spec, patients=patients, seed=seed, workers=workers,
+                    progress=lambda done, total: report("table", done, total),
+                )  # fmt: skip
+            rows = training_data.load_table(table, spec)
+            sha256, metrics = train_package(
+                spec, rows, out, strategy, options, folds=folds, version=version,
+                progress=report,
+            )  # fmt: skip
+    except (training_data.TrainingTableError, ModelPackageError, ValueError) as exc:
+        raise _fail(str(exc)) from None
+    result = Table(title=f"{strategy} model {version}")
+    result.add_column("metric")
+    for column in ("cross-validation", "calibration split"):
+        result.add_column(column)
+    for name in ("auroc", "auprc", "f1", "brier", "ece"):
+        cells = []
+        for block in ("cross_validation", "calibration_split"):
+            entry = metrics.get(block, {}).get("metrics", {}).get(name)
+            cells.append(f"{entry['value']:.3f} ({entry['low']:.3f} to {entry['high']:.3f})" if entry else "-")
+        result.add_row(name, *cells)
+    console.print(result)
+    console.print(f"package {out} sha256 {sha256}")
+
+
+@app.command()
 def score(
     requests_file: Path = typer.Argument(..., help="JSONL of requests: key, series_dir, series_uid, vector."),
     out: Path = typer.Option(..., "--out", "-o", help="JSONL of results, one line per request."),

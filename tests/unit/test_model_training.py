@@ -42,6 +42,7 @@ def test_the_synthetic_table_holds_every_unquarantined_patient_with_truth_featur
     table = load_table(table_dir, SPEC)
     assert table.keys == [p.key for p in usable]
     assert table.labels.tolist() == [p.label for p in usable]
+    assert table.image_target.tolist() == [p.logit_components["image"] for p in usable]
     assert table.volumes.shape == (len(usable), 1, *TINY.size)
     assert table.present[:, 0].all()  # quarantined (no usable series) patients are out
     # labs are the truth's windowed values, missing stays missing (masked)
@@ -147,3 +148,19 @@ def test_train_package_writes_a_verified_package_marked_synthetic(table_dir: Pat
     assert set(metrics["cross_validation"]["ablation_auroc"]) == {"image", "labs", "notes"}
     assert package.config.preprocess == TINY
     assert package.calibrator.method == "temperature"
+
+
+def test_riskbridge_train_builds_a_table_trains_and_writes_a_package(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from riskbridge.cli import app
+
+    runner = CliRunner()
+    common = ["train", "--table", str(tmp_path / "table"), "--out", str(tmp_path / "pkg"), "--patients", "24"]
+    result = runner.invoke(app, [*common, "--folds", "0", "--epochs", "1", "--fusion-epochs", "1"])
+    assert result.exit_code == 0, result.output
+    assert "sha256" in result.output
+    package = load_package(tmp_path / "pkg")
+    assert package.config.strategy == "hybrid" and package.synthetic
+    bad = runner.invoke(app, [*common, "--strategy", "stacked"])
+    assert bad.exit_code == 2 and "--strategy must be one of" in bad.output
