@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
 import tomllib
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -36,15 +39,30 @@ pacs_pool_slots = 3
 """
 
 
-def test_init_migrates_and_seeds_pools_and_connections(tmp_path: Path) -> None:
-    config = tmp_path / "riskbridge.toml"
+@dataclass(frozen=True)
+class Initialized:
+    home: Path
+    output: str
+
+
+@pytest.fixture(scope="module")
+def initialized(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Initialized]:
+    """One `riskbridge airflow init` for the module (about 15 s), with no RISKBRIDGE_* variable from the shell."""
+    root = tmp_path_factory.mktemp("airflow-local")
+    config = root / "riskbridge.toml"
     config.write_text(CONFIG)
-    home = tmp_path / "airflow"
-
-    result = CliRunner().invoke(app, ["--config", str(config), "airflow", "init", "--home", str(home)])
-
+    with pytest.MonkeyPatch.context() as patch:
+        for name in [name for name in os.environ if name.startswith("RISKBRIDGE_")]:
+            patch.delenv(name)
+        result = CliRunner().invoke(app, ["--config", str(config), "airflow", "init", "--home", str(root / "airflow")])
     assert result.exit_code == 0, result.output
-    assert "pacs_associations (3 slots), gpu (1 slots)" in result.output
+    yield Initialized(root / "airflow", result.output)
+
+
+def test_init_migrates_and_seeds_pools_and_connections(initialized: Initialized, tmp_path: Path) -> None:
+    home = initialized.home
+
+    assert "pacs_associations (3 slots), gpu (1 slots)" in initialized.output
     local = LocalAirflow(home=home)
     pools = {
         row["pool"]: int(row["slots"]) for row in _json_output(local.airflow("pools", "list", "-o", "json").stdout)
@@ -66,6 +84,23 @@ def test_init_migrates_and_seeds_pools_and_connections(tmp_path: Path) -> None:
     assert not list(home.glob("riskbridge-*.json"))
     cfg = (home / "airflow.cfg").read_text()
     assert f"dags_folder = {local.dags_folder}" in cfg and "load_examples = False" in cfg
+
+
+def test_a_failing_dag_run_reports_through_the_failure_callback(initialized: Initialized) -> None:
+    """Real Airflow runs the on-demand DAG without identifiers: start_run fails before any server is needed."""
+    local = LocalAirflow(home=initialized.home)
+    env = {**os.environ, "RISKBRIDGE_AIRFLOW__RETRIES": "0"}
+
+    result = local.dags_test("riskbridge_on_demand", conf={"accessions": [], "patient_ids": []}, env=env)
+
+    assert result.returncode != 0 and not result.succeeded
+    assert result.task_states["start_run"] == ["failed"]
+    assert {state for task, states in result.task_states.items() if task != "start_run" for state in states} == {
+        "upstream_failed"
+    }
+    assert "an on-demand run needs accession numbers or patient IDs" in result.output
+    assert "riskbridge task start_run (map index -1) failed with ValueError; ledger run None" in result.output
+    assert "no ledger run to mark failed" in result.output
 
 
 def test_init_reports_a_bad_metadata_url(tmp_path: Path) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
 import subprocess
 import sys
 from datetime import UTC, datetime, timedelta
@@ -52,7 +53,11 @@ print(json.dumps({"seconds": seconds, "heavy": heavy, "dag_id": module.dag.dag_i
 
 @pytest.fixture(scope="module")
 def dagbag() -> DagBag:
-    return DagBag(dag_folder=DAGS_FOLDER)
+    """The DAG folder parsed once, with riskbridge's defaults (no RISKBRIDGE_* variable from the shell)."""
+    with pytest.MonkeyPatch.context() as patch:
+        for name in [name for name in os.environ if name.startswith("RISKBRIDGE_")]:
+            patch.delenv(name)
+        return DagBag(dag_folder=DAGS_FOLDER)
 
 
 def test_dag_files_import_without_errors(dagbag: DagBag) -> None:
@@ -78,8 +83,6 @@ def test_dag_file_imports_fast_and_without_torch(dag_file: Path, tmp_path: Path)
 
 
 def _clean_environment() -> dict[str, str]:
-    import os
-
     return {name: value for name, value in os.environ.items() if not name.startswith(("RISKBRIDGE_", "AIRFLOW_"))}
 
 
