@@ -166,8 +166,9 @@ class FhirSettings(_Section):
     base_url: str = "http://127.0.0.1:18080/fhir"
     auth: FhirAuth = FhirAuth()
     timeout_s: float = Field(30.0, gt=0)
-    # Searches ask for this many resources per page (``_count``); servers may cap it silently (HAPI: 200).
-    page_size: int = Field(200, ge=1, le=1000)
+    # Searches ask for this many resources per page (``_count``); servers may cap it silently (HAPI's paging
+    # provider: its maximum page size, 1000 in the sandbox). Fewer pages mean fewer requests for the same resources.
+    page_size: int = Field(1000, ge=1, le=1000)
     # Batched searches put this many patients at most into one OR-list ...
     batch_size: int = Field(200, ge=1, le=5000)
     # ... and split it further so a GET search URL stays below this many characters.

@@ -432,6 +432,37 @@ def test_conditional_create_is_idempotent(sandbox: Settings, cohort: LoadedCohor
     assert first.resource_id == second.resource_id == third.resource_id
 
 
+def test_a_transaction_resolves_every_reference_to_its_own_patient(sandbox: Settings, cohort: LoadedCohort) -> None:
+    """HAPI looks up all of a bundle's referenced ids in one statement (on the sandbox, rewritten for H2's index)."""
+    system = f"urn:riskbridge:test:fhir-client:{uuid.uuid4().hex}"
+    patients = list(reversed(cohort.patient_ids))  # not in the order the server stored them
+    entries = [
+        transaction_entry(risk_assessment(pid, system, pid), if_none_exist=f"identifier={system}|{pid}")
+        for pid in patients
+    ]
+    with FhirClient(settings_for(sandbox.fhir.base_url)) as client:
+        results = client.transaction(entries)
+        stored = list(client.search("RiskAssessment", {"identifier": f"{system}|"}))
+    assert [result.status for result in results] == [201] * len(patients)
+    assert {r["identifier"][0]["value"]: subject_patient_id(r) for r in stored} == {pid: pid for pid in patients}
+
+
+def test_a_transaction_referencing_one_unknown_patient_among_many_is_refused(
+    sandbox: Settings, cohort: LoadedCohort
+) -> None:
+    system = f"urn:riskbridge:test:fhir-client:{uuid.uuid4().hex}"
+    patients = [*cohort.patient_ids[:5], "rb-no-such-patient", *cohort.patient_ids[5:10]]
+    entries = [
+        transaction_entry(risk_assessment(pid, system, pid), if_none_exist=f"identifier={system}|{pid}")
+        for pid in patients
+    ]
+    with FhirClient(settings_for(sandbox.fhir.base_url)) as client:
+        with pytest.raises(FhirError) as refused:
+            client.transaction(entries)
+        assert list(client.search("RiskAssessment", {"identifier": f"{system}|"})) == []
+    assert refused.value.status in (400, 404, 422)
+
+
 # --- authentication ----------------------------------------------------------------------------------------------
 
 

@@ -37,6 +37,8 @@ import org.springframework.orm.jpa.JpaTransactionManager;
 import org.springframework.orm.jpa.LocalContainerEntityManagerFactoryBean;
 
 import java.time.Duration;
+import java.util.ArrayList;
+import java.util.List;
 import java.util.Locale;
 import java.util.Properties;
 import javax.sql.DataSource;
@@ -55,7 +57,10 @@ public class StorageConfig {
 	public JpaStorageSettings storageSettings(
 			@Value("${riskbridge.fhir.reuse-cached-search-results-millis:60000}") long theReuseCachedSearchMillis,
 			@Value("${riskbridge.fhir.allow-external-references:true}") boolean theAllowExternalReferences,
-			@Value("${riskbridge.fhir.expunge-enabled:true}") boolean theExpungeEnabled) {
+			@Value("${riskbridge.fhir.expunge-enabled:true}") boolean theExpungeEnabled,
+			@Value("${riskbridge.fhir.search-prefetch-thresholds:-1}") String thePreFetchThresholds,
+			@Value("${riskbridge.fhir.match-url-cache:false}") boolean theMatchUrlCache,
+			@Value("${riskbridge.fhir.mass-ingestion-mode:false}") boolean theMassIngestionMode) {
 		JpaStorageSettings retVal = new JpaStorageSettings();
 		// Client-assigned ids such as PUT Patient/abc (non-numeric). Purely numeric client ids are
 		// rejected by this strategy, server-assigned ids are sequential numbers.
@@ -75,6 +80,24 @@ public class StorageConfig {
 		retVal.setAdvancedHSearchIndexing(false);
 		retVal.setHibernateSearchIndexFullText(false);
 		retVal.setHibernateSearchIndexSearchParams(false);
+		// HAPI loads a search's matches in stages (13, 503, 2003, ... by default) and a page request past a stage
+		// waits for the next one (about 0.6 s each). riskbridge reads every page of every search, so the sandbox
+		// loads all matches at once (-1); the stages stay configurable to reproduce a hospital's HAPI defaults.
+		retVal.setSearchPreFetchThresholds(preFetchThresholds(thePreFetchThresholds));
+		// Both off by default (HAPI's defaults); exposed so their effect can be measured (bench/fhir_io.py).
+		retVal.setMatchUrlCacheEnabled(theMatchUrlCache);
+		retVal.setMassIngestionMode(theMassIngestionMode);
+		return retVal;
+	}
+
+	/** {@code "13,503,-1"} -> [13, 503, -1]; HAPI checks that the stages ascend and that -1 (all) comes last. */
+	static List<Integer> preFetchThresholds(String theThresholds) {
+		List<Integer> retVal = new ArrayList<>();
+		for (String next : theThresholds.split(",")) {
+			if (!next.isBlank()) {
+				retVal.add(Integer.valueOf(next.trim()));
+			}
+		}
 		return retVal;
 	}
 
@@ -127,7 +150,8 @@ public class StorageConfig {
 			FhirContext theFhirContext,
 			JpaStorageSettings theStorageSettings,
 			DataSource theDataSource,
-			@Value("${riskbridge.fhir.hbm2ddl:update}") String theHbm2ddl) {
+			@Value("${riskbridge.fhir.hbm2ddl:update}") String theHbm2ddl,
+			@Value("${riskbridge.fhir.h2-indexed-id-lookup:true}") boolean theIndexedIdLookup) {
 		LocalContainerEntityManagerFactoryBean retVal =
 				HapiEntityManagerFactoryUtil.newEntityManagerFactory(theBeanFactory, theFhirContext, theStorageSettings);
 		retVal.setPersistenceUnitName("HAPI_PU");
@@ -144,6 +168,10 @@ public class StorageConfig {
 		jpaProperties.put("hibernate.cache.use_second_level_cache", "false");
 		jpaProperties.put("hibernate.cache.use_structured_entries", "false");
 		jpaProperties.put("hibernate.cache.use_minimal_puts", "false");
+		if (theIndexedIdLookup) {
+			// H2 scans HFJ_RESOURCE for HAPI's multi-id lookups unless they are written as a row-value IN list.
+			jpaProperties.put("hibernate.session_factory.statement_inspector", new H2ResourceIdLookup());
+		}
 		retVal.setJpaProperties(jpaProperties);
 		return retVal;
 	}
@@ -183,7 +211,7 @@ public class StorageConfig {
 	@Bean
 	public DatabaseBackedPagingProvider databaseBackedPagingProvider(
 			@Value("${riskbridge.fhir.default-page-size:20}") int theDefaultPageSize,
-			@Value("${riskbridge.fhir.max-page-size:200}") int theMaxPageSize) {
+			@Value("${riskbridge.fhir.max-page-size:1000}") int theMaxPageSize) {
 		DatabaseBackedPagingProvider retVal = new DatabaseBackedPagingProvider();
 		retVal.setDefaultPageSize(theDefaultPageSize);
 		retVal.setMaximumPageSize(theMaxPageSize);
