@@ -6,7 +6,7 @@ labs or the notes of every test patient at inference. References in the same run
 (the Bayes ceiling any model can reach on these labels) and the truth's image term alone (what a perfect image
 encoder could add). Results go to docs/model.md (section ``fusion``).
 
-    python bench/fusion.py [--patients 3000] [--folds 5] [--epochs 10] [--table DIR] [--no-write]
+    python bench/fusion.py [--patients 3000] [--folds 3] [--epochs 6] [--table DIR] [--no-write]
 """
 
 from __future__ import annotations
@@ -50,8 +50,8 @@ def main() -> int:
     parser.add_argument("--patients", type=int, default=3000)
     parser.add_argument("--seed", type=int, default=DEFAULT_TRAINING_SEED)
     parser.add_argument("--table", type=Path, default=Path(".riskbridge/bench-fusion-table"))
-    parser.add_argument("--folds", type=int, default=5)
-    parser.add_argument("--epochs", type=int, default=10)
+    parser.add_argument("--folds", type=int, default=3)
+    parser.add_argument("--epochs", type=int, default=6)
     parser.add_argument("--fusion-epochs", type=int, default=40)
     parser.add_argument("--bootstrap", type=int, default=1000)
     parser.add_argument("--workers", type=int, default=2)

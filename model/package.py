@@ -121,6 +121,10 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+def _estimate_text(estimate: dict[str, float]) -> str:
+    return f"{estimate['value']:.3f} ({estimate['low']:.3f} to {estimate['high']:.3f})"
+
+
 def model_card(config: ModelConfig, metrics: dict[str, Any]) -> str:
     """The MODEL_CARD.md text: intended use, training data, metrics with CIs, limitations."""
     training = metrics.get("training", {})
@@ -153,7 +157,10 @@ def model_card(config: ModelConfig, metrics: dict[str, Any]) -> str:
         "## Training data",
         "",
     ]
-    lines += [f"- {key}: {value}" for key, value in sorted(training.items())]
+    lines += [f"- {key}: {value}" for key, value in sorted(training.items()) if key not in ("history", "options")]
+    options = training.get("options", {})
+    if options:
+        lines.append("- options: " + ", ".join(f"{key} {value}" for key, value in sorted(options.items())))
     lines += ["", "## Performance", ""]
     for section in ("cross_validation", "calibration_split"):
         block = metrics.get(section)
@@ -162,7 +169,9 @@ def model_card(config: ModelConfig, metrics: dict[str, Any]) -> str:
         lines += [f"{section.replace('_', ' ')} ({block.get('description', '')}):", ""]
         lines += ["| metric | value (95% CI) |", "|---|---|"]
         for name, estimate in block.get("metrics", {}).items():
-            lines.append(f"| {name} | {estimate['value']:.3f} ({estimate['low']:.3f} to {estimate['high']:.3f}) |")
+            lines.append(f"| {name} | {_estimate_text(estimate)} |")
+        for modality, estimate in block.get("ablation_auroc", {}).items():
+            lines.append(f"| auroc without {modality} at inference | {_estimate_text(estimate)} |")
         lines.append("")
     lines += [
         "## Limitations",

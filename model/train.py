@@ -48,7 +48,7 @@ Progress = Callable[[str, int, int], None]
 class TrainOptions:
     """Optimisation settings; the defaults train the reference model in minutes on two CPU threads."""
 
-    image_epochs: int = 12
+    image_epochs: int = 6
     fusion_epochs: int = 40
     batch_size: int = 32
     learning_rate: float = 1e-3

@@ -248,7 +248,7 @@ def train(
     seed: int = typer.Option(20240501, "--seed", "-s", help="Synthetic cohort seed (table build)."),
     strategy: str = typer.Option("hybrid", "--strategy", help="image, tabular, early, late or hybrid."),
     folds: int = typer.Option(5, "--folds", min=0, max=20, help="Stratified k-fold for the metrics; 0 skips it."),
-    epochs: int = typer.Option(12, "--epochs", min=1, help="Epochs of the image encoder stage."),
+    epochs: int = typer.Option(6, "--epochs", min=1, help="Epochs of the image encoder stage."),
     fusion_epochs: int = typer.Option(40, "--fusion-epochs", min=1, help="Epochs of the fusion stage."),
     train_seed: int = typer.Option(0, "--train-seed", help="Seed of splits, initialisation and batches."),
     calibration: str = typer.Option("temperature", "--calibration", help="temperature, platt or none."),
