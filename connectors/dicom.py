@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from pydicom.dataset import Dataset
-from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, build_role, evt
+from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, _config, build_role, evt
 from pynetdicom.association import Association
 from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     StudyRootQueryRetrieveInformationModelFind,
@@ -27,6 +27,21 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
 from riskbridge.settings import PacsSettings
 
 LOG = logging.getLogger(__name__)
+
+
+def keep_phi_out_of_logs() -> None:
+    """Stop pynetdicom from logging DICOM identifiers and DIMSE traffic below WARNING.
+
+    pynetdicom logs each C-FIND request and answer (patient names, IDs, accession numbers) at INFO, and a host that
+    records INFO from every library (Airflow's task log, a site's root logger) would keep them. Applied when this
+    module is imported, so every riskbridge DICOM path (CLI, ``riskbridge run``, the DAGs) has it.
+    """
+    _config.LOG_REQUEST_IDENTIFIERS = False
+    _config.LOG_RESPONSE_IDENTIFIERS = False
+    logging.getLogger("pynetdicom").setLevel(logging.WARNING)
+
+
+keep_phi_out_of_logs()
 
 
 class DicomError(Exception):

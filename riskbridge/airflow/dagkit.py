@@ -52,22 +52,11 @@ def task_settings() -> Settings:
     return settings_with_connections(load_settings())
 
 
-def keep_phi_out_of_task_logs() -> None:
-    """Stop pynetdicom from logging DICOM identifiers: Airflow's task log records INFO from every library, and
-    pynetdicom writes each C-FIND request and answer there (patient names, IDs, accession numbers)."""
-    from pynetdicom import _config
-
-    _config.LOG_REQUEST_IDENTIFIERS = False
-    _config.LOG_RESPONSE_IDENTIFIERS = False
-    logging.getLogger("pynetdicom").setLevel(logging.WARNING)
-
-
 @contextmanager
 def open_pipeline(settings: Settings | None = None) -> Iterator[Pipeline]:
     """Yield a Pipeline built from ``settings`` (default: :func:`task_settings`) and close it afterwards."""
-    from riskbridge.pipeline import Pipeline
+    from riskbridge.pipeline import Pipeline  # its DICOM connector keeps pynetdicom's identifier dumps out of logs
 
-    keep_phi_out_of_task_logs()
     pipeline = Pipeline.from_settings(settings if settings is not None else task_settings())
     try:
         yield pipeline

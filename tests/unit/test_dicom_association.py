@@ -103,3 +103,14 @@ def test_a_c_find_abandoned_early_aborts_instead_of_racing_a_release() -> None:
         assert len(list(find(PacsSettings(port=port, called_ae="PEER"), "STUDY", query, timeout_s=10))) == 500
     finally:
         ae.shutdown()
+
+
+def test_pynetdicom_identifier_dumps_are_off_once_the_connector_is_imported() -> None:
+    import logging
+
+    from pynetdicom import _config
+
+    import riskbridge.connectors.dicom  # noqa: F401  (the import applies the setting)
+
+    assert not _config.LOG_REQUEST_IDENTIFIERS and not _config.LOG_RESPONSE_IDENTIFIERS
+    assert logging.getLogger("pynetdicom").getEffectiveLevel() >= logging.WARNING
