@@ -179,6 +179,7 @@ def model_card(config: ModelConfig, metrics: dict[str, Any]) -> str:
         "- Validated only by cross-validation on the training cohort; no external validation.",
         "- Depends on the series selection, lab windows, unit normalization and note extraction upstream.",
         "- Attention weights show which modality the fusion leaned on, not a causal explanation.",
+        *(f"- {text}" for text in metrics.get("limitations", [])),
         "",
     ]
     return "\n".join(lines)
@@ -190,7 +191,7 @@ def save_package(
     """Write a package into ``out_dir`` (created; must not hold other files) and return its sha256.
 
     ``metrics`` should hold ``training`` (the data's description, ``synthetic`` true or false), ``threshold``
-    and the metric blocks; the model card is written from it.
+    and the metric blocks, optionally ``limitations`` (lines for the card); the model card is written from it.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
