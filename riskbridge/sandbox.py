@@ -393,6 +393,7 @@ class _Hapi(_Part):
     def prepare(self, progress: ProgressCallback) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)
         if self.jar.is_file() and not self._sources_newer_than_jar():
+            self._install_server_jar()
             return
         progress(self.name, "building the HAPI FHIR launcher with Maven (first run downloads to ~/.m2)")
         build_log = self.dir / "build.log"
@@ -405,6 +406,25 @@ class _Hapi(_Part):
             )
         if result.returncode != 0 or not self.jar.is_file():
             raise SandboxError(f"hapi-fhir: Maven build failed (exit {result.returncode}); see {build_log}")
+        self._install_server_jar()
+
+    @property
+    def server_jar(self) -> Path:
+        """The copy of the launcher this sandbox's server runs from (see :meth:`_install_server_jar`)."""
+        return self.dir / HAPI_JAR_NAME
+
+    def _install_server_jar(self) -> Path:
+        # Maven rewrites target/*.jar in place, and a running JVM then fails on its next class load: each sandbox
+        # runs its own copy, replaced by rename (a running server keeps the file it opened).
+        built, installed = self.jar.stat(), self.server_jar
+        if installed.is_file():
+            current = installed.stat()
+            if (current.st_size, current.st_mtime_ns) == (built.st_size, built.st_mtime_ns):
+                return installed
+        partial = installed.with_suffix(".jar.partial")
+        shutil.copy2(self.jar, partial)
+        os.replace(partial, installed)
+        return installed
 
     def command(self) -> tuple[list[str], dict[str, str], str | None]:
         java = _require_binary("java", "openjdk-17-jre-headless")
@@ -412,7 +432,7 @@ class _Hapi(_Part):
             str(java),
             *self.settings.sandbox.hapi_java_opts.split(),
             "-jar",
-            str(self.jar),
+            str(self.server_jar),
             f"--server.port={self.settings.sandbox.hapi_port}",
             "--server.address=127.0.0.1",
         ]

@@ -11,6 +11,7 @@ from riskbridge.synth.cohort import (
     QUARANTINE_CODES,
     CohortError,
     EdgeCaseRates,
+    site_environment,
 )
 from riskbridge.synth.generate import CohortSummary, generate, read_manifest, read_truth
 from riskbridge.synth.load import LoadError, LoadReport, load
@@ -28,4 +29,5 @@ __all__ = [
     "load",
     "read_manifest",
     "read_truth",
+    "site_environment",
 ]

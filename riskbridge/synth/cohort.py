@@ -36,6 +36,7 @@ NOTE_LOOKBACK = timedelta(days=365)
 
 MRN_SYSTEM = "http://hospital.example/mrn"
 PACS_ISSUER = "SYNTH_HOSP"
+SITE_TIMEZONE = "America/New_York"  # the zone of the synthetic hospital (its times carry -05:00 in January)
 SITE_PREFIX = "H1-"
 SYNTH_ID_SYSTEM = "urn:riskbridge:synth"
 INSTITUTION = "SYNTH GENERAL HOSPITAL"
@@ -472,6 +473,19 @@ NOTE_TYPES = (
 CONSULT_NOTE = ("11488-4", "Consult note")
 NOTE_CONTENT_TYPES = ("text/plain; charset=utf-8", "text/plain;charset=UTF-8")
 LATIN1_CONTENT_TYPE = "text/plain; charset=ISO-8859-1"
+
+def site_environment() -> dict[str, str]:
+    """The ``RISKBRIDGE_*`` settings of the synthetic hospital: its time zone and identity rules.
+
+    A site configures the same two things for its own PACS and EHR (docs/identity.md); the demo, the end-to-end
+    tests and anyone pointing riskbridge at a loaded synthetic cohort use these.
+    """
+    return {
+        "RISKBRIDGE_SITE__TIMEZONE": SITE_TIMEZONE,
+        "RISKBRIDGE_IDENTITY__ISSUER_SYSTEMS": json.dumps({PACS_ISSUER: MRN_SYSTEM}),
+        "RISKBRIDGE_IDENTITY__DEFAULT_ISSUER": PACS_ISSUER,
+    }
+
 
 # --- outcome model ---------------------------------------------------------------------------------------
 

@@ -87,3 +87,23 @@ def test_a_listener_is_attributed_to_the_process_that_holds_it() -> None:
             bystander.kill()
             bystander.wait()
     assert not _process_listens_on(os.getpid(), port)
+
+
+def test_hapi_runs_its_own_copy_of_the_launcher_jar(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    built = tmp_path / "target" / "riskbridge-hapi-fhir.jar"
+    built.parent.mkdir()
+    built.write_bytes(b"build 1")
+    hapi = _sandbox(tmp_path).hapi
+    monkeypatch.setattr(type(hapi), "jar", property(lambda self: built))
+    hapi.dir.mkdir(parents=True)
+
+    installed = hapi._install_server_jar()
+    assert installed == hapi.server_jar and installed.read_bytes() == b"build 1"
+    assert str(installed) in hapi.command()[0]
+    with installed.open("rb") as running:  # what a running server holds open
+        built.write_bytes(b"build 2, rewritten in place as Maven does")
+        os.utime(built, ns=(1, 1))
+        assert hapi._install_server_jar().read_bytes() == b"build 2, rewritten in place as Maven does"
+        assert running.read() == b"build 1"
+    inode = installed.stat().st_ino
+    assert hapi._install_server_jar().stat().st_ino == inode  # unchanged build: no new copy

@@ -495,3 +495,15 @@ def test_truth_comorbidities_follow_from_the_note_texts(
         assert flags == record["comorbidities"], record["patient_key"]
     assert {"utf-8", "iso-8859-1"} <= charsets
     assert all(assertions[a] >= 1 for a in ASSERTIONS)
+
+
+def test_site_environment_configures_the_synthetic_hospital(monkeypatch: pytest.MonkeyPatch) -> None:
+    from riskbridge.settings import load_settings
+    from riskbridge.synth import site_environment
+
+    for key, value in site_environment().items():
+        monkeypatch.setenv(key, value)
+    settings = load_settings()
+    assert settings.site.timezone == "America/New_York"
+    assert settings.identity.issuer_systems == {"SYNTH_HOSP": "http://hospital.example/mrn"}
+    assert settings.identity.default_issuer == "SYNTH_HOSP"
