@@ -474,6 +474,7 @@ CONSULT_NOTE = ("11488-4", "Consult note")
 NOTE_CONTENT_TYPES = ("text/plain; charset=utf-8", "text/plain;charset=UTF-8")
 LATIN1_CONTENT_TYPE = "text/plain; charset=ISO-8859-1"
 
+
 def site_environment() -> dict[str, str]:
     """The ``RISKBRIDGE_*`` settings of the synthetic hospital: its time zone and identity rules.
 
