@@ -559,6 +559,36 @@ def _run_table(counts: dict[str, dict[str, int]], seconds: dict[str, float], tit
     return table
 
 
+@app.command()
+def demo(
+    patients: int = typer.Option(30, "--patients", "-n", min=10, help="Synthetic cohort size."),
+    seed: int = typer.Option(7, "--seed", "-s", help="Synthetic cohort seed."),
+    work_dir: Path = typer.Option(Path(".riskbridge/demo"), "--dir", help="Where the cohort and logs go."),
+) -> None:
+    """Set up everything (sandbox, synthetic cohort, ledger, Airflow) and run the nightly DAG once."""
+    from riskbridge.airflow.local import AirflowCommandError
+    from riskbridge.demo import DemoError, run_demo
+    from riskbridge.sandbox import SandboxError
+    from riskbridge.synth import CohortError, LoadError
+
+    def step(message: str) -> None:
+        console.print(f"[bold]>[/] {message}")
+
+    try:
+        with _count_progress() as report:
+            result = run_demo(_State.config, patients, seed, work_dir, step=step, progress=report)
+    except (DemoError, SandboxError, CohortError, LoadError, AirflowCommandError, SettingsError) as exc:
+        raise _fail(str(exc)) from None
+    quarantined = ", ".join(f"{reason} {count}" for reason, count in sorted(result.quarantined.items())) or "none"
+    console.print(
+        f"\nnightly DAG: ledger run {result.ledger_run}, {result.scored} studies scored in {result.dag_seconds:.0f} s; "
+        f"quarantined: {quarantined}"
+    )
+    console.print(f"RiskAssessments: {result.risk_assessments_url}")
+    console.print(f"run report:      {result.report.as_uri()}")
+    console.print(f"Airflow home:    {result.airflow_home} (export AIRFLOW_HOME=... to look at the run)")
+
+
 @app.command("run")
 def run_pipeline(
     window: str | None = typer.Option(None, "--window", help="START..END: study dates (inclusive) in the site zone."),

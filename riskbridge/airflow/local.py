@@ -189,13 +189,19 @@ class LocalAirflow:
             task_states=self.latest_task_states(dag_id, env=env),
         )
 
-    def latest_task_states(self, dag_id: str, env: Mapping[str, str] | None = None) -> dict[str, list[str]]:
-        """Return task id -> states (one per map index) of the DAG's most recent run; {} when it has none."""
+    def latest_run_id(self, dag_id: str, env: Mapping[str, str] | None = None) -> str | None:
+        """Return the run id of the DAG's most recent run (by run_after), or None when it has none."""
         runs = _json_output(self.airflow("dags", "list-runs", dag_id, "-o", "json", env=env).stdout)
         if not runs:
+            return None
+        return str(max(runs, key=lambda run: str(run.get("run_after") or run.get("logical_date") or ""))["run_id"])
+
+    def latest_task_states(self, dag_id: str, env: Mapping[str, str] | None = None) -> dict[str, list[str]]:
+        """Return task id -> states (one per map index) of the DAG's most recent run; {} when it has none."""
+        run_id = self.latest_run_id(dag_id, env=env)
+        if run_id is None:
             return {}
-        latest = max(runs, key=lambda run: str(run.get("run_after") or run.get("logical_date") or ""))
-        listed = self.airflow("tasks", "states-for-dag-run", dag_id, latest["run_id"], "-o", "json", env=env)
+        listed = self.airflow("tasks", "states-for-dag-run", dag_id, run_id, "-o", "json", env=env)
         states: dict[str, list[str]] = {}
         for row in _json_output(listed.stdout):
             states.setdefault(row["task_id"], []).append(str(row["state"]))
