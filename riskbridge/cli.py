@@ -257,7 +257,7 @@ def train(
     threads: int = typer.Option(1, "--threads", min=1, max=64, help="torch threads for training."),
 ) -> None:
     """Train the fusion model (stratified k-fold metrics, calibration) and write a checksummed model package."""
-    from riskbridge.harmonize.features import load_default_feature_spec
+    from riskbridge.harmonize.features import FeatureSpecError, resolve_feature_spec
     from riskbridge.model import data as training_data
     from riskbridge.model.network import STRATEGIES
     from riskbridge.model.package import ModelPackageError
@@ -267,7 +267,10 @@ def train(
         raise _fail(f"--strategy must be one of {', '.join(STRATEGIES)}, not {strategy!r}")
     if calibration not in ("temperature", "platt", "none"):
         raise _fail(f"--calibration must be temperature, platt or none, not {calibration!r}")
-    spec = load_default_feature_spec()
+    try:
+        spec = resolve_feature_spec(_settings().feature_spec)
+    except FeatureSpecError as exc:
+        raise _fail(str(exc)) from None
     options = TrainOptions(
         image_epochs=epochs,
         fusion_epochs=fusion_epochs,

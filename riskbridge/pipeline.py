@@ -521,7 +521,10 @@ class Pipeline:
             from riskbridge.model.scoring import Scorer
 
             self._scorer = Scorer.from_package(
-                self.model_package_path(), self.spec, cache_dir=self.settings.model_dir / "preprocessed"
+                self.model_package_path(),
+                self.spec,
+                cache_dir=self.settings.model_dir / "preprocessed",
+                workers=self.settings.run.score_workers,
             )
         return self._scorer
 

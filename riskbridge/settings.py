@@ -259,6 +259,7 @@ class RunSettings(_Section):
     retrieve_chunk_size: int = Field(8, ge=1, le=1000)  # chosen series per retrieve task (Airflow map index)
     clinical_chunk_size: int = Field(50, ge=1, le=5000)  # studies per clinical task (batched FHIR searches)
     model_package: Path | None = None  # a model package directory; None: the reference model shipped with riskbridge
+    score_workers: int = Field(0, ge=0, le=32)  # DataLoader processes that preprocess volumes while the model scores
 
 
 class AirflowSettings(_Section):
