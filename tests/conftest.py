@@ -6,12 +6,16 @@ A sandbox that was already running before the session (a developer's) is reused 
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import uuid
+from collections.abc import Callable, Iterator
 
+import psycopg2.extensions
 import pytest
+from pydantic import SecretStr
 
+from riskbridge.connectors import db
 from riskbridge.sandbox import Sandbox
-from riskbridge.settings import Settings, load_settings
+from riskbridge.settings import DatabaseSettings, Settings, load_settings
 
 
 @pytest.fixture(scope="session")
@@ -25,3 +29,33 @@ def sandbox() -> Iterator[Settings]:
     for part in box.parts:
         if part.name not in already_running:
             part.stop()
+
+
+def _admin(sandbox: Settings, statement: str) -> None:
+    connection = db.connect(sandbox.database)
+    connection.autocommit = True  # CREATE/DROP DATABASE cannot run in a transaction
+    try:
+        with connection.cursor() as cursor:
+            cursor.execute(statement)
+    finally:
+        connection.close()
+
+
+@pytest.fixture
+def scratch_database(sandbox: Settings) -> Iterator[Callable[[str], tuple[DatabaseSettings, str]]]:
+    """Make empty databases in the sandbox's PostgreSQL cluster: ``make(prefix) -> (settings that reach it, name)``.
+
+    Each is dropped when the test ends.
+    """
+    names: list[str] = []
+
+    def make(prefix: str) -> tuple[DatabaseSettings, str]:
+        name = f"{prefix}_{uuid.uuid4().hex[:12]}"
+        _admin(sandbox, f'CREATE DATABASE "{name}"')
+        names.append(name)
+        dsn = psycopg2.extensions.make_dsn(sandbox.database.dsn.get_secret_value(), dbname=name)
+        return DatabaseSettings(dsn=SecretStr(dsn)), name
+
+    yield make
+    for name in names:
+        _admin(sandbox, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')

@@ -11,34 +11,23 @@ from __future__ import annotations
 import json
 import os
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 from riskbridge.airflow.local import LocalAirflow
-from riskbridge.connectors import db
 from riskbridge.ledger import Ledger
-from riskbridge.settings import Settings
+from riskbridge.settings import DatabaseSettings, Settings
 
 pytestmark = pytest.mark.integration
 
 
 @pytest.fixture
-def metadata_url(sandbox: Settings) -> Iterator[str]:
+def metadata_url(sandbox: Settings, scratch_database: Callable[[str], tuple[DatabaseSettings, str]]) -> str:
     """A fresh, empty database for Airflow's metadata in the sandbox cluster; dropped afterwards."""
-    name = f"airflow_{uuid.uuid4().hex[:12]}"
-    admin = db.connect(sandbox.database)
-    admin.autocommit = True
-    with admin.cursor() as cursor:
-        cursor.execute(f'CREATE DATABASE "{name}"')
-    admin.close()
-    yield f"postgresql+psycopg2://riskbridge@127.0.0.1:{sandbox.sandbox.postgres_port}/{name}"
-    admin = db.connect(sandbox.database)
-    admin.autocommit = True
-    with admin.cursor() as cursor:
-        cursor.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-    admin.close()
+    name = scratch_database("airflow")[1]
+    return f"postgresql+psycopg2://riskbridge@127.0.0.1:{sandbox.sandbox.postgres_port}/{name}"
 
 
 def test_on_demand_dag_on_postgres_metadata(sandbox: Settings, metadata_url: str, tmp_path: Path) -> None:

@@ -7,23 +7,19 @@ Each test gets a database of its own (created and dropped here), so runs and mig
 from __future__ import annotations
 
 import threading
-import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-import psycopg2.extensions
 import pytest
-from pydantic import SecretStr
 
 from riskbridge.clinical import ClinicalResult, NoteDisposition
-from riskbridge.connectors import db
 from riskbridge.harmonize.features import FeatureVector
 from riskbridge.harmonize.series import SelectionResult
 from riskbridge.harmonize.windows import Disposition, WindowReason, WindowSelection
 from riskbridge.ledger import Ledger, LedgerError, Migration, load_migrations
 from riskbridge.records import PacsPatient, RetrievedSeries, SeriesDecision, StudyRef
-from riskbridge.settings import DatabaseSettings, Settings
+from riskbridge.settings import DatabaseSettings
 
 pytestmark = pytest.mark.integration
 
@@ -32,20 +28,9 @@ T = datetime(2024, 1, 10, 14, 30, tzinfo=UTC)
 
 
 @pytest.fixture
-def database(sandbox: Settings) -> Iterator[DatabaseSettings]:
+def database(scratch_database: Callable[[str], tuple[DatabaseSettings, str]]) -> DatabaseSettings:
     """A fresh, empty database in the sandbox cluster, dropped afterwards."""
-    name = f"rb_ledger_{uuid.uuid4().hex[:12]}"
-    admin = db.connect(sandbox.database)
-    admin.autocommit = True
-    with admin.cursor() as cursor:
-        cursor.execute(f'CREATE DATABASE "{name}"')
-    try:
-        yield DatabaseSettings(dsn=SecretStr(psycopg2.extensions.make_dsn(sandbox.database.dsn.get_secret_value(),
-                                                                          dbname=name)))  # fmt: skip
-    finally:
-        with admin.cursor() as cursor:
-            cursor.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        admin.close()
+    return scratch_database("rb_ledger")[0]
 
 
 @pytest.fixture

@@ -10,17 +10,14 @@ The sandbox may hold other tests' cohorts in the same window, so assertions are 
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable
 from datetime import date
 from pathlib import Path
 from typing import Any
 
-import psycopg2.extensions
 import pytest
-from pydantic import SecretStr
 from typer.testing import CliRunner
 
-from riskbridge.connectors import db
 from riskbridge.connectors.fhir import FhirClient
 from riskbridge.ledger import Ledger
 from riskbridge.pipeline import Pipeline, StageResult, window_of_days
@@ -67,30 +64,6 @@ def tiny_package(directory: Path) -> Path:
     return directory
 
 
-def fresh_database(sandbox: Settings) -> tuple[DatabaseSettings, str]:
-    """A new database in the sandbox cluster with the ledger schema applied."""
-    name = f"rb_pipeline_{uuid.uuid4().hex[:12]}"
-    admin = db.connect(sandbox.database)
-    admin.autocommit = True
-    with admin.cursor() as cursor:
-        cursor.execute(f'CREATE DATABASE "{name}"')
-    admin.close()
-    database = DatabaseSettings(
-        dsn=SecretStr(psycopg2.extensions.make_dsn(sandbox.database.dsn.get_secret_value(), dbname=name))
-    )
-    with Ledger.connect(database) as ledger:
-        ledger.upgrade()
-    return database, name
-
-
-def drop_database(sandbox: Settings, name: str) -> None:
-    admin = db.connect(sandbox.database)
-    admin.autocommit = True
-    with admin.cursor() as cursor:
-        cursor.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-    admin.close()
-
-
 @pytest.fixture(scope="module")
 def truth(sandbox: Settings, tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
     out = tmp_path_factory.mktemp("pipeline") / "cohort"
@@ -106,10 +79,17 @@ def package(tmp_path: Path) -> Path:
 
 
 @pytest.fixture
-def settings(sandbox: Settings, package: Path, tmp_path: Path) -> Iterator[Settings]:
+def settings(
+    sandbox: Settings,
+    package: Path,
+    tmp_path: Path,
+    scratch_database: Callable[[str], tuple[DatabaseSettings, str]],
+) -> Settings:
     """The sandbox's settings with the cohort's site rules, a fresh ledger, staging and report dirs of this test."""
-    database, name = fresh_database(sandbox)
-    yield sandbox.model_copy(
+    database = scratch_database("rb_pipeline")[0]
+    with Ledger.connect(database) as ledger:
+        ledger.upgrade()
+    return sandbox.model_copy(
         update={
             "database": database,
             "site": SiteSettings(timezone=ZONE),
@@ -126,7 +106,6 @@ def settings(sandbox: Settings, package: Path, tmp_path: Path) -> Iterator[Setti
             ),
         }
     )
-    drop_database(sandbox, name)
 
 
 def _mine(truth: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
