@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from tiny_model import tiny_package
 from typer.testing import CliRunner
 
 from riskbridge.connectors.fhir import FhirClient
@@ -35,35 +36,6 @@ RUN_TABLES = (
 )  # fmt: skip
 
 
-def tiny_package(directory: Path) -> Path:
-    """A small real model package with seeded random weights for the shipped feature spec."""
-    import torch
-
-    from riskbridge.harmonize.features import load_default_feature_spec
-    from riskbridge.model.calibration import Calibrator
-    from riskbridge.model.network import FusionNet, ModelConfig
-    from riskbridge.model.package import lab_feature_names, save_package
-    from riskbridge.model.preprocess import PreprocessConfig
-
-    spec = load_default_feature_spec()
-    config = ModelConfig(
-        name="tiny",
-        version=f"0.0.1-{uuid.uuid4().hex[:8]}",  # a version of its own: HAPI keeps what earlier tests wrote
-        strategy="hybrid",
-        feature_spec=spec.label,
-        lab_features=lab_feature_names(spec),
-        note_features=spec.flags,
-        preprocess=PreprocessConfig(spacing_mm=(8.0, 8.0, 8.0), size=(16, 16, 16), hu_window=(-1000.0, 400.0)),
-        embed_dim=8,
-        hidden_dim=8,
-        image_channels=(4, 4, 4, 4),
-    )
-    torch.manual_seed(0)
-    metrics = {"training": {"synthetic": True}, "threshold": 0.5}
-    save_package(directory, config, FusionNet(config), Calibrator("platt", scale=0.5, bias=-0.2), metrics)
-    return directory
-
-
 @pytest.fixture(scope="module")
 def truth(sandbox: Settings, tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
     out = tmp_path_factory.mktemp("pipeline") / "cohort"
@@ -75,7 +47,8 @@ def truth(sandbox: Settings, tmp_path_factory: pytest.TempPathFactory) -> list[d
 @pytest.fixture
 def package(tmp_path: Path) -> Path:
     """A model version per test: its RiskAssessment keys and Provenance ids are the test's own."""
-    return tiny_package(tmp_path / "tiny")
+    # a version of its own: HAPI keeps what earlier tests wrote
+    return tiny_package(tmp_path / "tiny", version=f"0.0.1-{uuid.uuid4().hex[:8]}", spacing_mm=8.0)
 
 
 @pytest.fixture

@@ -16,38 +16,17 @@ import numpy as np
 import pytest
 import torch
 from test_preprocess import marker_volume, write_series
+from tiny_model import tiny_package
 from typer.testing import CliRunner
 
 from riskbridge.cli import app
 from riskbridge.harmonize.features import FeatureSpec, FeatureVector, build_vector, load_default_feature_spec
-from riskbridge.model.calibration import Calibrator
-from riskbridge.model.network import FusionNet, ModelConfig, Strategy
-from riskbridge.model.package import ModelPackageError, lab_feature_names, save_package, tabular_tensors
+from riskbridge.model.package import ModelPackageError, tabular_tensors
 from riskbridge.model.preprocess import PreprocessConfig, Preprocessor
 from riskbridge.model.scoring import RequestDataset, Scorer, ScoreRequest, ScoringError, _split, collate
 
 SPEC = load_default_feature_spec()
 PREPROCESS = PreprocessConfig(spacing_mm=(4.0, 4.0, 4.0), size=(16, 16, 16), hu_window=(-1000.0, 400.0))
-CALIBRATOR = Calibrator("platt", scale=0.5, bias=-0.2)
-
-
-def tiny_package(directory: Path, strategy: Strategy = "hybrid") -> Path:
-    """Save a small package with seeded random weights (its scores mean nothing; their plumbing is tested)."""
-    config = ModelConfig(
-        name="tiny",
-        version="0.0.1",
-        strategy=strategy,
-        feature_spec=SPEC.label,
-        lab_features=lab_feature_names(SPEC),
-        note_features=SPEC.flags,
-        preprocess=PREPROCESS,
-        embed_dim=8,
-        hidden_dim=8,
-        image_channels=(4, 4, 4, 4),
-    )
-    torch.manual_seed(0)
-    save_package(directory, config, FusionNet(config), CALIBRATOR, {"training": {"synthetic": True}, "threshold": 0.5})
-    return directory
 
 
 @pytest.fixture(scope="module")
