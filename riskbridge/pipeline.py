@@ -16,9 +16,11 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import threading
 import time
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import asdict, dataclass
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
@@ -128,13 +130,18 @@ def _vector(stored: StoredVector) -> FeatureVector:
 
 
 class _OutboxSender:
-    """Sends write-back bundles through the FHIR client and marks each key in the outbox as soon as it is answered."""
+    """Sends write-back bundles through the FHIR client and marks each key in the outbox as soon as it is answered.
+
+    Safe to call from several threads at once: the HTTP requests run in parallel, the ledger (one database
+    connection) is written by one thread at a time.
+    """
 
     def __init__(self, client: FhirClient, ledger: Ledger, identifier_system: str) -> None:
         self.client = client
         self.ledger = ledger
         self.prefix = f"identifier={identifier_system}|"
         self.outcomes: Counter[str] = Counter()
+        self.lock = threading.Lock()
 
     def _keys(self, entries: Sequence[Any]) -> list[str]:
         keys = []
@@ -149,15 +156,21 @@ class _OutboxSender:
         try:
             answers = self.client.transaction(entries)
         except FhirError as exc:
-            for key in keys:
-                self.ledger.mark_writeback(key, "failed", error=str(exc)[:2000])
-            self.outcomes["failed"] += len(keys)
+            with self.lock:
+                for key in keys:
+                    self.ledger.mark_writeback(key, "failed", error=str(exc)[:2000])
+                self.outcomes["failed"] += len(keys)
             raise
         assessments = [
             answer
             for entry, answer in zip(entries, answers, strict=True)
             if "ifNoneExist" in (entry.get("request") or {})
         ]
+        with self.lock:
+            self._mark(keys, assessments)
+        return answers
+
+    def _mark(self, keys: Sequence[str], assessments: Sequence[EntryResult]) -> None:
         for key, answer in zip(keys, assessments, strict=True):
             status = {201: "created", 200: "exists"}.get(answer.status)
             if status is None:
@@ -166,7 +179,6 @@ class _OutboxSender:
             else:
                 self.ledger.mark_writeback(key, status, answer.resource_id)
                 self.outcomes[status] += 1
-        return answers
 
 
 class Pipeline:
@@ -620,16 +632,30 @@ class Pipeline:
                 if progress:
                     progress(sum(sender.outcomes.values()), total)
 
-            for start in range(0, total, config.bundle_size):
+            bundles = [scores[start : start + config.bundle_size] for start in range(0, total, config.bundle_size)]
+            unreachable = threading.Event()
+
+            def send(bundle: Sequence[Score]) -> None:
+                if unreachable.is_set():
+                    return  # the server was unreachable: bundles not yet sent would only fail the same way
                 try:
-                    write_assessments(scores[start : start + config.bundle_size], sender, config)
+                    write_assessments(bundle, sender, config)
                 except FhirError as exc:
-                    LOG.warning("run %d write-back: a bundle failed (%s); its keys stay open", run_id, exc)
                     if exc.status is None:
-                        break  # the server is unreachable: the other bundles would only fail the same way
-                except WritebackError as exc:  # an entry answered neither 201 nor 200; the sender marked it failed
-                    LOG.warning("run %d write-back: %s", run_id, exc)
-                report_progress()
+                        unreachable.set()
+                    raise
+
+            # Each bundle holds its own keys, so bundles posted at once never race on one identifier.
+            with ThreadPoolExecutor(config.bundle_workers, thread_name_prefix="fhir-writeback") as pool:
+                for future in as_completed([pool.submit(send, bundle) for bundle in bundles]):
+                    try:
+                        future.result()
+                    except FhirError as exc:
+                        LOG.warning("run %d write-back: a bundle failed (%s); its keys stay open", run_id, exc)
+                    except WritebackError as exc:  # an entry answered neither 201 nor 200; the sender marked it
+                        LOG.warning("run %d write-back: %s", run_id, exc)
+                    with sender.lock:
+                        report_progress()
             counts["done"] = sender.outcomes["created"] + sender.outcomes["exists"]
             counts["failed"] = sender.outcomes["failed"]
             return counts

@@ -244,6 +244,9 @@ class WritebackSettings(_Section):
     low_below: float = Field(0.1, gt=0, lt=1)  # probability below this: low
     high_from: float = Field(0.3, gt=0, lt=1)  # from this on: high; between: moderate
     bundle_size: int = Field(50, ge=1, le=500)
+    # Transaction bundles posted at once. Each bundle holds other identifiers than the rest, so concurrency never
+    # duplicates a RiskAssessment; 2 used both cores of a 2-core HAPI (bench/fhir_io.py).
+    bundle_workers: int = Field(2, ge=1, le=16)
 
     @model_validator(mode="after")
     def _ordered(self) -> WritebackSettings:

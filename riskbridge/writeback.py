@@ -57,6 +57,7 @@ class WritebackConfig:
     method_system: str = "urn:riskbridge:model"
     device_identifier_system: str = "urn:riskbridge:device"
     bundle_size: int = 50
+    bundle_workers: int = 1  # bundles posted at once by the pipeline's write-back stage
 
     @classmethod
     def from_settings(cls, writeback: WritebackSettings) -> WritebackConfig:
@@ -66,6 +67,7 @@ class WritebackConfig:
             outcome=(writeback.outcome_system, writeback.outcome_code, writeback.outcome_display),
             thresholds=(writeback.low_below, writeback.high_from),
             bundle_size=writeback.bundle_size,
+            bundle_workers=writeback.bundle_workers,
         )
 
     def __post_init__(self) -> None:
@@ -74,6 +76,8 @@ class WritebackConfig:
             raise WritebackError(f"thresholds must satisfy 0 < low < high < 1, got {self.thresholds}")
         if self.bundle_size < 1:
             raise WritebackError(f"bundle_size must be at least 1, got {self.bundle_size}")
+        if self.bundle_workers < 1:
+            raise WritebackError(f"bundle_workers must be at least 1, got {self.bundle_workers}")
 
 
 @dataclass(frozen=True)

@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 from fhir.resources.R4B.bundle import Bundle
 
+from riskbridge.settings import WritebackSettings
 from riskbridge.writeback import (
     Score,
     WritebackConfig,
@@ -145,3 +146,10 @@ def test_the_report_tells_created_from_existing_and_refuses_surprises() -> None:
     assert len(write_assessments(scores, _Server(200)).existing) == 2
     with pytest.raises(WritebackError, match="unexpected transaction status 400"):
         write_assessments(scores, _Server(400))
+
+
+def test_bundle_workers_come_from_the_settings_and_must_be_at_least_one() -> None:
+    assert WritebackConfig.from_settings(WritebackSettings(bundle_workers=3)).bundle_workers == 3
+    assert WritebackConfig.from_settings(WritebackSettings()).bundle_workers == 2
+    with pytest.raises(WritebackError, match="bundle_workers"):
+        WritebackConfig(bundle_workers=0)

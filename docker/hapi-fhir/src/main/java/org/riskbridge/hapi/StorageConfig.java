@@ -151,14 +151,18 @@ public class StorageConfig {
 			JpaStorageSettings theStorageSettings,
 			DataSource theDataSource,
 			@Value("${riskbridge.fhir.hbm2ddl:update}") String theHbm2ddl,
-			@Value("${riskbridge.fhir.h2-indexed-id-lookup:true}") boolean theIndexedIdLookup) {
+			@Value("${riskbridge.fhir.h2-indexed-id-lookup:true}") boolean theIndexedIdLookup,
+			@Value("${riskbridge.fhir.h2-inline-text:true}") boolean theInlineText) {
 		LocalContainerEntityManagerFactoryBean retVal =
 				HapiEntityManagerFactoryUtil.newEntityManagerFactory(theBeanFactory, theFhirContext, theStorageSettings);
 		retVal.setPersistenceUnitName("HAPI_PU");
 		retVal.setDataSource(theDataSource);
 
 		Properties jpaProperties = new Properties();
-		jpaProperties.put("hibernate.dialect", HapiFhirH2Dialect.class.getName());
+		// Resource bodies as inline strings, not large objects: see H2InlineTextDialect.
+		jpaProperties.put(
+				"hibernate.dialect",
+				theInlineText ? H2InlineTextDialect.class.getName() : HapiFhirH2Dialect.class.getName());
 		jpaProperties.put("hibernate.hbm2ddl.auto", theHbm2ddl);
 		jpaProperties.put("hibernate.search.enabled", "false");
 		jpaProperties.put("hibernate.format_sql", "false");
