@@ -334,7 +334,7 @@ def targets_paragraph(reads: list[Measured], writes: list[Measured]) -> str:
             f"What bounds it is the server's work per resource, which batching does not remove: HAPI spent "
             f"{1000 * best.server_cpu / best.resources:.2f} ms of CPU per resource in the batched arm "
             f"({best.server_cpu:.1f} s) against {1000 * naive.server_cpu / naive.resources:.2f} ms in the naive "
-            f"loop ({naive.server_cpu:.1f} s), so even with all {cores} cores serving, the batched reads cannot "
+            f"loop ({naive.server_cpu:.1f} s), so even with {cores} cores serving it, the batched reads cannot "
             f"beat {best.server_cpu / cores:.1f} s, {naive.seconds * cores / best.server_cpu:.1f}x the naive "
             f"loop. A conditional create cost the server {1000 * bundled.server_cpu / bundled.resources:.1f} ms "
             f"of CPU inside a bundle against {1000 * single.server_cpu / single.resources:.1f} ms as its own "
