@@ -646,8 +646,11 @@ def run_pipeline(
             console.print(f"stopped after {until}; rerun the same command to resume")
             return
         failed = sum(row["failed"] for row in summary.stage_counts.values())
-        pipeline.finish_run(run_id, "success")
+        alert = pipeline.quarantine_alert(run_id)
+        pipeline.finish_run(run_id, "failed" if alert else "success")
         console.print(f"report: {pipeline.report(run_id)}")
+    if alert:
+        raise _fail(alert)
     if failed:
         console.print(f"[yellow]{failed} item(s) failed (retrieval or write-back); rerun the same command to retry[/]")
         raise typer.Exit(code=1)

@@ -291,6 +291,15 @@ class Pipeline:
         """Mark the run finished (success or failed)."""
         self.ledger.finish_run(run_id, status)
 
+    def quarantine_alert(self, run_id: int) -> str | None:
+        """The alert message when the run quarantined more than ``[run] quarantine_alert_fraction`` of its studies
+        (see :func:`riskbridge.report.quarantine_alert`); None when it did not."""
+        from riskbridge.report import quarantine_alert
+
+        run = self.settings.run
+        summary = self.ledger.run_summary(run_id)
+        return quarantine_alert(summary, run.quarantine_alert_fraction, run.quarantine_alert_min_studies)
+
     # -- discover ------------------------------------------------------------------------------------------------------
 
     def _in_window(self, study: StudyRef, window: tuple[datetime, datetime]) -> bool:

@@ -54,6 +54,27 @@ class RunSummary:
                 raise ReportError(f"run {self.run_id}: a probability outside [0, 1] ({probability!r})")
 
 
+def quarantine_alert(summary: RunSummary, max_fraction: float, min_studies: int) -> str | None:
+    """A message when the run quarantined more than ``max_fraction`` of the studies it discovered, else None.
+
+    A share that large usually means a site setting does not match the data (an identity issuer map that resolves
+    nothing, series rules that accept no series, the wrong time zone), not that the studies are bad, and such a run
+    would otherwise finish green having scored almost nothing. Runs that discovered fewer than ``min_studies``
+    studies never alert: a handful of studies says too little. The message names reason codes and counts, no UIDs.
+    """
+    discovered = summary.stage_counts.get("discover", {}).get("done", 0)
+    quarantined = sum(summary.quarantine.values())
+    if discovered < min_studies or quarantined <= max_fraction * discovered:
+        return None
+    reasons = ", ".join(f"{reason} {n}" for reason, n in sorted(summary.quarantine.items(), key=lambda kv: -kv[1]))
+    return (
+        f"run {summary.run_id} quarantined {quarantined} of the {discovered} studies it discovered "
+        f"({quarantined / discovered:.0%}; the alert is above {max_fraction:.0%}): {reasons}. A share this large "
+        "usually means a site setting ([identity] issuer map, series rules, [site] timezone) does not match the "
+        "data; fix it and run the window again (a new run scores what this one quarantined)."
+    )
+
+
 def _figure(width: float = 6.4, height: float = 3.6) -> Any:
     import matplotlib
 

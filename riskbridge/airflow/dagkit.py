@@ -204,8 +204,15 @@ def write_report(run_id: int, context: Mapping[str, Any]) -> str:
 
 
 def finish_ledger_run(run_id: int) -> None:
-    """Mark the ledger run successful."""
+    """Mark the ledger run successful, unless it quarantined so much that a site setting is likely wrong: then the
+    task fails without retries (the failure callback marks the run failed) and the DAG run shows red."""
+    from airflow.sdk.exceptions import AirflowFailException
+
     with open_pipeline() as pipeline:
+        alert = pipeline.quarantine_alert(run_id)
+        if alert is not None:
+            log.error("%s", alert)
+            raise AirflowFailException(alert)
         pipeline.finish_run(run_id, status="success")
     log.info("ledger run %d finished", run_id)
 

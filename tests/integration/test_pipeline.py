@@ -305,3 +305,26 @@ def test_an_on_demand_run_discovers_exactly_its_accessions_and_patients(
         found = pipeline.discover(run_id)
         assert found.done == len(expected) == len(set(pipeline.ledger.study_uids(run_id)) & expected)
         assert set(pipeline.ledger.study_uids(run_id)) == expected
+
+
+def test_a_run_whose_identity_map_matches_nothing_fails_with_the_quarantine_alert(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from riskbridge import cli
+
+    # The site's PACS sends SYNTH_HOSP; this map knows only another issuer, so every study is identity_unmatched.
+    wrong = settings.model_copy(
+        update={"identity": IdentitySettings(issuer_systems={"OTHER_HOSP": "http://other.example/mrn"})}
+    )
+    monkeypatch.setattr(cli, "_settings", lambda: wrong)
+    result = CliRunner().invoke(cli.app, ["run", "--window", "2024-01-01..2024-01-14"])
+    assert result.exit_code == 2, result.output
+    assert "identity_unmatched" in result.output and "[identity] issuer map" in " ".join(result.output.split())
+    with Ledger.connect(settings.database) as ledger:
+        run = ledger.run_by_key("cli:backfill:2024-01-01..2024-01-14")
+        summary = ledger.run_summary(run.run_id)
+    assert run.status == "failed"
+    discovered = summary.stage_counts["discover"]["done"]
+    assert discovered >= settings.run.quarantine_alert_min_studies
+    assert summary.quarantine.get("identity_unmatched", 0) > settings.run.quarantine_alert_fraction * discovered
+    assert "score" not in summary.stage_counts or summary.stage_counts["score"].get("done", 0) == 0

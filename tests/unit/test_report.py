@@ -13,6 +13,7 @@ from riskbridge.report import (
     RunSummary,
     calibration_bins,
     expected_calibration_error,
+    quarantine_alert,
     write_report,
 )
 
@@ -103,3 +104,20 @@ def test_calibration_bins_and_ece() -> None:
     assert ece == pytest.approx((0.05 + 0.85 + 2 * 0.05) / 4)
     with pytest.raises(ReportError):
         calibration_bins([0.1], [])
+
+
+def test_the_quarantine_alert_fires_above_the_share_and_names_reasons_not_uids() -> None:
+    counts = {"discover": {"done": 20}, "match": {"done": 4, "quarantined": 16}}
+    scored = [("1.2.840.99.1", 0.4, "high")]  # the alert must never carry a study's UID
+    summary = _summary(scored, stage_counts=counts, quarantine={"identity_unmatched": 15, "identity_conflict": 1})
+    alert = quarantine_alert(summary, max_fraction=0.5, min_studies=10)
+    assert alert is not None
+    assert "16 of the 20 studies" in alert and "80%" in alert
+    assert alert.index("identity_unmatched 15") < alert.index("identity_conflict 1")
+    assert "1.2.840" not in alert
+    assert quarantine_alert(summary, max_fraction=0.8, min_studies=10) is None  # 80% is not above 80%
+    assert quarantine_alert(summary, max_fraction=0.5, min_studies=21) is None  # too few studies to say
+
+
+def test_a_normal_run_raises_no_quarantine_alert() -> None:
+    assert quarantine_alert(_summary([]), max_fraction=0.5, min_studies=10) is None  # 6 of 30 quarantined

@@ -1,0 +1,52 @@
+"""The nightly DAG's last task: it finishes the ledger run, or fails the DAG run when the quarantine alert fires.
+
+The pipeline here is a stand-in that records calls (the task's wiring is what is tested; the alert's arithmetic is
+tested in test_report.py and, against a real ledger and servers, in tests/integration/test_pipeline.py).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import pytest
+from airflow.sdk.exceptions import AirflowFailException
+
+from riskbridge.airflow import dagkit
+
+
+class _Pipeline:
+    def __init__(self, alert: str | None) -> None:
+        self.alert = alert
+        self.finished: list[tuple[int, str]] = []
+
+    def quarantine_alert(self, run_id: int) -> str | None:
+        return self.alert
+
+    def finish_run(self, run_id: int, status: str = "success") -> None:
+        self.finished.append((run_id, status))
+
+
+def _use(monkeypatch: pytest.MonkeyPatch, pipeline: _Pipeline) -> None:
+    @contextmanager
+    def open_pipeline() -> Iterator[_Pipeline]:
+        yield pipeline
+
+    monkeypatch.setattr(dagkit, "open_pipeline", open_pipeline)
+
+
+def test_finish_marks_the_run_successful_when_no_alert_fires(monkeypatch: pytest.MonkeyPatch) -> None:
+    pipeline = _Pipeline(alert=None)
+    _use(monkeypatch, pipeline)
+    dagkit.finish_ledger_run(7)
+    assert pipeline.finished == [(7, "success")]
+
+
+def test_finish_fails_without_retries_and_leaves_the_run_open_when_the_alert_fires(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    pipeline = _Pipeline(alert="run 7 quarantined 30 of the 30 studies it discovered (100%)")
+    _use(monkeypatch, pipeline)
+    with pytest.raises(AirflowFailException, match="quarantined 30 of the 30"):
+        dagkit.finish_ledger_run(7)
+    assert pipeline.finished == []  # the failure callback marks it failed, as for any failed task
