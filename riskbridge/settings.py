@@ -265,7 +265,7 @@ class RunSettings(_Section):
     score_workers: int = Field(0, ge=0, le=32)  # DataLoader processes that preprocess volumes while the model scores
     # A run that quarantines more than this share of the studies it discovered fails at the end (report written
     # first) instead of finishing green: usually a site setting that matches nothing. 1.0 turns the alert off.
-    quarantine_alert_fraction: float = Field(0.5, gt=0, le=1)
+    quarantine_alert_fraction: float = Field(0.8, gt=0, le=1)
     quarantine_alert_min_studies: int = Field(10, ge=1)  # smaller runs never alert
 
 

@@ -125,6 +125,9 @@ def airflow(sandbox: Settings, tmp_path_factory: pytest.TempPathFactory) -> tupl
         "RISKBRIDGE_STAGING_DIR": str(work / "staging"),
         "RISKBRIDGE_MODEL_DIR": str(work / "models"),
         "RISKBRIDGE_RUN__REPORT_DIR": str(work / "reports"),
+        # Other tests' cohorts in the window make the quarantined share depend on which tests ran before this one;
+        # the alert itself is tested in test_pipeline.py.
+        "RISKBRIDGE_RUN__QUARANTINE_ALERT_FRACTION": "1.0",
     }
     return local, env
 
