@@ -332,6 +332,14 @@ class Ledger:
             if cursor.rowcount != 1:
                 raise LedgerError(f"no run {run_id}")
 
+    def resume_run(self, run_id: int) -> bool:
+        """Mark a failed run running again (a stage of it is being resumed); True when it was failed."""
+        with self._tx() as cursor:
+            cursor.execute(
+                "UPDATE runs SET status = 'running', finished = NULL WHERE run_id = %s AND status = 'failed'", (run_id,)
+            )
+            return cursor.rowcount == 1
+
     def set_model(self, run_id: int, model: str) -> None:
         """Record which model scored the run ("name version sha256[:12]")."""
         with self._tx() as cursor:

@@ -259,6 +259,8 @@ class Pipeline:
         return self._rules
 
     def _timed(self, run_id: int, stage: str, chunk: str, work: Callable[[], Counter[str]]) -> StageResult:
+        if self.ledger.resume_run(run_id):  # a failed run whose stages run again is running, not failed
+            LOG.info("run %d resumed at %s", run_id, stage)
         started = time.perf_counter()
         counts = work()
         seconds = time.perf_counter() - started

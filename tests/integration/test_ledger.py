@@ -104,6 +104,18 @@ def test_a_run_key_resumes_its_run_and_refuses_other_parameters(ledger: Ledger) 
     assert _count(ledger, "runs") == 2
 
 
+def test_a_failed_run_whose_stages_run_again_is_running_until_it_finishes(ledger: Ledger) -> None:
+    run_id = ledger.start_run("nightly", "cli:resume", WINDOW)
+    ledger.finish_run(run_id, "failed")
+    assert ledger.run(run_id).status == "failed"
+    assert ledger.resume_run(run_id) is True
+    assert ledger.run(run_id).status == "running" and ledger.run(run_id).finished is None
+    assert ledger.resume_run(run_id) is False  # already running
+    ledger.finish_run(run_id, "success")
+    assert ledger.resume_run(run_id) is False  # a finished run is not reopened (a rerun of write-back, say)
+    assert ledger.run(run_id).status == "success"
+
+
 def _study(uid: str, patient_id: str) -> StudyRef:
     patient = PacsPatient(patient_id, "SYNTH_HOSP", (("X9", None),), "SYNTH-ECHO^THREE", "19511105", "M")
     return StudyRef(uid, f"ACC{uid[-1]}", patient, datetime(2024, 1, 10, 9, 30), "-0500", ("CT",), "chest", 120)
