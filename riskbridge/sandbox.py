@@ -606,10 +606,20 @@ class Sandbox:
             to_start = [part for part in parts if part.running_pid() is None]
             for part in to_start:
                 part.check_ports()
+            # Every part is prepared (directories, config, the HAPI build, PostgreSQL's permission check) before any
+            # starts, so that a part that cannot start leaves no other part of this call running.
             for part in to_start:
                 part.prepare(progress)
-                part.start()
-                progress(part.name, "started")
+            started: list[_Part] = []
+            try:
+                for part in to_start:
+                    part.start()
+                    started.append(part)
+                    progress(part.name, "started")
+            except BaseException:
+                for part in started:
+                    part.stop()
+                raise
             for part in parts:
                 if part not in to_start:
                     progress(part.name, "already running")

@@ -107,3 +107,44 @@ def test_hapi_runs_its_own_copy_of_the_launcher_jar(tmp_path: Path, monkeypatch:
         assert running.read() == b"build 1"
     inode = installed.stat().st_ino
     assert hapi._install_server_jar().stat().st_ino == inode  # unchanged build: no new copy
+
+
+def test_a_part_that_cannot_be_prepared_leaves_no_other_part_started(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    box = _sandbox(tmp_path)
+    calls: list[str] = []
+    for part in box.parts:
+        monkeypatch.setattr(part, "check_prerequisites", lambda: None)
+        monkeypatch.setattr(part, "check_ports", lambda: None)
+        monkeypatch.setattr(part, "start", lambda name=part.name: calls.append(f"start {name}") or 1)
+        monkeypatch.setattr(part, "prepare", lambda progress, name=part.name: calls.append(f"prepare {name}"))
+
+    def unreachable(progress: object) -> None:
+        raise SandboxError("postgres: the 'postgres' user cannot reach the sandbox dir")
+
+    monkeypatch.setattr(box.postgres, "prepare", unreachable)
+    with pytest.raises(SandboxError, match="cannot reach"):
+        box.up()
+    assert calls == ["prepare orthanc", "prepare hapi-fhir"]  # and nothing started
+
+
+def test_a_part_that_fails_to_start_stops_the_parts_this_call_started(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    box = _sandbox(tmp_path)
+    calls: list[str] = []
+    for part in box.parts:
+        monkeypatch.setattr(part, "check_prerequisites", lambda: None)
+        monkeypatch.setattr(part, "check_ports", lambda: None)
+        monkeypatch.setattr(part, "prepare", lambda progress: None)
+        monkeypatch.setattr(part, "start", lambda name=part.name: calls.append(f"start {name}") or 1)
+        monkeypatch.setattr(part, "stop", lambda timeout_s=30.0, name=part.name: calls.append(f"stop {name}") or True)
+
+    def refuses() -> int:
+        raise SandboxError("postgres: could not start")
+
+    monkeypatch.setattr(box.postgres, "start", refuses)
+    with pytest.raises(SandboxError, match="could not start"):
+        box.up()
+    assert calls == ["start orthanc", "start hapi-fhir", "stop orthanc", "stop hapi-fhir"]
