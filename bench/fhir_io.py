@@ -439,9 +439,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     for label, (arm_reads, arm_writes) in [("loopback", (reads, writes))] + (
         [(f"{args.round_trip_ms:g} ms round trip", distant[:2])] if distant else []
     ):
-        naive = next(m for m in arm_reads if m.arm.startswith("naive"))
-        batched = max(m.per_second for m in arm_reads if m is not naive) / naive.per_second
-        bundled = ratios(arm_reads, arm_writes)[3]
+        _, _, batched, bundled = ratios(arm_reads, arm_writes)
         print(f"{label}: batched reads {batched:.1f}x the naive loop (target 10x); bundled writes {bundled:.1f}x (5x)")
     body = report(reads, writes, args.patients, load_seconds, resources_loaded, args, server, lab_query, distant)
     if not args.no_report:

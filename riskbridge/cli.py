@@ -648,7 +648,7 @@ def run_pipeline(
             console.print(f"stopped after {until}; rerun the same command to resume")
             return
         failed = sum(row["failed"] for row in summary.stage_counts.values())
-        alert = pipeline.quarantine_alert(run_id)
+        alert = pipeline.quarantine_alert(run_id, summary)
         pipeline.finish_run(run_id, "failed" if alert else "success")
         console.print(f"report: {pipeline.report(run_id)}")
     if alert:

@@ -99,7 +99,7 @@ def run_demo(
     local.init(settings)
 
     announce(f"running the nightly DAG once: airflow dags test riskbridge_nightly {LOGICAL_DATE}")
-    env = {**os.environ, **extra}
+    env = dict(os.environ)  # holds the demo's variables already (updated above)
     if config_file is not None:
         env["RISKBRIDGE_CONFIG"] = str(config_file.resolve())
     result = local.dags_test("riskbridge_nightly", LOGICAL_DATE, env=env)

@@ -24,7 +24,7 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import asdict, dataclass
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from riskbridge.clinical import ClinicalStage, PatientIndex
 from riskbridge.connectors import query
@@ -45,6 +45,9 @@ from riskbridge.writeback import (
     qualitative_risk,
     write_assessments,
 )
+
+if TYPE_CHECKING:
+    from riskbridge.report import RunSummary
 
 LOG = logging.getLogger(__name__)
 
@@ -293,13 +296,14 @@ class Pipeline:
         """Mark the run finished (success or failed)."""
         self.ledger.finish_run(run_id, status)
 
-    def quarantine_alert(self, run_id: int) -> str | None:
+    def quarantine_alert(self, run_id: int, summary: RunSummary | None = None) -> str | None:
         """The alert message when the run quarantined more than ``[run] quarantine_alert_fraction`` of its studies
-        (see :func:`riskbridge.report.quarantine_alert`); None when it did not."""
+        (see :func:`riskbridge.report.quarantine_alert`); None when it did not. Pass the run's ``summary`` when it
+        is at hand, so the ledger is not read for it again."""
         from riskbridge.report import quarantine_alert
 
         run = self.settings.run
-        summary = self.ledger.run_summary(run_id)
+        summary = summary if summary is not None else self.ledger.run_summary(run_id)
         return quarantine_alert(summary, run.quarantine_alert_fraction, run.quarantine_alert_min_studies)
 
     # -- discover ------------------------------------------------------------------------------------------------------

@@ -57,7 +57,7 @@ class WritebackConfig:
     method_system: str = "urn:riskbridge:model"
     device_identifier_system: str = "urn:riskbridge:device"
     bundle_size: int = 50
-    bundle_workers: int = 1  # bundles posted at once by the pipeline's write-back stage
+    bundle_workers: int = 2  # bundles posted at once by the pipeline's write-back stage
 
     @classmethod
     def from_settings(cls, writeback: WritebackSettings) -> WritebackConfig:

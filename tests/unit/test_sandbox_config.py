@@ -109,15 +109,24 @@ def test_hapi_runs_its_own_copy_of_the_launcher_jar(tmp_path: Path, monkeypatch:
     assert hapi._install_server_jar().stat().st_ino == inode  # unchanged build: no new copy
 
 
-def test_a_part_that_cannot_be_prepared_leaves_no_other_part_started(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    box = _sandbox(tmp_path)
+def _stand_in_parts(box: Sandbox, monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Replace every part's checks, prepare, start and stop by stand-ins; return the list start/stop append to."""
     calls: list[str] = []
     for part in box.parts:
         monkeypatch.setattr(part, "check_prerequisites", lambda: None)
         monkeypatch.setattr(part, "check_ports", lambda: None)
+        monkeypatch.setattr(part, "prepare", lambda progress: None)
         monkeypatch.setattr(part, "start", lambda name=part.name: calls.append(f"start {name}") or 1)
+        monkeypatch.setattr(part, "stop", lambda timeout_s=30.0, name=part.name: calls.append(f"stop {name}") or True)
+    return calls
+
+
+def test_a_part_that_cannot_be_prepared_leaves_no_other_part_started(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    box = _sandbox(tmp_path)
+    calls = _stand_in_parts(box, monkeypatch)
+    for part in (box.orthanc, box.hapi):
         monkeypatch.setattr(part, "prepare", lambda progress, name=part.name: calls.append(f"prepare {name}"))
 
     def unreachable(progress: object) -> None:
@@ -133,13 +142,7 @@ def test_a_part_that_fails_to_start_stops_the_parts_this_call_started(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     box = _sandbox(tmp_path)
-    calls: list[str] = []
-    for part in box.parts:
-        monkeypatch.setattr(part, "check_prerequisites", lambda: None)
-        monkeypatch.setattr(part, "check_ports", lambda: None)
-        monkeypatch.setattr(part, "prepare", lambda progress: None)
-        monkeypatch.setattr(part, "start", lambda name=part.name: calls.append(f"start {name}") or 1)
-        monkeypatch.setattr(part, "stop", lambda timeout_s=30.0, name=part.name: calls.append(f"stop {name}") or True)
+    calls = _stand_in_parts(box, monkeypatch)
 
     def refuses() -> int:
         raise SandboxError("postgres: could not start")
