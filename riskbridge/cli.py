@@ -6,6 +6,7 @@ and exit status 2, never a stack trace.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import date
@@ -13,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import typer
-from rich.console import Console
+from rich.console import Console, ConsoleDimensions
 from rich.markup import escape
 from rich.progress import (
     BarColumn,
@@ -34,8 +35,29 @@ app.add_typer(sandbox_app, name="sandbox")
 imaging_app = typer.Typer(help="Query the PACS, select each study's series by the rules, retrieve it verified.")
 app.add_typer(imaging_app, name="imaging")
 
-console = Console()
-err_console = Console(stderr=True)
+# Off a terminal (a pipe, a log file, a test runner) rich would hard-wrap at 80 columns, breaking paths and
+# messages at places that depend on their length; there, lines are written whole and tables take their own width.
+UNWRAPPED_WIDTH = 10_000
+
+
+class _Console(Console):
+    """A rich Console that never wraps when its output is not a terminal (unless COLUMNS says otherwise)."""
+
+    @property
+    def size(self) -> ConsoleDimensions:
+        """The terminal's size; off a terminal, a width no line reaches."""
+        size = super().size
+        if self.is_terminal or os.environ.get("COLUMNS"):
+            return size
+        return ConsoleDimensions(UNWRAPPED_WIDTH, size.height)
+
+    @size.setter
+    def size(self, new_size: tuple[int, int]) -> None:
+        Console.size.fset(self, new_size)  # type: ignore[attr-defined]
+
+
+console = _Console(soft_wrap=True)
+err_console = _Console(stderr=True, soft_wrap=True)
 
 
 class _State:

@@ -43,3 +43,14 @@ def test_sandbox_up_only_an_unknown_part_names_the_choices(monkeypatch: pytest.M
     result = runner.invoke(app, ["sandbox", "up", "--only", "pacs"])
     assert result.exit_code == 2
     assert "unknown sandbox part(s) pacs: choose from orthanc, hapi-fhir, postgres" in result.output
+
+
+def test_output_off_a_terminal_is_never_wrapped(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    # rich wraps at 80 columns off a terminal by default: a message naming a long path then broke at a place that
+    # depended on the path's length (and a test grepping it passed or failed with pytest's temp dir name)
+    monkeypatch.delenv("COLUMNS", raising=False)
+    missing = tmp_path / ("a-directory-with-a-long-name-" * 6) / "riskbridge.toml"
+    result = runner.invoke(app, ["--config", str(missing), "doctor"])
+    assert result.exit_code == 2
+    lines = [line for line in result.output.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and str(missing) in lines[0]
