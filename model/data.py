@@ -5,6 +5,13 @@ A training table is a directory::
     manifest.json   format, version, feature_spec label, preprocess config, source, counts
     table.jsonl     one row per patient: key, label, feature_spec, names, values, observed, volume
     volumes/<key>.npy   the preprocessed image (float16, shape (1, *preprocess.size)); ``volume`` null: no image
+    masks/<key>.npz     optional dense nodule label on the same grid (uint8, compressed); ``mask`` null: unlabelled
+
+``mask`` (optional) is a training-only dense label: 1 where a nodule touches the voxel. An all-zero mask says "no
+nodule" (a radiologist looked); a null mask says nothing, and the row takes no part in the segmenter's training.
+The synthetic builder renders it from the truth's nodules (:func:`riskbridge.synth.phantom.nodule_occupancy`); a
+site derives it from its radiologists' DICOM SEG objects (:func:`series_row` with :mod:`riskbridge.model.seg`).
+Both go through :meth:`Preprocessor.mask_from_volume`, the image's own spatial transforms.
 
 ``image_target`` (optional, null when unknown) is a number the image alone should predict, used as auxiliary
 supervision of the image stage: the synthetic builder writes the truth's image term (the nodule burden
@@ -39,8 +46,9 @@ from riskbridge.model.preprocess import PreprocessConfig, Preprocessor
 
 TABLE_FORMAT = "riskbridge-training-table"
 TABLE_VERSION = 1
-# What the reference model sees: 280 x 200 x 100 mm around the scan centre at 5 mm (both lungs fit in x and y).
-DEFAULT_PREPROCESS = PreprocessConfig(spacing_mm=(5.0, 5.0, 5.0), size=(56, 40, 20), hu_window=(-1000.0, 400.0))
+# What the reference model sees: 288 x 216 x 84 mm around the scan centre at 3 mm (both lungs fit in x and y; a
+# 3 mm nodule still lights a voxel, which at 5 mm it mostly did not).
+DEFAULT_PREPROCESS = PreprocessConfig(spacing_mm=(3.0, 3.0, 3.0), size=(96, 72, 28), hu_window=(-1000.0, 400.0))
 DEFAULT_TRAINING_SEED = 20240501  # not the demo cohort's seed: the reference model never saw the sandbox patients
 
 
@@ -57,6 +65,7 @@ class TableRow:
     vector: FeatureVector
     volume: np.ndarray | None
     image_target: float | None = None
+    mask: np.ndarray | None = None  # uint8 (1, *size): the dense nodule label, training only
 
 
 @dataclass
@@ -73,6 +82,8 @@ class TrainingTable:
     present: np.ndarray
     volumes: np.ndarray
     image_target: np.ndarray  # NaN where the row has none
+    masks: np.ndarray | None = None  # uint8 [N, 1, *size] when any row has a mask
+    has_mask: np.ndarray | None = None  # bool [N]: which rows' masks are labels (the others are zeros, unknown)
 
     def __len__(self) -> int:
         """Number of patients."""
@@ -91,7 +102,16 @@ class TrainingTable:
             self.present[index],
             self.volumes[index],
             self.image_target[index],
+            None if self.masks is None else self.masks[index],
+            None if self.has_mask is None else self.has_mask[index],
         )
+
+    @property
+    def mask_rows(self) -> np.ndarray:
+        """Indices of the rows with both an image and a dense label (the segmenter's training rows)."""
+        if self.has_mask is None:
+            return np.zeros(0, dtype=np.int64)
+        return np.flatnonzero(self.has_mask & self.present[:, 0])
 
 
 class TableWriter:
@@ -102,14 +122,16 @@ class TableWriter:
         self.root = Path(out_dir)
         if self.root.exists() and any(self.root.iterdir()) and not (self.root / "table.jsonl").exists():
             raise TrainingTableError(f"{self.root}: exists and is not a training table; refusing to overwrite")
-        (self.root / "volumes").mkdir(parents=True, exist_ok=True)
-        for stale in (self.root / "volumes").glob("*.npy"):
-            stale.unlink()
+        for folder, pattern in (("volumes", "*.npy"), ("masks", "*.npz")):
+            (self.root / folder).mkdir(parents=True, exist_ok=True)
+            for stale in (self.root / folder).glob(pattern):
+                stale.unlink()
         (self.root / "manifest.json").unlink(missing_ok=True)
         self.spec, self.preprocess, self.source = spec, preprocess, source
         self._rows = (self.root / "table.jsonl").open("w", encoding="utf-8")
         self.count = 0
         self.with_volume = 0
+        self.with_mask = 0
         self.positives = 0
 
     def add(self, row: TableRow) -> None:
@@ -126,6 +148,15 @@ class TableWriter:
             volume_name = f"volumes/{row.key}.npy"
             np.save(self.root / volume_name, row.volume.astype(np.float16), allow_pickle=False)
             self.with_volume += 1
+        mask_name = None
+        if row.mask is not None:
+            if row.volume is None:
+                raise TrainingTableError(f"row {row.key}: a mask without a volume")
+            if row.mask.shape != row.volume.shape:
+                raise TrainingTableError(f"row {row.key}: mask shape {row.mask.shape}, volume {row.volume.shape}")
+            mask_name = f"masks/{row.key}.npz"
+            np.savez_compressed(self.root / mask_name, mask=(row.mask > 0).astype(np.uint8))
+            self.with_mask += 1
         record = {
             "key": row.key,
             "label": row.label,
@@ -135,6 +166,7 @@ class TableWriter:
             "observed": list(row.vector.observed),
             "volume": volume_name,
             "image_target": row.image_target,
+            "mask": mask_name,
         }
         self._rows.write(json.dumps(record, sort_keys=True) + "\n")
         self.count += 1
@@ -151,6 +183,7 @@ class TableWriter:
             "source": self.source,
             "rows": self.count,
             "with_volume": self.with_volume,
+            "with_mask": self.with_mask,
             "positives": self.positives,
             "excluded": dict(sorted((excluded or {}).items())),
         }
@@ -180,7 +213,7 @@ def load_table(root: Path, spec: FeatureSpec) -> TrainingTable:
         raise TrainingTableError(f"{root}: built with feature spec {manifest['feature_spec']}, not {spec.label}")
     preprocess = PreprocessConfig.from_dict(manifest["preprocess"])
     keys: list[str] = []
-    labels, labs, notes, present, volume_files, image_targets = [], [], [], [], [], []
+    labels, labs, notes, present, volume_files, image_targets, mask_files = [], [], [], [], [], [], []
     with (root / "table.jsonl").open(encoding="utf-8") as stream:
         for number, line in enumerate(stream, start=1):
             try:
@@ -207,6 +240,9 @@ def load_table(root: Path, spec: FeatureSpec) -> TrainingTable:
             labs.append(lab_input)
             notes.append(note_input)
             volume_files.append(row.get("volume"))
+            mask_files.append(row.get("mask"))
+            if row.get("mask") is not None and row.get("volume") is None:
+                raise TrainingTableError(f"{root}/table.jsonl line {number}: a mask without a volume")
             target = row.get("image_target")
             image_targets.append(float(target) if target is not None else math.nan)
             present.append((row.get("volume") is not None, has_labs, has_notes))
@@ -223,6 +259,7 @@ def load_table(root: Path, spec: FeatureSpec) -> TrainingTable:
         if array.shape != volumes.shape[1:]:
             raise TrainingTableError(f"{root}: {name} has shape {array.shape}, expected {volumes.shape[1:]}")
         volumes[i] = array
+    masks, has_mask = _load_masks(root, keys, mask_files, volumes.shape[1:])
     return TrainingTable(
         root,
         manifest,
@@ -234,19 +271,75 @@ def load_table(root: Path, spec: FeatureSpec) -> TrainingTable:
         np.asarray(present, dtype=bool),
         volumes,
         np.asarray(image_targets, dtype=np.float64),
+        masks,
+        has_mask,
     )
+
+
+def _load_masks(
+    root: Path, keys: list[str], files: list[str | None], shape: tuple[int, ...]
+) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """The rows' dense labels (None, None when no row has one)."""
+    has_mask = np.array([name is not None for name in files], dtype=bool)
+    if not has_mask.any():
+        return None, None
+    masks = np.zeros((len(keys), *shape), dtype=np.uint8)
+    for i, name in enumerate(files):
+        if name is None:
+            continue
+        path = root / name
+        if not path.is_file():
+            raise TrainingTableError(f"{root}: row {keys[i]} names {name}, which does not exist")
+        try:
+            with np.load(path, allow_pickle=False) as stored:
+                array = stored["mask"]
+        except (OSError, ValueError, KeyError) as exc:
+            raise TrainingTableError(f"{root}: {name} is not a mask file ({exc})") from None
+        if array.shape != shape:
+            raise TrainingTableError(f"{root}: {name} has shape {array.shape}, expected {shape}")
+        masks[i] = array > 0
+    return masks, has_mask
+
+
+def series_row(
+    key: str,
+    label: int,
+    vector: FeatureVector,
+    series_dir: Path,
+    preprocessor: Preprocessor,
+    segmentation: Path | None = None,
+    segments: Sequence[int] | None = None,
+) -> TableRow:
+    """A site patient's row: its staged CT series preprocessed and, when its radiologists segmented the nodules, the
+    DICOM SEG ``segmentation`` (``segments`` of it; default all) as the dense mask on the same grid.
+
+    Without a SEG the row has no mask (not "no nodule"). Raises the volume module's ``VolumeError`` for a series
+    that is no trustworthy volume and :class:`~riskbridge.model.seg.SegmentationError` for a SEG that does not fit it.
+    """
+    from riskbridge.harmonize.volume import load_series_volume
+    from riskbridge.model.seg import seg_occupancy
+
+    volume = load_series_volume(series_dir)
+    affine = np.asarray(volume.affine, dtype=np.float64)
+    image = preprocessor.from_volume(volume.array, affine, space="RAS")
+    mask = None
+    if segmentation is not None:
+        occupancy = seg_occupancy(segmentation, series_dir, segments)
+        mask = preprocessor.mask_from_volume(occupancy, affine, space="RAS")
+    return TableRow(key, label, vector, image, None, mask)
 
 
 # --- the synthetic cohort --------------------------------------------------------------------------------------
 
 
-def synthetic_lung_volume(patient: Any, preprocess: PreprocessConfig) -> np.ndarray:
-    """The preprocessed thin lung-kernel volume of a synthetic patient's index study (as its DICOM would give).
+def synthetic_lung_volume(patient: Any, preprocess: PreprocessConfig) -> tuple[np.ndarray, np.ndarray]:
+    """The preprocessed thin lung-kernel volume of a synthetic patient's index study (as its DICOM would give),
+    and its dense nodule mask on the same grid.
 
     The phantom's array is ``(z, y, x)`` on the study's thin grid; the affine maps it to DICOM patient
     coordinates (LPS) exactly as the generated ImagePositionPatient/PixelSpacing do.
     """
-    from riskbridge.synth.phantom import render_study
+    from riskbridge.synth.phantom import nodule_occupancy, render_study
 
     study = patient.index_study
     geometry = study.geometry
@@ -259,7 +352,9 @@ def synthetic_lung_volume(patient: Any, preprocess: PreprocessConfig) -> np.ndar
             [0.0, 0.0, 0.0, 1.0],
         ]
     )
-    return Preprocessor(preprocess).from_volume(hu, affine, space="LPS")
+    preprocessor = Preprocessor(preprocess)
+    mask = preprocessor.mask_from_volume(nodule_occupancy(study, patient.nodules), affine, space="LPS")
+    return preprocessor.from_volume(hu, affine, space="LPS"), mask
 
 
 def synthetic_row(patient: Any, spec: FeatureSpec, preprocess: PreprocessConfig) -> TableRow:
@@ -274,9 +369,10 @@ def synthetic_row(patient: Any, spec: FeatureSpec, preprocess: PreprocessConfig)
     demographics = {"age_years": float(patient.age_years), "sex_male": 1.0 if patient.sex == "M" else 0.0}
     demographics = {k: v for k, v in demographics.items() if k in {d.name for d in spec.demographics}}
     vector = build_vector(spec, labs, flags, demographics)
-    volume = synthetic_lung_volume(patient, preprocess)
+    volume, mask = synthetic_lung_volume(patient, preprocess)
     # the truth's image term (nodule burden): optional auxiliary supervision of the image stage
-    return TableRow(patient.key, int(patient.label), vector, volume, float(patient.logit_components["image"]))
+    image_term = float(patient.logit_components["image"])
+    return TableRow(patient.key, int(patient.label), vector, volume, image_term, mask)
 
 
 def _rows_worker(args: tuple[Sequence[Any], FeatureSpec, PreprocessConfig]) -> list[TableRow]:

@@ -23,13 +23,18 @@ import math
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Literal, NamedTuple, cast
 
+import numpy as np
 import torch
-from monai.networks.nets import ResNet
+from monai.networks.nets import ResNet, UNet
+from scipy import ndimage
 from torch import Tensor, nn
 
 from riskbridge.model.preprocess import PreprocessConfig
+from riskbridge.records import MODALITIES
 
-MODALITIES = ("image", "labs", "notes")
+IMAGE_ENCODERS = ("resnet", "detector")
+# What the detector encoder reads off its nodule probability map, per volume (see burden_features).
+BURDEN_FEATURES = ("burden", "count", "volume", "largest", "peak")
 STRATEGIES = ("image", "tabular", "early", "late", "hybrid")
 Strategy = Literal["image", "tabular", "early", "late", "hybrid"]
 # Which modalities each strategy reads; the others are ignored (and get zero attention).
@@ -62,6 +67,9 @@ class ModelConfig:
     hidden_dim: int = 64
     image_channels: tuple[int, int, int, int] = (8, 16, 32, 64)
     image_pool: Literal["max", "avg"] = "max"
+    image_encoder: Literal["resnet", "detector"] = "resnet"
+    detector_channels: tuple[int, ...] = (16, 32, 64)
+    detector_threshold: float = 0.5
     dropout: float = 0.1
     modality_dropout: float = 0.25
     lab_center: tuple[float, ...] = ()
@@ -80,6 +88,18 @@ class ModelConfig:
             raise ValueError("lab_scale values must be finite and positive")
         if not 0.0 <= self.modality_dropout < 1.0:
             raise ValueError(f"modality_dropout must lie in [0, 1), got {self.modality_dropout}")
+        if self.image_encoder not in IMAGE_ENCODERS:
+            raise ValueError(f"image_encoder must be one of {', '.join(IMAGE_ENCODERS)}, got {self.image_encoder!r}")
+        if self.image_encoder == "detector":
+            # the U-Net halves the grid len(channels) - 1 times and must meet its skip connections again
+            factor = 2 ** (len(self.detector_channels) - 1)
+            if len(self.detector_channels) < 2 or any(side % factor for side in self.preprocess.size):
+                raise ValueError(
+                    f"the detector encoder needs at least 2 channel levels and a preprocess size divisible by "
+                    f"{factor}, got channels {self.detector_channels} and size {self.preprocess.size}"
+                )
+            if not 0.0 < self.detector_threshold < 1.0:
+                raise ValueError(f"detector_threshold must lie in (0, 1), got {self.detector_threshold}")
 
     @property
     def uses(self) -> tuple[bool, bool, bool]:
@@ -111,7 +131,15 @@ class ModelConfig:
         if unknown:
             raise ValueError(f"model config has unknown key(s): {', '.join(unknown)}")
         data["preprocess"] = PreprocessConfig.from_dict(data["preprocess"])
-        for key in ("lab_features", "note_features", "image_channels", "lab_center", "lab_scale", "lab_log"):
+        for key in (
+            "lab_features",
+            "note_features",
+            "image_channels",
+            "detector_channels",
+            "lab_center",
+            "lab_scale",
+            "lab_log",
+        ):
             if key in data:
                 data[key] = tuple(data[key])
         return cls(**data)
@@ -127,6 +155,13 @@ class FusionOutput(NamedTuple):
 
 
 def image_encoder(config: ModelConfig) -> nn.Module:
+    """The image encoder ``config.image_encoder`` names: :class:`NoduleBurdenEncoder` or :func:`resnet_encoder`."""
+    if config.image_encoder == "detector":
+        return NoduleBurdenEncoder(config)
+    return resnet_encoder(config)
+
+
+def resnet_encoder(config: ModelConfig) -> nn.Module:
     """A compact MONAI 3D ResNet (one basic block per stage, stride-2 stem, no max-pool) -> ``embed_dim`` features.
 
     With ``image_pool="max"`` the final global pooling is a max instead of MONAI's average: a nodule fills a few
@@ -147,6 +182,78 @@ def image_encoder(config: ModelConfig) -> nn.Module:
     if config.image_pool == "max":
         network.avgpool = nn.AdaptiveMaxPool3d(1)  # type: ignore[assignment]  # MONAI annotates only avg pools
     return network
+
+
+def burden_features(logits: Tensor, spacing_mm: tuple[float, float, float], threshold: float) -> Tensor:
+    """Per volume, what a radiologist would count, read off a nodule logit map ``[B, 1, X, Y, Z]`` -> ``[B, 5]``.
+
+    Voxels with probability >= ``threshold`` form nodules (26-connected components); each nodule's diameter is
+    that of the sphere of its volume. The features (:data:`BURDEN_FEATURES`): ``ln(1 + sum of diameters / 5 mm)``
+    (the nodule burden), ``ln(1 + nodules)``, ``ln(1 + soft volume / 100 mm³)`` (the probability mass, which
+    needs no threshold), the largest diameter in cm and the peak probability. They survive a single positive voxel
+    where a global average over the chest would not (docs/model.md).
+    """
+    probability = torch.sigmoid(logits.detach().float())[:, 0].cpu().numpy()
+    voxel_mm3 = float(np.prod(spacing_mm))
+    structure = np.ones((3, 3, 3), dtype=bool)
+    rows = []
+    for volume in probability:
+        labels, count = ndimage.label(volume >= threshold, structure=structure)
+        sizes = np.bincount(labels.ravel())[1:] if count else np.zeros(0)
+        diameters = np.cbrt(6.0 * sizes * voxel_mm3 / math.pi)
+        rows.append(
+            [
+                math.log1p(float(diameters.sum()) / 5.0),
+                math.log1p(count),
+                math.log1p(float(volume.sum()) * voxel_mm3 / 100.0),
+                float(diameters.max()) / 10.0 if count else 0.0,
+                float(volume.max()),
+            ]
+        )
+    return torch.tensor(rows, dtype=torch.float32, device=logits.device)
+
+
+class NoduleBurdenEncoder(nn.Module):
+    """A MONAI U-Net that segments nodules, its burden read-out, and a linear map to the fusion's embedding.
+
+    The U-Net (:attr:`segmenter`) is trained with dense, training-only nodule masks (riskbridge.model.dense); at
+    scoring time it sees the image only. :meth:`burden` turns its nodule map into :data:`BURDEN_FEATURES` (no
+    gradient: counting components is not differentiable, and the U-Net is trained by its own loss), and
+    :attr:`readout` maps those to ``embed_dim`` features, trained on the outcome labels in the image stage.
+    """
+
+    def __init__(self, config: ModelConfig) -> None:
+        """Build the U-Net (``detector_channels``, one residual unit per level) and the read-out."""
+        super().__init__()
+        channels = tuple(config.detector_channels)
+        self.segmenter = UNet(
+            spatial_dims=3,
+            in_channels=1,
+            out_channels=1,
+            channels=channels,
+            strides=(2,) * (len(channels) - 1),
+            num_res_units=1,
+        )
+        self.readout = nn.Linear(len(BURDEN_FEATURES), config.embed_dim)
+        self.spacing_mm = config.preprocess.spacing_mm
+        self.threshold = config.detector_threshold
+
+    def segment(self, image: Tensor) -> Tensor:
+        """Nodule logits ``[B, 1, *size]`` of preprocessed volumes ``[B, 1, *size]``."""
+        return cast(Tensor, self.segmenter(image))
+
+    @torch.no_grad()
+    def burden(self, image: Tensor) -> Tensor:
+        """:func:`burden_features` of the volumes ``[B, 1, *size]`` -> ``[B, 5]``."""
+        return burden_features(self.segment(image), self.spacing_mm, self.threshold)
+
+    def embed(self, burden: Tensor) -> Tensor:
+        """Embeddings ``[B, embed_dim]`` of burden features ``[B, 5]``."""
+        return cast(Tensor, self.readout(burden))
+
+    def forward(self, image: Tensor) -> Tensor:
+        """Embeddings ``[B, embed_dim]`` of preprocessed volumes ``[B, 1, *size]``."""
+        return self.embed(self.burden(image))
 
 
 def mlp(inputs: int, hidden: int, outputs: int, dropout: float) -> nn.Sequential:

@@ -31,6 +31,7 @@ import torch
 from monai.data import MetaTensor
 from monai.transforms import Compose, Orientation, ResizeWithPadOrCrop, ScaleIntensityRange, Spacing
 from monai.utils import MetaKeys, SpaceKeys
+from scipy import ndimage
 
 from riskbridge.harmonize.volume import VolumeError, load_series_volume, series_files
 from riskbridge.records import uid_hash
@@ -110,6 +111,16 @@ class Preprocessor:
             overrides={"mode": "bilinear", "padding_mode": "zeros"},
         )
 
+        self._spatial = Compose(
+            [
+                Orientation(axcodes="RAS", labels=RAS_LABELS),
+                Spacing(pixdim=config.spacing_mm, mode="bilinear", padding_mode="zeros"),
+                ResizeWithPadOrCrop(spatial_size=config.size),
+            ],
+            lazy=lazy,
+            overrides={"mode": "bilinear", "padding_mode": "zeros"},
+        )
+
     def cache_path(self, series_uid: str) -> Path | None:
         """Where the cached array of a series lives (``None`` without a cache directory)."""
         if self.cache_dir is None:
@@ -157,6 +168,43 @@ class Preprocessor:
         ras = torch.as_tensor(matrix)
         volume = MetaTensor(tensor, affine=ras, meta={MetaKeys.SPACE: SpaceKeys.RAS, MetaKeys.ORIGINAL_AFFINE: ras})
         return self._run(volume)
+
+    def mask_from_volume(
+        self, occupancy: np.ndarray, affine: np.ndarray, space: Literal["LPS", "RAS"] = "LPS"
+    ) -> np.ndarray:
+        """A label volume (nodule occupancy in [0, 1], on the same grid as an image ``from_volume`` would read)
+        -> the model grid's uint8 ``(1, *size)`` mask, through the image's own orientation, spacing and crop.
+
+        A model voxel is labelled when its cell touches the label: the occupancy is first dilated by one model
+        voxel's extent in source voxels, so a 3 mm nodule still marks a voxel of a 3 mm grid (sampling the label
+        at voxel centres alone would miss it about half the time).
+        """
+        array = np.asarray(occupancy, dtype=np.float32)
+        if array.ndim == 4 and array.shape[0] == 1:
+            array = array[0]
+        if array.ndim != 3:
+            raise ValueError(f"occupancy must be a 3-D volume, got shape {np.shape(occupancy)}")
+        if array.min(initial=0.0) < 0.0 or array.max(initial=0.0) > 1.0:
+            raise ValueError("occupancy values must lie in [0, 1]")
+        matrix = np.asarray(affine, dtype=np.float64)
+        if matrix.shape != (4, 4) or abs(np.linalg.det(matrix[:3, :3])) < 1e-9:
+            raise ValueError("affine must be an invertible 4x4 matrix")
+        source_mm = np.linalg.norm(matrix[:3, :3], axis=0)
+        # the model's spacing, as source voxels along each array axis (orientation-independent: the extent of the
+        # model voxel's box along the direction that axis points to)
+        directions = matrix[:3, :3] / source_mm
+        extent = np.abs(directions.T) @ np.asarray(self.config.spacing_mm)
+        # symmetric: a source voxel within half a model voxel of a model voxel's centre marks it
+        footprint = tuple(2 * int(e / (2 * s) + 1e-6) + 1 for e, s in zip(extent, source_mm, strict=True))
+        touched = ndimage.maximum_filter(array >= 0.5, size=footprint)
+        if space == "LPS":
+            matrix = LPS_TO_RAS @ matrix
+        tensor = torch.from_numpy(np.asarray(touched, dtype=np.float32))[None]
+        ras = torch.as_tensor(matrix)
+        volume = MetaTensor(tensor, affine=ras, meta={MetaKeys.SPACE: SpaceKeys.RAS, MetaKeys.ORIGINAL_AFFINE: ras})
+        output = self._spatial(_in_storage_order(volume))
+        resampled = output.as_tensor().numpy() if isinstance(output, MetaTensor) else np.asarray(output)
+        return (resampled >= 0.5).astype(np.uint8)
 
     def _run(self, volume: MetaTensor) -> np.ndarray:
         """Shift the window minimum to 0 in place (so padding is air), then apply the transforms."""

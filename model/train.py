@@ -5,7 +5,10 @@ How one model is fitted (:func:`fit_strategies`, docs/model.md):
 1. The training rows are split, stratified and seeded, into a fitting part and a calibration part
    (``TrainOptions.calibration_fraction``); the calibration part picks the best epoch, fits the calibrator and the
    F1 threshold, and is never trained on. A test fold never takes part in any of this.
-2. The image encoder is trained end to end as the image-only model (random left-right and cranio-caudal flips).
+2. The image encoder is trained as the image-only model. The ``detector`` encoder (default) first trains its
+   U-Net on dense nodule masks (:mod:`riskbridge.model.dense`), computes every row's burden features once and
+   then fits its read-out and the image head on the labels; the ``resnet`` encoder is trained end to end (random
+   left-right and cranio-caudal flips).
 3. Every other strategy reuses that encoder, frozen, with its embeddings computed once, and trains its tabular
    encoders, attention and heads on top (so the five strategies share one image encoder per fold and the
    comparison isolates the fusion; it also keeps CPU training to minutes).
@@ -23,7 +26,7 @@ import random
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, cast
 
 import numpy as np
 import torch
@@ -33,13 +36,15 @@ from torch import Tensor
 from riskbridge.harmonize.features import FeatureSpec
 from riskbridge.model.calibration import Calibrator, Method, fit_calibrator
 from riskbridge.model.data import TrainingTable
+from riskbridge.model.dense import DenseOptions, burden_table, train_segmenter
 from riskbridge.model.metrics import (
     best_f1_threshold,
     bootstrap_metrics,
     expected_calibration_error,
 )
-from riskbridge.model.network import MODALITIES, FusionNet, ModelConfig, Strategy
+from riskbridge.model.network import FusionNet, ModelConfig, NoduleBurdenEncoder, Strategy
 from riskbridge.model.package import lab_feature_names, save_package
+from riskbridge.records import MODALITIES, all_patterns, pattern_name
 
 Progress = Callable[[str, int, int], None]
 
@@ -62,6 +67,22 @@ class TrainOptions:
     modality_dropout: float = 0.25
     bootstrap: int = 1000
     image_target_weight: float = 1.0
+    image_encoder: Literal["resnet", "detector"] = "detector"
+    readout_epochs: int = 40
+    dense_iterations: int = 4000
+    dense_batch_size: int = 8
+    dense_patch: tuple[int, int, int] = (40, 40, 24)
+    dense_learning_rate: float = 2e-3
+
+    def dense_options(self) -> DenseOptions:
+        """The segmenter's training options (detector encoder)."""
+        return DenseOptions(
+            iterations=self.dense_iterations,
+            batch_size=self.dense_batch_size,
+            patch_size=self.dense_patch,
+            peak_learning_rate=self.dense_learning_rate,
+            weight_decay=self.weight_decay,
+        )
 
     def to_dict(self) -> dict[str, Any]:
         """JSON form (recorded in the package's metrics)."""
@@ -78,6 +99,7 @@ class FittedModel:
     calibration_labels: np.ndarray
     calibration_logits: np.ndarray
     history: list[dict[str, float]] = field(default_factory=list)
+    dense_history: list[dict[str, float]] = field(default_factory=list)
 
     def probabilities(self, logits: np.ndarray) -> np.ndarray:
         """Calibrated probabilities."""
@@ -141,6 +163,7 @@ def model_config(
         embed_dim=options.embed_dim,
         hidden_dim=options.hidden_dim,
         modality_dropout=options.modality_dropout,
+        image_encoder=options.image_encoder,
         lab_center=center,
         lab_scale=scale,
         lab_log=log,
@@ -189,10 +212,12 @@ def predict(
     table: TrainingTable,
     *,
     drop: str | None = None,
+    keep: Sequence[str] | None = None,
     embeddings: Tensor | None = None,
     batch_size: int = 64,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Logits and attention of every row in eval mode, optionally with modality ``drop`` removed for all rows.
+    """Logits and attention of every row in eval mode, optionally with modality ``drop`` removed for all rows, or
+    with only the modalities ``keep`` left.
 
     Returns ``(logits, attention, scored)``; ``scored`` is False (logit NaN) for rows left with none of the
     strategy's modalities.
@@ -202,6 +227,8 @@ def predict(
     present = table.present.copy()
     if drop is not None:
         present[:, MODALITIES.index(drop)] = False
+    if keep is not None:
+        present &= np.array([m in keep for m in MODALITIES])
     usable = (present & np.asarray(network.config.uses)).any(axis=1)
     logits = np.full(n, np.nan)
     attention = np.zeros((n, 3))
@@ -231,17 +258,21 @@ def _train_loop(
     seed: int,
     embeddings: tuple[Tensor, Tensor] | None,
     progress: Callable[[int, int], None] | None,
+    burden: tuple[Tensor, Tensor] | None = None,
 ) -> list[dict[str, float]]:
     """AdamW on BCE; keeps the weights of the epoch with the lowest calibration-split loss.
 
-    In the image stage, rows with an ``image_target`` add ``image_target_weight`` times the squared error of a
-    linear read-out of the embedding against the standardized target (auxiliary supervision; the read-out is
-    discarded after training).
+    ``embeddings`` are a frozen encoder's (fit, calibration) embeddings; ``burden`` the detector encoder's burden
+    features, whose read-out is trained here. In the end-to-end image stage, rows with an ``image_target`` add
+    ``image_target_weight`` times the squared error of a linear read-out of the embedding against the
+    standardized target (auxiliary supervision; the read-out is discarded after training).
     """
     parameters = [p for p in network.parameters() if p.requires_grad]
     targets = fit.image_target
     auxiliary: torch.nn.Module | None = None
-    if network.config.strategy == "image" and options.image_target_weight > 0 and np.isfinite(targets).any():
+    uses_image_input = network.config.uses[0] and embeddings is None and burden is None
+    detector = cast(NoduleBurdenEncoder, network.image_encoder) if burden is not None else None
+    if uses_image_input and options.image_target_weight > 0 and np.isfinite(targets).any():
         known = targets[np.isfinite(targets)]
         target_mean, target_std = float(known.mean()), float(known.std()) or 1.0
         auxiliary = torch.nn.Sequential(torch.nn.ReLU(), torch.nn.Linear(network.config.embed_dim, 1))
@@ -251,7 +282,6 @@ def _train_loop(
     best_loss, best_state = math.inf, copy.deepcopy(network.state_dict())
     history: list[dict[str, float]] = []
     valid_y = valid.labels
-    uses_image_input = network.config.uses[0] and embeddings is None
     for epoch in range(epochs):
         network.train()
         if embeddings is not None and network.image_encoder is not None:
@@ -265,6 +295,8 @@ def _train_loop(
             image = None
             if embeddings is not None:
                 kwargs["image_embedding"] = embeddings[0][index]
+            elif detector is not None and burden is not None:
+                kwargs["image_embedding"] = detector.embed(burden[0][index])
             elif uses_image_input:
                 image = _flip(_images(fit, index), generator)
             if auxiliary is not None and image is not None:
@@ -284,7 +316,11 @@ def _train_loop(
             loss.backward()
             optimizer.step()
             total += float(loss.detach()) * len(index)
-        logits, _, scored = predict(network, valid, embeddings=None if embeddings is None else embeddings[1])
+        valid_embeddings = embeddings[1] if embeddings is not None else None
+        if detector is not None and burden is not None:
+            with torch.no_grad():
+                valid_embeddings = detector.embed(burden[1])
+        logits, _, scored = predict(network, valid, embeddings=valid_embeddings)
         valid_loss = float(np.mean(np.logaddexp(0.0, logits[scored]) - valid_y[scored] * logits[scored]))
         history.append({"epoch": epoch + 1, "train_loss": total / len(fit), "valid_loss": valid_loss})
         if valid_loss < best_loss:
@@ -325,19 +361,10 @@ def fit_strategies(
     if needs_image:
         torch.manual_seed(options.seed)
         image_model = FusionNet(base)
-        history = _train_loop(
-            image_model,
-            fit,
-            valid,
-            options.image_epochs,
-            options,
-            options.seed,
-            None,
-            _stage_progress(progress, "image"),
-        )
-        cached = (image_embeddings(image_model, fit), image_embeddings(image_model, valid))
+        image_model, cached, history, dense_history = _fit_image_stage(image_model, fit, valid, options, progress)
         if "image" in strategies:
-            fitted["image"] = _finish(image_model, valid, options, history, None)
+            fitted["image"] = _finish(image_model, valid, options, history, cached[1])
+            fitted["image"].dense_history = dense_history
     for strategy in strategies:
         if strategy == "image":
             continue
@@ -364,6 +391,30 @@ def fit_strategies(
 
 
 STRATEGY_ORDER = ("image", "tabular", "early", "late", "hybrid")
+FUSION_STRATEGIES = ("early", "late", "hybrid")  # the ones that read every modality: ablations and patterns
+
+
+def _fit_image_stage(
+    network: FusionNet, fit: TrainingTable, valid: TrainingTable, options: TrainOptions, progress: Progress | None
+) -> tuple[FusionNet, tuple[Tensor, Tensor], list[dict[str, float]], list[dict[str, float]]]:
+    """Train the image-only model; returns it, its (fit, calibration) embeddings and the two loss histories."""
+    if isinstance(network.image_encoder, NoduleBurdenEncoder):
+        encoder = network.image_encoder
+        dense_history = train_segmenter(
+            encoder, fit, options.dense_options(), options.seed, _stage_progress(progress, "segmenter")
+        )
+        encoder.segmenter.requires_grad_(False)
+        burden = (burden_table(encoder, fit), burden_table(encoder, valid))
+        history = _train_loop(
+            network, fit, valid, options.readout_epochs, options, options.seed, None,
+            _stage_progress(progress, "image"), burden=burden,
+        )  # fmt: skip
+        with torch.no_grad():
+            return network, (encoder.embed(burden[0]), encoder.embed(burden[1])), history, dense_history
+    history = _train_loop(
+        network, fit, valid, options.image_epochs, options, options.seed, None, _stage_progress(progress, "image")
+    )
+    return network, (image_embeddings(network, fit), image_embeddings(network, valid)), history, []
 
 
 def _stage_progress(progress: Progress | None, stage: str) -> Callable[[int, int], None] | None:
@@ -404,7 +455,7 @@ class CrossValidation:
         """Metrics with bootstrap CIs of one strategy's pooled out-of-fold predictions (scored rows only)."""
         p = self.probabilities[key]
         scored = np.isfinite(p)
-        threshold = float(np.mean(self.thresholds[key.split("-without-")[0]]))
+        threshold = float(np.mean(self.thresholds[base_strategy(key)]))
         estimates = bootstrap_metrics(self.labels[scored], p[scored], threshold, resamples, seed)
         raw = self.raw_probabilities[key][scored]
         return {
@@ -413,6 +464,36 @@ class CrossValidation:
             "ece_uncalibrated": round(expected_calibration_error(self.labels[scored], raw), 4),
             "threshold": round(threshold, 4),
         }
+
+    def patterns(self, strategy: str, present: np.ndarray, resamples: int = 1000, seed: int = 0) -> dict[str, Any]:
+        """Per missingness pattern: AUROC (bootstrap CI) and ECE of ``strategy`` with each test patient's inputs
+        reduced to the pattern (patients with at least its modalities: ``n``), and how many patients have exactly
+        that pattern (``natural_n``). Patterns with fewer than 20 patients or one class are left out (no AUROC).
+        """
+        table: dict[str, Any] = {}
+        for pattern in all_patterns():
+            key = f"{strategy}@{pattern}"
+            if key not in self.probabilities:
+                continue
+            p = self.probabilities[key]
+            scored = np.isfinite(p)
+            y = self.labels[scored]
+            if scored.sum() < 20 or y.min() == y.max():
+                continue
+            auroc = bootstrap_metrics(y, p[scored], 0.5, resamples, seed)["auroc"]
+            table[pattern] = {
+                "n": int(scored.sum()),
+                "natural_n": int(sum(pattern_name(row) == pattern for row in present)),
+                "positives": int(y.sum()),
+                "auroc": auroc.to_dict(),
+                "ece": round(expected_calibration_error(y, p[scored]), 4),
+            }
+        return table
+
+
+def base_strategy(key: str) -> str:
+    """The strategy of a cross-validation key (``hybrid``, ``hybrid-without-notes``, ``hybrid@image+labs``)."""
+    return key.split("-without-")[0].split("@")[0]
 
 
 def cross_validate(
@@ -432,7 +513,8 @@ def cross_validate(
     fold_of = np.zeros(n, dtype=int)
     keys = list(strategies)
     if ablate:
-        keys += [f"{s}-without-{m}" for s in strategies if s in ("early", "late", "hybrid") for m in MODALITIES]
+        keys += [f"{s}-without-{m}" for s in strategies if s in FUSION_STRATEGIES for m in MODALITIES]
+        keys += [f"{s}@{p}" for s in strategies if s in FUSION_STRATEGIES for p in all_patterns()]
     logits = {k: np.full(n, np.nan) for k in keys}
     probabilities = {k: np.full(n, np.nan) for k in keys}
     raw = {k: np.full(n, np.nan) for k in keys}
@@ -448,14 +530,19 @@ def cross_validate(
 
         fitted = fit_strategies(spec, table.subset(train_index), strategies, fold_options, progress=step)
         test = table.subset(test_index)
+        # every strategy of a fold shares one frozen image encoder: encode the test images once
+        encoders = [m.network for m in fitted.values() if m.network.image_encoder is not None]
+        test_embeddings = image_embeddings(encoders[0], test) if encoders else None
         for strategy, model in fitted.items():
             thresholds[strategy].append(model.threshold)
-            drops: list[str | None] = [None]
-            if ablate and strategy in ("early", "late", "hybrid"):
-                drops += list(MODALITIES)
-            for drop in drops:
-                key = strategy if drop is None else f"{strategy}-without-{drop}"
-                z, weights, scored = predict(model.network, test, drop=drop)
+            variants: list[tuple[str, str | None, tuple[str, ...] | None]] = [(strategy, None, None)]
+            if ablate and strategy in FUSION_STRATEGIES:
+                variants += [(f"{strategy}-without-{m}", m, None) for m in MODALITIES]
+                variants += [(f"{strategy}@{p}", None, tuple(p.split("+"))) for p in all_patterns()]
+            for key, drop, keep in variants:
+                z, weights, scored = predict(model.network, test, drop=drop, keep=keep, embeddings=test_embeddings)
+                if keep is not None:  # a pattern is validated on the patients who have at least its modalities
+                    scored &= test.present[:, [m in keep for m in MODALITIES]].all(axis=1)
                 rows = test_index[scored]
                 logits[key][rows] = z[scored]
                 probabilities[key][rows] = model.probabilities(z[scored])
@@ -491,6 +578,13 @@ def train_package(
             if "-without-" in key
         }
         metrics["cross_validation"] = block
+        if strategy in FUSION_STRATEGIES:
+            metrics["patterns"] = {
+                "description": f"{folds}-fold out-of-fold predictions with each test patient's inputs reduced to the "
+                "pattern (n: patients with at least its modalities; natural_n: with exactly them); AUROC with "
+                "bootstrap 95% CI, ECE with 10 equal-width bins",
+                "table": cv.patterns(strategy, table.present, options.bootstrap, options.seed),
+            }
     fitted = fit_strategies(spec, table, [strategy], options, name=name, version=version, progress=progress)[strategy]
     calibrated = fitted.probabilities(fitted.calibration_logits)
     estimates = bootstrap_metrics(

@@ -272,7 +272,13 @@ def train(
     seed: int = typer.Option(20240501, "--seed", "-s", help="Synthetic cohort seed (table build)."),
     strategy: str = typer.Option("hybrid", "--strategy", help="image, tabular, early, late or hybrid."),
     folds: int = typer.Option(5, "--folds", min=0, max=20, help="Stratified k-fold for the metrics; 0 skips it."),
-    epochs: int = typer.Option(6, "--epochs", min=1, help="Epochs of the image encoder stage."),
+    image_encoder: str = typer.Option(
+        "detector", "--image-encoder", help="detector (U-Net on dense nodule masks) or resnet (end to end)."
+    ),
+    dense_iterations: int = typer.Option(
+        4000, "--dense-iterations", min=1, help="Batches of the detector's segmenter training."
+    ),
+    epochs: int = typer.Option(6, "--epochs", min=1, help="Epochs of the resnet image encoder stage."),
     fusion_epochs: int = typer.Option(40, "--fusion-epochs", min=1, help="Epochs of the fusion stage."),
     train_seed: int = typer.Option(0, "--train-seed", help="Seed of splits, initialisation and batches."),
     calibration: str = typer.Option("temperature", "--calibration", help="temperature, platt or none."),
@@ -291,11 +297,15 @@ def train(
         raise _fail(f"--strategy must be one of {', '.join(STRATEGIES)}, not {strategy!r}")
     if calibration not in ("temperature", "platt", "none"):
         raise _fail(f"--calibration must be temperature, platt or none, not {calibration!r}")
+    if image_encoder not in ("detector", "resnet"):
+        raise _fail(f"--image-encoder must be detector or resnet, not {image_encoder!r}")
     try:
         spec = resolve_feature_spec(_settings().feature_spec)
     except FeatureSpecError as exc:
         raise _fail(str(exc)) from None
     options = TrainOptions(
+        image_encoder=image_encoder,
+        dense_iterations=dense_iterations,
         image_epochs=epochs,
         fusion_epochs=fusion_epochs,
         seed=train_seed,

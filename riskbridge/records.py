@@ -7,16 +7,33 @@ Log a record by its UIDs, hashed with :func:`riskbridge.records.uid_hash`, or by
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Mapping
+import itertools
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+# The model's modalities, in the one order every table, tensor and pattern name uses.
+MODALITIES = ("image", "labs", "notes")
+
 
 def uid_hash(uid: str) -> str:
     """Return a short, stable, non-reversible tag for a DICOM UID or identifier, for logs."""
     return hashlib.sha256(uid.encode()).hexdigest()[:12]
+
+
+def pattern_name(present: Sequence[bool]) -> str:
+    """The missingness pattern of ``present`` (one flag per :data:`MODALITIES`): ``"image+labs"``, ``"none"``."""
+    if len(present) != len(MODALITIES):
+        raise ValueError(f"a pattern has one flag per modality ({', '.join(MODALITIES)}), got {len(present)}")
+    return "+".join(m for m, here in zip(MODALITIES, present, strict=True) if here) or "none"
+
+
+def all_patterns() -> list[str]:
+    """Every non-empty pattern, most complete first (image+labs+notes, image+labs, ..., notes)."""
+    flags = [tuple(bool(bit) for bit in row) for row in itertools.product((True, False), repeat=len(MODALITIES))]
+    return [pattern_name(row) for row in flags if any(row)]
 
 
 @dataclass(frozen=True)

@@ -8,6 +8,14 @@ only on the score, so rewriting it changes nothing. A new
 model version hashes differently and so creates new resources. Every resource is built with
 ``fhir.resources.R4B`` models (the package's default models are R5) and sent as their JSON.
 
+What the model used is written as data, not only as note text: a ``modality-pattern`` extension (the modalities
+with attention above 0, e.g. ``image+labs``) and one ``modality-attention`` extension per modality (its weight, 0
+for a modality the patient lacked or the model does not read). Their StructureDefinitions, with the CodeSystem and
+ValueSet of the modality codes, ship in ``riskbridge/fhir_definitions`` under the canonical base
+:data:`FHIR_CANONICAL_BASE`; :func:`install_definitions` loads them into a server (idempotent), so its
+``$validate`` checks the extensions. Following HL7's AI Transparency on FHIR IG, each RiskAssessment carries the
+``meta.security`` label ``AIAST`` (AI asserted). See docs/writeback.md.
+
 An identifier appears in one bundle only and bundles are posted one after another: HAPI can create duplicates
 when two conditional creates for the same identifier run in parallel.
 
@@ -18,17 +26,23 @@ This module builds the bundles (pure, unit-tested); :func:`write_assessments` po
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
+import math
 import uuid
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
+from importlib import resources
 from typing import Any, Protocol
+from urllib.parse import quote
 
 from fhir.resources.R4B.bundle import Bundle, BundleEntry, BundleEntryRequest
 from fhir.resources.R4B.codeableconcept import CodeableConcept
 from fhir.resources.R4B.coding import Coding
+from fhir.resources.R4B.extension import Extension
 from fhir.resources.R4B.identifier import Identifier
+from fhir.resources.R4B.meta import Meta
 from fhir.resources.R4B.provenance import Provenance, ProvenanceAgent, ProvenanceEntity
 from fhir.resources.R4B.reference import Reference
 from fhir.resources.R4B.riskassessment import RiskAssessment, RiskAssessmentPrediction
@@ -41,6 +55,24 @@ LOG = logging.getLogger(__name__)
 RISK_PROBABILITY_SYSTEM = "http://terminology.hl7.org/CodeSystem/risk-probability"
 PROVENANCE_AGENT_TYPE_SYSTEM = "http://terminology.hl7.org/CodeSystem/provenance-participant-type"
 DICOM_UID_SYSTEM = "urn:dicom:uid"
+
+# The fusion model's modalities in its fixed order (riskbridge.model.network.MODALITIES; not imported from there
+# because that module needs torch, which the write-back does not).
+MODALITIES = ("image", "labs", "notes")
+NO_MODALITY = "none"  # the pattern name when no modality was used (riskbridge.records.pattern_name says the same)
+
+# riskbridge's conformance resources are named under this base; the URLs are the contract with whoever reads the
+# extensions, so they never depend on site settings.
+FHIR_CANONICAL_BASE = "urn:riskbridge:fhir"
+MODALITY_ATTENTION_URL = f"{FHIR_CANONICAL_BASE}:StructureDefinition:modality-attention"
+MODALITY_PATTERN_URL = f"{FHIR_CANONICAL_BASE}:StructureDefinition:modality-pattern"
+MODALITY_CODE_SYSTEM_URL = f"{FHIR_CANONICAL_BASE}:CodeSystem:modality"
+DEFINITIONS_DIR = "fhir_definitions"  # package data of riskbridge: the JSON of every resource above
+
+# HL7 AI Transparency on FHIR: the security label of a resource whose content an AI asserted.
+SECURITY_OBSERVATION_VALUE_SYSTEM = "http://terminology.hl7.org/CodeSystem/v3-ObservationValue"
+AI_ASSERTED_CODE = "AIAST"
+AI_ASSERTED_DISPLAY = "Artificial Intelligence asserted"
 
 
 class WritebackError(Exception):
@@ -102,6 +134,23 @@ class Score:
         for name in ("occurrence", "scored_at"):
             if getattr(self, name).tzinfo is None:
                 raise WritebackError(f"{name} must carry its UTC offset (a naive datetime is ambiguous)")
+        for name, weight in self.attention.items():
+            if not (math.isfinite(weight) and 0.0 <= weight <= 1.0):
+                raise WritebackError(f"attention of {name} must lie in [0, 1], got {weight}")
+        if self.attention and modality_pattern(self.attention) == NO_MODALITY:
+            raise WritebackError("attention gives no modality a weight above 0 (a score uses at least one)")
+
+
+def modality_pattern(attention: Mapping[str, float]) -> str:
+    """The modalities the model used (attention above 0), joined with ``+`` in the order image, labs, notes.
+
+    E.g. ``image+labs+notes``, ``image+labs``, ``image``; ``none`` when no weight is above 0. A name outside
+    :data:`MODALITIES` raises WritebackError.
+    """
+    unknown = sorted(set(attention) - set(MODALITIES))
+    if unknown:
+        raise WritebackError(f"attention names unknown modalities {unknown} (known: {', '.join(MODALITIES)})")
+    return "+".join(name for name in MODALITIES if attention.get(name, 0.0) > 0.0) or NO_MODALITY
 
 
 def assessment_key(model_version: str, patient_id: str, study_uid: str) -> str:
@@ -132,13 +181,52 @@ def _basis(score: Score) -> list[Reference]:
     return references
 
 
+def _weight(value: float) -> float:
+    # Six significant digits, not six decimals: a tiny positive weight must not round to 0 and so contradict
+    # the pattern, which counts every weight above 0 as used.
+    return float(f"{value:.6g}")
+
+
+def modality_extensions(attention: Mapping[str, float]) -> list[Extension]:
+    """The ``modality-pattern`` extension and one ``modality-attention`` extension per modality, in
+    :data:`MODALITIES` order (a modality missing from ``attention`` has weight 0); none for an empty mapping."""
+    if not attention:
+        return []
+    pattern = modality_pattern(attention)
+    if pattern == NO_MODALITY:
+        raise WritebackError("attention gives no modality a weight above 0 (a score uses at least one)")
+    extensions = [Extension(url=MODALITY_PATTERN_URL, valueCode=pattern)]
+    for name in MODALITIES:
+        parts = [
+            Extension(url="modality", valueCode=name),
+            Extension(url="weight", valueDecimal=_weight(attention.get(name, 0.0))),
+        ]
+        extensions.append(Extension(url=MODALITY_ATTENTION_URL, extension=parts))
+    return extensions
+
+
+def ai_asserted_label() -> Coding:
+    """The ``meta.security`` label AIAST (HL7 AI Transparency on FHIR): the resource's content is AI-asserted."""
+    return Coding(system=SECURITY_OBSERVATION_VALUE_SYSTEM, code=AI_ASSERTED_CODE, display=AI_ASSERTED_DISPLAY)
+
+
 def build_risk_assessment(score: Score, config: WritebackConfig) -> RiskAssessment:
-    """Build the R4 RiskAssessment of a score (no id: the server assigns it on create)."""
+    """Build the R4 RiskAssessment of a score (no id: the server assigns it on create).
+
+    It carries the AIAST security label and, when the score has attention weights, the modality extensions
+    (:func:`modality_extensions`) next to the same facts as note text for people.
+    """
     key = assessment_key(score.model_version, score.patient_id, score.study_uid)
     system, code, display = config.outcome
     risk_code, risk_display = qualitative_risk(score.probability, config.thresholds)
-    attention = ", ".join(f"{name} {weight:.3f}" for name, weight in sorted(score.attention.items()))
+    note = None
+    if score.attention:
+        weights = ", ".join(f"{name} {score.attention.get(name, 0.0):.3f}" for name in MODALITIES)
+        used = modality_pattern(score.attention)
+        note = [{"text": f"Per-modality attention weights: {weights}; modalities used: {used}"}]
     return RiskAssessment(
+        meta=Meta(security=[ai_asserted_label()]),
+        extension=modality_extensions(score.attention) or None,
         identifier=[Identifier(system=config.identifier_system, value=key)],
         status="final",
         subject=Reference(reference=f"Patient/{score.patient_id}"),
@@ -157,7 +245,7 @@ def build_risk_assessment(score: Score, config: WritebackConfig) -> RiskAssessme
                 ),
             )
         ],
-        note=[{"text": f"Per-modality attention weights: {attention}"}] if attention else None,
+        note=note,
     )
 
 
@@ -275,3 +363,49 @@ def write_assessments(
         report.bundles += 1
         LOG.info("write-back bundle %d: %d assessments", report.bundles, len(keys))
     return report
+
+
+def definition_resources() -> list[dict[str, Any]]:
+    """The conformance resources the modality extensions need (CodeSystem, ValueSet, StructureDefinitions), as
+    shipped in ``riskbridge/fhir_definitions``, in file-name order."""
+    folder = resources.files("riskbridge").joinpath(DEFINITIONS_DIR)
+    files = sorted((item for item in folder.iterdir() if item.name.endswith(".json")), key=lambda item: item.name)
+    return [json.loads(item.read_text(encoding="utf-8")) for item in files]
+
+
+def definition_entries() -> list[dict[str, Any]]:
+    """Transaction entries that load :func:`definition_resources`: each a conditional update on its canonical URL.
+
+    Conditional on the URL rather than a PUT to the id, so a server holding the definition under another id
+    keeps one copy (it refuses the mismatch instead of adding a second resource with the same canonical URL), and
+    nothing else that happens to have the same id is overwritten.
+    """
+    return [
+        {
+            "resource": resource,
+            "request": {"method": "PUT", "url": f"{resource['resourceType']}?url={quote(resource['url'], safe='')}"},
+        }
+        for resource in definition_resources()
+    ]
+
+
+def install_definitions(sender: TransactionSender) -> dict[str, int]:
+    """Load riskbridge's conformance resources into the FHIR server in one transaction; idempotent.
+
+    Returns the HTTP status per canonical URL: 201 created, 200 already there (HAPI then changes nothing when
+    the content is the same) or updated to the shipped version. A refused transaction raises (the client's
+    error); any other entry status raises WritebackError.
+    """
+    entries = definition_entries()
+    answers = sender.transaction(entries)
+    if len(answers) != len(entries):
+        raise WritebackError(f"transaction answered {len(answers)} entries for {len(entries)} sent")
+    statuses: dict[str, int] = {}
+    for entry, answer in zip(entries, answers, strict=True):
+        url = entry["resource"]["url"]
+        if answer.status not in (200, 201):
+            raise WritebackError(f"{entry['resource']['resourceType']} {url}: unexpected status {answer.status}")
+        statuses[url] = answer.status
+    created = sum(status == 201 for status in statuses.values())
+    LOG.info("FHIR definitions: %d created, %d already there or updated", created, len(statuses) - created)
+    return statuses

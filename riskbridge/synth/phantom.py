@@ -11,6 +11,7 @@ thin soft slices; the coronal reformat averages groups of soft-kernel rows; the 
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -87,6 +88,16 @@ def anatomy_hu(study: StudySpec, nodules: list[Nodule]) -> np.ndarray:
     heart = _disk(x2, y2, a["heart_x"] * s, a["heart_y"] * s, a["heart_r"] * s)
     volume[:, heart] = blood
     volume[:, _disk(x2, y2, a["aorta_x"] * s, a["aorta_y"] * s, a["aorta_r"] * s)] = blood + 70.0 * study.contrast
+    for box, weight in _nodule_weights(study, nodules, xs, ys, zs):
+        volume[box] = volume[box] * (1.0 - weight) + 30.0 * weight
+    return volume.astype(np.float32)
+
+
+def _nodule_weights(
+    study: StudySpec, nodules: list[Nodule], xs: np.ndarray, ys: np.ndarray, zs: np.ndarray
+) -> Iterator[tuple[tuple[slice, slice, slice], np.ndarray]]:
+    """Each nodule's bounding box on the thin grid and its occupancy there (1 inside, partial volume at the edge)."""
+    g = study.geometry
     scale = study.nodule_scale
     for nodule in nodules:
         x0, y0, dz = nodule.offset
@@ -105,9 +116,18 @@ def anatomy_hu(study: StudySpec, nodules: list[Nodule]) -> np.ndarray:
             + (zs[box[0]][:, None, None] - z0) ** 2
         )
         # Partial volume: full density within radius - half a voxel, fading linearly over one voxel.
-        weight = np.clip((radius - dist) / g.pixel_mm + 0.5, 0.0, 1.0).astype(np.float32)
-        volume[box] = volume[box] * (1.0 - weight) + 30.0 * weight
-    return volume.astype(np.float32)
+        yield box, np.clip((radius - dist) / g.pixel_mm + 0.5, 0.0, 1.0).astype(np.float32)
+
+
+def nodule_occupancy(study: StudySpec, nodules: list[Nodule]) -> np.ndarray:
+    """The nodules' occupancy (0..1) on the study's thin grid ``(z, y, x)``: the dense label a radiologist's
+    segmentation would give, for training only (the volumes of :func:`render_study` carry the same nodules)."""
+    g = study.geometry
+    xs, ys, zs = _grid(study)
+    occupancy = np.zeros((g.n_thin, g.matrix, g.matrix), dtype=np.float32)
+    for box, weight in _nodule_weights(study, nodules, xs, ys, zs):
+        occupancy[box] = np.maximum(occupancy[box], weight)
+    return occupancy
 
 
 def _sharpen(volume: np.ndarray) -> np.ndarray:

@@ -150,3 +150,37 @@ def test_config_round_trips_through_json_form_and_rejects_unknown_keys() -> None
         ModelConfig.from_dict(data)
     with pytest.raises(ValueError, match="strategy"):
         config("stacked")
+
+
+def test_burden_features_count_nodules_and_their_diameters() -> None:
+    from riskbridge.model.network import burden_features
+
+    logits = torch.full((2, 1, 16, 16, 8), -10.0)
+    logits[0, 0, 2:4, 2:4, 2:4] = 10.0  # 8 voxels of 8 mm³ = 64 mm³: a 4.96 mm sphere
+    logits[0, 0, 10, 10, 5] = 10.0  # one voxel: a 2.48 mm sphere
+    features = burden_features(logits, (2.0, 2.0, 2.0), 0.5)
+    burden, count, _, largest, peak = features[0].tolist()
+    diameters = [(6 * 64 / torch.pi) ** (1 / 3), (6 * 8 / torch.pi) ** (1 / 3)]
+    assert count == pytest.approx(torch.log1p(torch.tensor(2.0)).item())
+    assert burden == pytest.approx(torch.log1p(torch.tensor(sum(diameters) / 5)).item(), rel=1e-5)
+    assert largest == pytest.approx(diameters[0] / 10, rel=1e-5) and peak == pytest.approx(1.0, abs=1e-4)
+    assert features[1, :2].tolist() == [0.0, 0.0] and features[1, 3] == 0.0  # nothing found: no nodule
+
+
+def test_the_detector_encoder_embeds_its_burden_and_is_saved_with_the_config() -> None:
+    detector = ModelConfig.from_dict({**config().to_dict(), "image_encoder": "detector", "detector_channels": [4, 8]})
+    network = FusionNet(detector).eval()
+    image, labs, notes, present = batch()
+    output = network(image, labs, notes, present)
+    assert output.logits.shape == (4,) and torch.isfinite(output.logits).all()
+    assert ModelConfig.from_dict(detector.to_dict()) == detector
+    with pytest.raises(ValueError, match="divisible by 4"):
+        ModelConfig.from_dict(
+            {
+                **detector.to_dict(),
+                "detector_channels": [4, 8, 16],
+                "preprocess": {"spacing_mm": [8.0, 8.0, 8.0], "size": [16, 12, 6], "hu_window": [-1000.0, 400.0]},
+            }
+        )
+    with pytest.raises(ValueError, match="image_encoder must be one of"):
+        ModelConfig.from_dict({**detector.to_dict(), "image_encoder": "vit"})

@@ -22,7 +22,17 @@ from riskbridge.model.train import TrainOptions, cross_validate, fit_strategies,
 
 SPEC = load_default_feature_spec()
 TINY = PreprocessConfig(spacing_mm=(12.0, 12.0, 12.0), size=(24, 16, 8), hu_window=(-1000.0, 400.0))
-OPTIONS = TrainOptions(image_epochs=2, fusion_epochs=3, batch_size=16, embed_dim=8, hidden_dim=16, bootstrap=50)
+OPTIONS = TrainOptions(
+    image_epochs=2,
+    fusion_epochs=3,
+    readout_epochs=3,
+    dense_iterations=12,
+    dense_batch_size=4,
+    batch_size=16,
+    embed_dim=8,
+    hidden_dim=16,
+    bootstrap=50,
+)
 
 
 @pytest.fixture(scope="module")
@@ -157,10 +167,97 @@ def test_riskbridge_train_builds_a_table_trains_and_writes_a_package(tmp_path: P
 
     runner = CliRunner()
     common = ["train", "--table", str(tmp_path / "table"), "--out", str(tmp_path / "pkg"), "--patients", "24"]
-    result = runner.invoke(app, [*common, "--folds", "0", "--epochs", "1", "--fusion-epochs", "1"])
+    result = runner.invoke(
+        app, [*common, "--folds", "0", "--epochs", "1", "--fusion-epochs", "1", "--dense-iterations", "5"]
+    )
     assert result.exit_code == 0, result.output
     assert "sha256" in result.output
     package = load_package(tmp_path / "pkg")
     assert package.config.strategy == "hybrid" and package.synthetic
     bad = runner.invoke(app, [*common, "--strategy", "stacked"])
     assert bad.exit_code == 2 and "--strategy must be one of" in bad.output
+
+
+def test_the_synthetic_table_carries_a_dense_nodule_mask_per_row(table_dir: Path) -> None:
+    table = load_table(table_dir, SPEC)
+    assert read_manifest(table_dir)["with_mask"] == len(table)
+    assert table.masks is not None and table.has_mask is not None and table.has_mask.all()
+    assert table.masks.shape == table.volumes.shape and set(np.unique(table.masks)) <= {0, 1}
+    from riskbridge.synth.cohort import build_cohort
+
+    patients = {p.key: p for p in build_cohort(11, 60).patients}
+    labelled = table.masks.any(axis=(1, 2, 3, 4))
+    # a mask wherever the truth has a nodule, none where it has none
+    assert labelled.tolist() == [bool(patients[key].nodules) for key in table.keys]
+    assert 0 < labelled.sum() < len(table)
+
+
+def test_a_mask_file_of_the_wrong_shape_is_rejected(table_dir: Path, tmp_path: Path) -> None:
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(table_dir, copy)
+    first = json.loads((copy / "table.jsonl").read_text().splitlines()[0])
+    np.savez_compressed(copy / first["mask"], mask=np.zeros((1, 2, 2, 2), dtype=np.uint8))
+    with pytest.raises(TrainingTableError, match="expected"):
+        load_table(copy, SPEC)
+
+
+def test_the_detector_needs_dense_labels_and_the_resnet_does_not(table_dir: Path) -> None:
+    table = load_table(table_dir, SPEC)
+    unlabelled = replace(table, masks=None, has_mask=None)
+    with pytest.raises(ValueError, match="dense nodule masks"):
+        fit_strategies(SPEC, unlabelled, ["image"], OPTIONS)
+    fitted = fit_strategies(SPEC, unlabelled, ["image"], replace(OPTIONS, image_encoder="resnet"))
+    assert fitted["image"].network.config.image_encoder == "resnet"
+
+
+def test_the_package_carries_the_validated_auroc_of_every_pattern(table_dir: Path, tmp_path: Path) -> None:
+    table = load_table(table_dir, SPEC)
+    _, metrics = train_package(SPEC, table, tmp_path / "pkg", "hybrid", OPTIONS, folds=2)
+    patterns = metrics["patterns"]["table"]
+    assert "image+labs+notes" in patterns and "image" in patterns
+    full = patterns["image+labs+notes"]
+    assert full["n"] == full["natural_n"] == int(table.present.all(axis=1).sum())
+    assert patterns["image"]["n"] == len(table)  # every row has an image: each is validated on it alone
+    for row in patterns.values():
+        assert 0.0 <= row["auroc"]["low"] <= row["auroc"]["value"] <= row["auroc"]["high"] <= 1.0
+        assert 0.0 <= row["ece"] <= 1.0 and row["positives"] <= row["n"]
+
+
+def test_the_segmenter_learns_to_find_small_bright_spheres() -> None:
+    from riskbridge.model.data import TrainingTable
+    from riskbridge.model.dense import DenseOptions, train_segmenter
+    from riskbridge.model.network import FusionNet, NoduleBurdenEncoder
+    from riskbridge.model.train import model_config, seed_everything
+
+    seed_everything(0, 2)
+    rng = np.random.default_rng(0)
+    n, size = 48, (24, 24, 16)
+    grid = np.indices(size)
+    volumes = rng.normal(0.1, 0.03, (n, 1, *size)).astype(np.float16)
+    masks = np.zeros((n, 1, *size), dtype=np.uint8)
+    for i in range(n):
+        for _ in range(rng.integers(0, 3)):
+            centre = rng.uniform(3, np.array(size) - 3)
+            sphere = np.sqrt(sum((grid[a] - centre[a]) ** 2 for a in range(3))) <= rng.uniform(1.5, 3.0)
+            volumes[i, 0][sphere] = 0.6
+            masks[i, 0][sphere] = 1
+    config = PreprocessConfig(spacing_mm=(3.0, 3.0, 3.0), size=size, hu_window=(-1000.0, 400.0))
+    table = TrainingTable(
+        Path("."), {}, config, [str(i) for i in range(n)], np.zeros(n, dtype=np.int64),
+        np.zeros((n, 18), np.float32), np.zeros((n, 14), np.float32), np.ones((n, 3), bool), volumes,
+        np.full(n, np.nan), masks, np.ones(n, dtype=bool),
+    )  # fmt: skip
+    train, test = table.subset(np.arange(36)), table.subset(np.arange(36, n))
+    network = FusionNet(replace(model_config(SPEC, train, "image", OPTIONS), detector_channels=(8, 16)))
+    encoder = network.image_encoder
+    assert isinstance(encoder, NoduleBurdenEncoder)
+    history = train_segmenter(encoder, train, DenseOptions(iterations=200, patch_size=(16, 16, 8)), seed=0)
+    assert history[-1]["loss"] < history[0]["loss"]
+    with torch.no_grad():
+        found = torch.sigmoid(encoder.segment(torch.from_numpy(test.volumes.astype(np.float32)))).numpy() >= 0.5
+    truth = test.masks.astype(bool) if test.masks is not None else None
+    assert truth is not None
+    dice = 2 * (found & truth).sum() / (found.sum() + truth.sum())
+    assert dice > 0.5, dice

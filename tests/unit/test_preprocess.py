@@ -268,3 +268,35 @@ def test_config_round_trips_and_validates() -> None:
         PreprocessConfig(hu_window=(400.0, -1000.0))
     with pytest.raises(ValueError, match="exactly the keys"):
         PreprocessConfig.from_dict({"size": [1, 1, 1]})
+
+
+def test_a_label_lands_on_the_voxel_its_image_lands_on() -> None:
+    hu, affine, _ = marker_volume()
+    occupancy = (hu > 0).astype(np.float32)
+    mask = Preprocessor(CONFIG).mask_from_volume(occupancy, affine)
+    assert mask.shape == (1, 16, 16, 16) and mask.dtype == np.uint8
+    assert [tuple(index) for index in np.argwhere(mask[0])] == [MARKER_RAS_INDEX]
+    ras = Preprocessor(CONFIG).mask_from_volume(occupancy, np.diag([-1.0, -1.0, 1.0, 1.0]) @ affine, space="RAS")
+    np.testing.assert_array_equal(mask, ras)
+
+
+@pytest.mark.parametrize("offset_mm", [0.0, 0.9, 1.9, 2.6])
+def test_a_nodule_smaller_than_a_model_voxel_still_marks_one(offset_mm: float) -> None:
+    # a 3 mm sphere on a 0.5 mm grid, anywhere between two 4 mm voxel centres: sampled at centres alone it vanishes
+    step, n = 0.5, 128
+    centre = np.array([30.0 + offset_mm, 30.0 + offset_mm / 2, 30.0 - offset_mm])
+    grid = np.indices((n, n, n)).astype(np.float32) * step
+    occupancy = (np.sqrt(sum((grid[i] - centre[i]) ** 2 for i in range(3))) <= 1.5).astype(np.float32)
+    affine = np.diag([step, step, step, 1.0])
+    mask = Preprocessor(CONFIG).mask_from_volume(occupancy, affine, space="RAS")
+    assert 1 <= int(mask.sum()) <= 8
+
+
+def test_a_bad_label_volume_is_rejected() -> None:
+    preprocessor = Preprocessor(CONFIG)
+    with pytest.raises(ValueError, match="3-D"):
+        preprocessor.mask_from_volume(np.zeros((4, 4)), np.eye(4))
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        preprocessor.mask_from_volume(np.full((4, 4, 4), 2.0), np.eye(4))
+    with pytest.raises(ValueError, match="invertible"):
+        preprocessor.mask_from_volume(np.zeros((4, 4, 4)), np.zeros((4, 4)))

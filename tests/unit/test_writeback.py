@@ -2,20 +2,34 @@
 
 from __future__ import annotations
 
+import itertools
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta, timezone
 from typing import Any
 
 import pytest
+from fhir.resources.R4B import get_fhir_model_class
 from fhir.resources.R4B.bundle import Bundle
 
+from riskbridge.records import pattern_name
 from riskbridge.settings import WritebackSettings
 from riskbridge.writeback import (
+    FHIR_CANONICAL_BASE,
+    MODALITIES,
+    MODALITY_ATTENTION_URL,
+    MODALITY_CODE_SYSTEM_URL,
+    MODALITY_PATTERN_URL,
     Score,
     WritebackConfig,
     WritebackError,
     assessment_key,
+    build_risk_assessment,
+    definition_entries,
+    definition_resources,
+    install_definitions,
+    modality_pattern,
     qualitative_risk,
     transaction_bundles,
     write_assessments,
@@ -24,7 +38,13 @@ from riskbridge.writeback import (
 EST = timezone(timedelta(hours=-5))
 
 
-def _score(patient: str = "p1", study: str = "1.2.3", version: str = "1.0.0", probability: float = 0.2) -> Score:
+def _score(
+    patient: str = "p1",
+    study: str = "1.2.3",
+    version: str = "1.0.0",
+    probability: float = 0.2,
+    attention: Mapping[str, float] | None = None,
+) -> Score:
     return Score(
         patient_id=patient,
         study_uid=study,
@@ -33,7 +53,7 @@ def _score(patient: str = "p1", study: str = "1.2.3", version: str = "1.0.0", pr
         probability=probability,
         occurrence=datetime(2024, 1, 4, 18, 44, tzinfo=EST),
         scored_at=datetime(2024, 1, 5, 2, 0, tzinfo=UTC),
-        attention={"image": 0.6, "labs": 0.3, "notes": 0.1},
+        attention={"image": 0.6, "labs": 0.3, "notes": 0.1} if attention is None else attention,
         observation_ids=("obs-1",),
         document_ids=("doc-1",),
     )
@@ -109,7 +129,14 @@ def test_bundles_are_cut_at_the_configured_size_and_a_key_never_repeats() -> Non
 
 @pytest.mark.parametrize(
     ("change", "message"),
-    [({"probability": 1.2}, "probability"), ({"occurrence": datetime(2024, 1, 4)}, "occurrence must carry")],
+    [
+        ({"probability": 1.2}, "probability"),
+        ({"occurrence": datetime(2024, 1, 4)}, "occurrence must carry"),
+        ({"attention": {"image": 0.5, "xray": 0.5}}, "unknown modalities"),
+        ({"attention": {"image": 1.5}}, "attention of image"),
+        ({"attention": {"image": float("nan"), "labs": 1.0}}, "attention of image"),
+        ({"attention": {"image": 0.0, "labs": 0.0, "notes": 0.0}}, "no modality"),
+    ],
 )
 def test_bad_scores_are_refused(change: dict[str, Any], message: str) -> None:
     with pytest.raises(WritebackError, match=message):
@@ -153,3 +180,135 @@ def test_bundle_workers_come_from_the_settings_and_must_be_at_least_one() -> Non
     assert WritebackConfig.from_settings(WritebackSettings()).bundle_workers == 2
     with pytest.raises(WritebackError, match="bundle_workers"):
         WritebackConfig(bundle_workers=0)
+
+
+def _resource(score: Score) -> dict[str, Any]:
+    return build_risk_assessment(score, WritebackConfig()).model_dump(mode="json", exclude_none=True)
+
+
+def _attention_extensions(resource: Mapping[str, Any]) -> list[tuple[str, float]]:
+    """(modality, weight) of every modality-attention extension, in the order written."""
+    pairs = []
+    for extension in resource.get("extension", []):
+        if extension["url"] == MODALITY_ATTENTION_URL:
+            parts = {part["url"]: part for part in extension["extension"]}
+            pairs.append((parts["modality"]["valueCode"], parts["weight"]["valueDecimal"]))
+    return pairs
+
+
+@pytest.mark.parametrize(
+    ("attention", "pattern"),
+    [
+        ({"image": 0.5, "labs": 0.3, "notes": 0.2}, "image+labs+notes"),
+        ({"notes": 0.2, "labs": 0.3, "image": 0.5}, "image+labs+notes"),  # the order is fixed, not the mapping's
+        ({"image": 0.7, "labs": 0.3, "notes": 0.0}, "image+labs"),
+        ({"image": 1.0, "labs": 0.0, "notes": 0.0}, "image"),
+        ({"image": 0.0, "labs": 0.5, "notes": 0.5}, "labs+notes"),
+        ({"image": 0.5, "notes": 0.5}, "image+notes"),  # a modality left out counts as not used
+        ({"image": 0.0, "labs": 0.0, "notes": 0.0}, "none"),
+        ({}, "none"),
+    ],
+)
+def test_the_modality_pattern_joins_the_used_modalities_in_model_order(
+    attention: dict[str, float], pattern: str
+) -> None:
+    assert modality_pattern(attention) == pattern
+
+
+def test_the_modality_pattern_refuses_unknown_modalities_and_names_patterns_as_the_records_do() -> None:
+    with pytest.raises(WritebackError, match="unknown modalities"):
+        modality_pattern({"image": 1.0, "ecg": 0.0})
+    for flags in itertools.product((True, False), repeat=len(MODALITIES)):
+        attention = {name: 0.5 if used else 0.0 for name, used in zip(MODALITIES, flags, strict=True)}
+        assert modality_pattern(attention) == pattern_name(flags)
+
+
+def test_the_modalities_are_the_models() -> None:
+    from riskbridge.model.network import MODALITIES as MODEL_MODALITIES
+
+    assert MODEL_MODALITIES == MODALITIES
+
+
+@pytest.mark.parametrize(
+    ("attention", "pattern"),
+    [
+        ({"image": 0.5, "labs": 0.3, "notes": 0.2}, "image+labs+notes"),
+        ({"image": 0.6, "labs": 0.4, "notes": 0.0}, "image+labs"),
+        ({"image": 1.0, "labs": 0.0, "notes": 0.0}, "image"),
+    ],
+)
+def test_the_assessment_carries_the_pattern_and_every_modality_weight_as_extensions(
+    attention: dict[str, float], pattern: str
+) -> None:
+    resource = _resource(_score(attention=attention))
+    patterns = [e["valueCode"] for e in resource["extension"] if e["url"] == MODALITY_PATTERN_URL]
+    assert patterns == [pattern]
+    assert _attention_extensions(resource) == [(name, attention[name]) for name in MODALITIES]
+    assert pattern in resource["note"][0]["text"]
+
+
+def test_weights_keep_six_significant_digits_so_a_used_modality_never_reads_zero() -> None:
+    attention = {"image": 0.6000000238418579, "labs": 0.39999997, "notes": 2.5e-9}
+    weights = dict(_attention_extensions(_resource(_score(attention=attention))))
+    assert weights == {"image": 0.6, "labs": 0.4, "notes": 2.5e-9}
+    assert modality_pattern(weights) == modality_pattern(attention) == "image+labs+notes"
+
+
+def test_no_attention_writes_no_extension_and_every_assessment_is_labelled_ai_asserted() -> None:
+    resource = _resource(_score(attention={}))
+    assert "extension" not in resource and "note" not in resource
+    for score in (_score(attention={}), _score()):
+        assert _resource(score)["meta"]["security"] == [
+            {
+                "system": "http://terminology.hl7.org/CodeSystem/v3-ObservationValue",
+                "code": "AIAST",
+                "display": "Artificial Intelligence asserted",
+            }
+        ]
+
+
+def test_the_shipped_definitions_are_r4_resources_under_the_canonical_base() -> None:
+    definitions = {resource["url"]: resource for resource in definition_resources()}
+    assert all(url.startswith(FHIR_CANONICAL_BASE + ":") for url in definitions)
+    for resource in definitions.values():
+        get_fhir_model_class(resource["resourceType"]).model_validate(resource)
+    for url in (MODALITY_ATTENTION_URL, MODALITY_PATTERN_URL):
+        definition = definitions[url]
+        assert definition["type"] == "Extension" and definition["context"] == [
+            {"type": "element", "expression": "RiskAssessment"}
+        ]
+        fixed = {e["id"]: e.get("fixedUri") for e in definition["differential"]["element"]}
+        assert fixed["Extension.url"] == url
+    codes = [concept["code"] for concept in definitions[MODALITY_CODE_SYSTEM_URL]["concept"]]
+    assert tuple(codes) == MODALITIES
+
+
+def test_the_pattern_invariant_accepts_exactly_the_patterns_the_write_back_names() -> None:
+    definition = next(r for r in definition_resources() if r["url"] == MODALITY_PATTERN_URL)
+    value = next(e for e in definition["differential"]["element"] if e["id"] == "Extension.value[x]")
+    expression = value["constraint"][0]["expression"]
+    regex = re.fullmatch(r"matches\('(.*)'\)", expression)
+    assert regex is not None
+    named = {
+        modality_pattern({name: 0.5 if used else 0.0 for name, used in zip(MODALITIES, flags, strict=True)})
+        for flags in itertools.product((True, False), repeat=len(MODALITIES))
+    } - {"none"}
+    assert len(named) == 7
+    # Every sequence of up to four modality names: wrong orders and repeats included.
+    candidates = {"+".join(names) for n in range(1, 5) for names in itertools.product(MODALITIES, repeat=n)}
+    assert {c for c in candidates if re.search(regex.group(1), c)} == named
+
+
+def test_definitions_install_as_conditional_updates_on_their_canonical_urls() -> None:
+    entries = definition_entries()
+    assert [e["request"]["method"] for e in entries] == ["PUT"] * len(definition_resources())
+    attention = next(e for e in entries if e["resource"]["url"] == MODALITY_ATTENTION_URL)
+    assert attention["request"]["url"] == (
+        "StructureDefinition?url=urn%3Ariskbridge%3Afhir%3AStructureDefinition%3Amodality-attention"
+    )
+    server = _Server(201)
+    statuses = install_definitions(server)
+    assert server.sent == [entries] and set(statuses) == {r["url"] for r in definition_resources()}
+    assert set(install_definitions(_Server(200)).values()) == {200}
+    with pytest.raises(WritebackError, match="unexpected status 412"):
+        install_definitions(_Server(412))
