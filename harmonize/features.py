@@ -2,6 +2,11 @@
 policy, which note flags, which demographics, how missing values are imputed and masked, and the minimum-data
 policy that decides whether a patient is scored or skipped, with the reasons.
 
+The policy judges a patient by its modality pattern (:func:`modality_pattern`: which of image, labs and notes it
+has, e.g. ``image+labs``): the fusion network masks absent modalities, so what matters is how well the model did on
+patients with that pattern in cross-validation (the validated table its package carries), not how many features are
+missing. Individual features can still be required.
+
 The spec is the contract between harmonization and the model: a model is trained on one spec version and scores
 only vectors built by it (:attr:`FeatureVector.spec` carries ``name@version``). Values arrive already selected and
 normalized (:mod:`riskbridge.harmonize.windows`, :mod:`riskbridge.harmonize.units`,
@@ -11,7 +16,7 @@ normalized (:mod:`riskbridge.harmonize.windows`, :mod:`riskbridge.harmonize.unit
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 from importlib import resources
@@ -21,10 +26,17 @@ from typing import Any
 import yaml
 
 from riskbridge.harmonize.windows import FeatureWindow, Policy
+from riskbridge.records import MODALITIES, all_patterns, pattern_name
 from riskbridge.settings import names_a_file
 
 DEFAULT_SPEC = "chest_ct"
 DEMOGRAPHICS = ("age_years", "sex_male")
+# Every pattern a patient can have, the fullest first: image+labs+notes, image+labs, image+notes, image, labs+notes,
+# labs, notes; and the name of having none of the modalities.
+PATTERNS = tuple(all_patterns())
+NO_MODALITY = pattern_name((False,) * len(MODALITIES))
+DEFAULT_PATTERN_AUROC_FLOOR = 0.70
+MINIMUM_DATA_KEYS = ("require_image", "required", "max_missing_fraction", "pattern_auroc_floor")
 
 
 class FeatureSpecError(ValueError):
@@ -52,11 +64,13 @@ class DemographicFeature:
 
 @dataclass(frozen=True)
 class MinimumData:
-    """When a patient is scored: an image if required, these features observed, not too much missing."""
+    """When a patient is scored: an image if required, these features observed, not too much missing, and a
+    modality pattern whose validated AUROC reaches ``pattern_auroc_floor`` (None: no pattern policy)."""
 
     require_image: bool = True
     required: tuple[str, ...] = ()
-    max_missing_fraction: float = 0.5
+    max_missing_fraction: float = 1.0
+    pattern_auroc_floor: float | None = DEFAULT_PATTERN_AUROC_FLOOR
 
 
 @dataclass(frozen=True)
@@ -114,10 +128,13 @@ class FeatureVector:
 
 @dataclass(frozen=True)
 class ScoreDecision:
-    """Score or skip, with the reasons when skipped; the vector is built either way (the ledger keeps it)."""
+    """Score or skip, with the reasons when skipped; the vector is built either way (the ledger keeps it), and so
+    is its modality pattern with the validated AUROC the model has for it (None: not validated)."""
 
     score: bool
     vector: FeatureVector
+    pattern: str
+    pattern_auroc: float | None
     reasons: tuple[str, ...] = ()
 
 
@@ -160,18 +177,68 @@ def build_vector(
     return FeatureVector(spec.label, spec.names, tuple(values), tuple(observed))
 
 
-def decide(spec: FeatureSpec, vector: FeatureVector, image_available: bool) -> ScoreDecision:
-    """Apply the minimum-data policy: score, or skip with every reason that applies (stable reason codes)."""
-    if vector.spec != spec.label:
+def present_modalities(spec: FeatureSpec, vector: FeatureVector, image_available: bool) -> tuple[bool, bool, bool]:
+    """Which modalities a patient has, in :data:`riskbridge.records.MODALITIES` order: the image when
+    ``image_available``, labs when at least one lab (not a demographic) was observed, notes when the note flags were
+    observed.
+
+    The model's inputs (:func:`riskbridge.model.package.tabular_tensors`) use the same flags, so the pattern the
+    policy judges is the one the network sees.
+    """
+    if vector.spec != spec.label or tuple(vector.names) != spec.names:
         raise FeatureSpecError(f"vector built by {vector.spec}, not {spec.label}")
+    observed = dict(zip(vector.names, vector.observed, strict=True))
+    labs = any(observed[lab.name] for lab in spec.labs)
+    notes = any(observed[flag] for flag in spec.flags)
+    return bool(image_available), labs, notes
+
+
+def modality_pattern(spec: FeatureSpec, vector: FeatureVector, image_available: bool) -> str:
+    """The patient's modality pattern (``image+labs+notes``, ``image+labs``, ..., ``none``): the modalities
+    :func:`present_modalities` finds, named by :func:`riskbridge.records.pattern_name` as training names them."""
+    return pattern_name(present_modalities(spec, vector, image_available))
+
+
+def _below(value: float, floor: float) -> str:
+    # Three decimals, or as many as it takes to read below the floor: 0.6996 rounded to 0.700 would not.
+    for digits in range(3, 17):
+        text = f"{value:.{digits}f}"
+        if float(text) < floor:
+            return text
+    return repr(value)
+
+
+def decide(
+    spec: FeatureSpec,
+    vector: FeatureVector,
+    image_available: bool,
+    *,
+    patterns: Mapping[str, float] | None,
+) -> ScoreDecision:
+    """Apply the minimum-data policy: score, or skip with every reason that applies (stable reason codes).
+
+    ``patterns`` is the model's validated AUROC per modality pattern
+    (:func:`riskbridge.model.package.validated_patterns`); a pattern it lacks is not validated, and None (a model
+    without the table) validates none. With ``pattern_auroc_floor`` set, a patient is scored only when its
+    pattern's AUROC is at or above the floor.
+    """
+    pattern = modality_pattern(spec, vector, image_available)  # FeatureSpecError for a vector of another spec
+    auroc = None if patterns is None else patterns.get(pattern)
     reasons: list[str] = []
-    if spec.minimum.require_image and not image_available:
+    minimum = spec.minimum
+    if minimum.require_image and not image_available:
         reasons.append("no_image")
     missing = set(vector.missing)
-    reasons += [f"missing_required:{name}" for name in spec.minimum.required if name in missing]
-    if vector.missing_fraction > spec.minimum.max_missing_fraction:
-        reasons.append(f"too_much_missing:{vector.missing_fraction:.2f}>{spec.minimum.max_missing_fraction:.2f}")
-    return ScoreDecision(not reasons, vector, tuple(reasons))
+    reasons += [f"missing_required:{name}" for name in minimum.required if name in missing]
+    if vector.missing_fraction > minimum.max_missing_fraction:
+        reasons.append(f"too_much_missing:{vector.missing_fraction:.2f}>{minimum.max_missing_fraction:.2f}")
+    floor = minimum.pattern_auroc_floor
+    if floor is not None:
+        if auroc is None:
+            reasons.append(f"pattern_not_validated:{pattern}")
+        elif auroc < floor:
+            reasons.append(f"pattern_below_floor:{pattern}:{_below(auroc, floor)}<{floor:.3f}")
+    return ScoreDecision(not reasons, vector, pattern, auroc, tuple(reasons))
 
 
 # --- loading ----------------------------------------------------------------------------------------------------
@@ -241,6 +308,35 @@ def _lab(raw: Any, index: int, source: str) -> LabFeature:
     return LabFeature(name, tuple(codes), str(_require(raw, "unit", where)), window, _number(raw.get("impute"), where))
 
 
+def _minimum_data(raw: Any, names: Sequence[str], source: str) -> MinimumData:
+    where = f"{source}: minimum_data"
+    if raw is None:
+        return MinimumData()
+    if not isinstance(raw, dict):
+        raise FeatureSpecError(f"{where}: must be a mapping with {', '.join(MINIMUM_DATA_KEYS)}")
+    extra = sorted(str(key) for key in set(raw) - set(MINIMUM_DATA_KEYS))
+    if extra:
+        raise FeatureSpecError(f"{where}: unknown key(s) {', '.join(extra)} (one of {', '.join(MINIMUM_DATA_KEYS)})")
+    require_image = raw.get("require_image", True)
+    if not isinstance(require_image, bool):
+        raise FeatureSpecError(f"{where}.require_image: expected true or false, got {require_image!r}")
+    required_raw = raw.get("required") or []
+    if not isinstance(required_raw, list):
+        raise FeatureSpecError(f"{where}.required: expected a list of feature names, got {required_raw!r}")
+    required = tuple(str(name) for name in required_raw)
+    unknown = sorted(set(required) - set(names))
+    if unknown:
+        raise FeatureSpecError(f"{where}.required names unknown feature(s): {', '.join(unknown)}")
+    fraction = _number(raw.get("max_missing_fraction", 1.0), f"{where}.max_missing_fraction")
+    if not 0.0 <= fraction <= 1.0:
+        raise FeatureSpecError(f"{where}.max_missing_fraction must lie in [0, 1], got {fraction}")
+    floor_raw = raw.get("pattern_auroc_floor", DEFAULT_PATTERN_AUROC_FLOOR)
+    floor = None if floor_raw is None else _number(floor_raw, f"{where}.pattern_auroc_floor")
+    if floor is not None and not 0.0 <= floor <= 1.0:
+        raise FeatureSpecError(f"{where}.pattern_auroc_floor must lie in [0, 1] (an AUROC), got {floor}")
+    return MinimumData(require_image, required, fraction, floor)
+
+
 def parse_feature_spec(data: Any, source: str = "<spec>") -> FeatureSpec:
     """Validate a parsed YAML document as a feature spec; :class:`FeatureSpecError` names the offending entry."""
     if not isinstance(data, dict):
@@ -264,14 +360,7 @@ def parse_feature_spec(data: Any, source: str = "<spec>") -> FeatureSpec:
     duplicates = sorted({name for name in names if names.count(name) > 1})
     if duplicates:
         raise FeatureSpecError(f"{source}: feature name(s) used twice: {', '.join(duplicates)}")
-    minimum_raw = data.get("minimum_data") or {}
-    required = tuple(str(name) for name in minimum_raw.get("required") or [])
-    unknown = sorted(set(required) - set(names))
-    if unknown:
-        raise FeatureSpecError(f"{source}: minimum_data.required names unknown feature(s): {', '.join(unknown)}")
-    fraction = _number(minimum_raw.get("max_missing_fraction", 0.5), f"{source}: minimum_data.max_missing_fraction")
-    if not 0.0 <= fraction <= 1.0:
-        raise FeatureSpecError(f"{source}: minimum_data.max_missing_fraction must lie in [0, 1]")
+    minimum = _minimum_data(data.get("minimum_data"), names, source)
     return FeatureSpec(
         name=str(_require(data, "name", source)),
         version=version,
@@ -280,7 +369,7 @@ def parse_feature_spec(data: Any, source: str = "<spec>") -> FeatureSpec:
         flag_impute=_number(notes.get("impute", 0.0), f"{source}: note_flags.impute"),
         note_lookback=timedelta(days=_number(notes.get("lookback_days", 365), f"{source}: note_flags.lookback_days")),
         demographics=tuple(demographics),
-        minimum=MinimumData(bool(minimum_raw.get("require_image", True)), required, fraction),
+        minimum=minimum,
         description=str(data.get("description", "")).strip(),
     )
 

@@ -11,24 +11,33 @@ A package is a directory (format in docs/model.md)::
 
 The package's sha256 is the sha256 of SHA256SUMS, so it pins every file. :func:`load_package` verifies every
 listed file, and rejects missing, unlisted or altered files with :class:`ModelPackageError`.
+
+metrics.json may carry the cross-validated performance per modality pattern (``patterns``: AUROC, ECE and n for
+image+labs+notes, image+labs, ...), which the minimum-data policy reads (:func:`validated_patterns`). The pipeline's
+harmonize stage reads it with :func:`read_package_info`, which verifies the same checksums without torch: torch,
+MONAI and SciPy are imported only by what builds, loads or saves a network, so importing this module stays cheap.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
-from torch import Tensor
 
-from riskbridge.harmonize.features import FeatureSpec, FeatureVector
-from riskbridge.model.calibration import Calibrator
-from riskbridge.model.network import FusionNet, ModelConfig
+from riskbridge.harmonize.features import PATTERNS, FeatureSpec, FeatureVector, present_modalities
+
+if TYPE_CHECKING:
+    from torch import Tensor
+
+    from riskbridge.model.calibration import Calibrator
+    from riskbridge.model.network import FusionNet, ModelConfig
 
 REFERENCE_NAME = "chest-ct-fusion"
 REFERENCE_VERSION = "0.1.0"
@@ -62,9 +71,43 @@ def tabular_tensors(spec: FeatureSpec, vector: FeatureVector) -> tuple[np.ndarra
         mask = [1.0 if by_name[name][1] else 0.0 for name in names]
         return np.asarray(values + mask, dtype=np.float32)
 
-    present_labs = any(by_name[lab.name][1] for lab in spec.labs)
-    present_notes = any(by_name[flag][1] for flag in spec.flags)
+    # The minimum-data policy names patterns with the same function, so it judges what the network is fed.
+    _, present_labs, present_notes = present_modalities(spec, vector, image_available=False)
     return block(lab_names), block(spec.flags), present_labs, present_notes
+
+
+def validated_patterns(metrics: Mapping[str, Any], source: str = "metrics.json") -> dict[str, float] | None:
+    """The cross-validated AUROC per modality pattern in a package's metrics (``patterns.table``), for
+    :func:`riskbridge.harmonize.features.decide`; None when the metrics have no ``patterns`` block.
+
+    A row without an AUROC (a pattern whose folds held one class only) is left out: not validated. An unknown
+    pattern name or an AUROC that is not a number in [0, 1] is a :class:`ModelPackageError` naming the row.
+    """
+    block = metrics.get("patterns")
+    if block is None:
+        return None
+    table = block.get("table") if isinstance(block, Mapping) else None
+    if not isinstance(table, Mapping):
+        raise ModelPackageError(f"{source}: patterns.table must map pattern names to their metrics")
+    found: dict[str, float] = {}
+    for pattern, row in table.items():
+        where = f"{source}: patterns.table[{pattern!r}]"
+        if pattern not in PATTERNS:
+            raise ModelPackageError(f"{where}: not a modality pattern (one of {', '.join(PATTERNS)})")
+        if not isinstance(row, Mapping):
+            raise ModelPackageError(f"{where}: expected a mapping with n, auroc, ece")
+        auroc = row.get("auroc")
+        if auroc is not None and not isinstance(auroc, Mapping):
+            raise ModelPackageError(f"{where}: auroc must be a mapping with value, low, high, got {auroc!r}")
+        value = None if auroc is None else auroc.get("value")
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+            raise ModelPackageError(f"{where}: auroc.value must be a number, got {value!r}")
+        if not 0.0 <= value <= 1.0:
+            raise ModelPackageError(f"{where}: auroc.value must lie in [0, 1], got {value}")
+        found[str(pattern)] = float(value)
+    return found
 
 
 @dataclass(frozen=True)
@@ -87,8 +130,17 @@ class ModelPackage:
         """True when the package was trained on synthetic data (not for clinical use)."""
         return bool(self.metrics.get("training", {}).get("synthetic", False))
 
+    @property
+    def validated_patterns(self) -> dict[str, float] | None:
+        """Cross-validated AUROC per modality pattern (see :func:`validated_patterns`); None: no table."""
+        return validated_patterns(self.metrics, str(self.path / "metrics.json"))
+
     def build_network(self) -> FusionNet:
         """The network with the package's weights loaded, in eval mode, on the CPU."""
+        import torch
+
+        from riskbridge.model.network import FusionNet
+
         network = FusionNet(self.config)
         try:
             state = torch.load(self.path / "weights.pt", map_location="cpu", weights_only=True)
@@ -99,6 +151,8 @@ class ModelPackage:
 
     def calibrate(self, logits: Tensor) -> Tensor:
         """Calibrated probabilities of the network's logits (same shape, float32)."""
+        import torch
+
         values = self.calibrator.probabilities(logits.detach().float().cpu().numpy())
         return torch.from_numpy(values.astype(np.float32))
 
@@ -123,6 +177,29 @@ def _sha256(path: Path) -> str:
 
 def _estimate_text(estimate: dict[str, float]) -> str:
     return f"{estimate['value']:.3f} ({estimate['low']:.3f} to {estimate['high']:.3f})"
+
+
+def _pattern_lines(block: Any) -> list[str]:
+    if not isinstance(block, Mapping) or not isinstance(block.get("table"), Mapping):
+        return []
+    lines = [f"by modality pattern ({block.get('description', '')}):", ""]
+    lines += ["| pattern | n (natural) | positives | auroc (95% CI) | ece |", "|---|---|---|---|---|"]
+    table = block["table"]
+    for pattern in [p for p in PATTERNS if p in table] + sorted(set(table) - set(PATTERNS)):
+        row = table[pattern] if isinstance(table[pattern], Mapping) else {}
+        raw = row.get("auroc")
+        auroc: dict[str, Any] = dict(raw) if isinstance(raw, Mapping) else {}
+        if all(isinstance(auroc.get(key), int | float) for key in ("value", "low", "high")):
+            auroc_text = _estimate_text(auroc)
+        else:
+            auroc_text = f"{auroc['value']:.3f}" if isinstance(auroc.get("value"), int | float) else "not validated"
+        ece = row.get("ece")
+        ece_text = f"{ece:.3f}" if isinstance(ece, int | float) else "-"
+        lines.append(
+            f"| {pattern} | {row.get('n', '-')} ({row.get('natural_n', '-')}) | {row.get('positives', '-')} "
+            f"| {auroc_text} | {ece_text} |"
+        )
+    return [*lines, ""]
 
 
 def model_card(config: ModelConfig, metrics: dict[str, Any]) -> str:
@@ -173,6 +250,7 @@ def model_card(config: ModelConfig, metrics: dict[str, Any]) -> str:
         for modality, estimate in block.get("ablation_auroc", {}).items():
             lines.append(f"| auroc without {modality} at inference | {_estimate_text(estimate)} |")
         lines.append("")
+    lines += _pattern_lines(metrics.get("patterns"))
     lines += [
         "## Limitations",
         "",
@@ -193,12 +271,15 @@ def save_package(
     ``metrics`` should hold ``training`` (the data's description, ``synthetic`` true or false), ``threshold``
     and the metric blocks, optionally ``limitations`` (lines for the card); the model card is written from it.
     """
+    import torch
+
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     allowed = {*PACKAGE_FILES, CHECKSUMS}
     stray = sorted(p.name for p in out_dir.iterdir() if p.name not in allowed)
     if stray:
         raise ModelPackageError(f"{out_dir}: not an empty or package directory (holds {', '.join(stray[:5])})")
+    validated_patterns(metrics)  # a malformed pattern table fails here, not in the first nightly run that reads it
     metrics = {**metrics, "calibration": calibrator.to_dict()}
     state = {key: value.detach().cpu().contiguous() for key, value in network.state_dict().items()}
     torch.save(state, out_dir / "weights.pt")
@@ -211,12 +292,8 @@ def save_package(
     return hashlib.sha256(sums.encode()).hexdigest()
 
 
-def load_package(path: Path, expected_sha256: str | None = None) -> ModelPackage:
-    """Load and verify a package: every file's checksum, no file missing or unlisted, the config parses.
-
-    ``expected_sha256`` pins the whole package (the sha256 recorded with earlier scores, say).
-    """
-    path = Path(path)
+def _verified(path: Path, expected_sha256: str | None) -> str:
+    """Check the package at ``path`` against its SHA256SUMS and return the package sha256."""
     sums_path = path / CHECKSUMS
     if not sums_path.is_file():
         raise ModelPackageError(f"{path}: not a model package (no {CHECKSUMS})")
@@ -244,6 +321,19 @@ def load_package(path: Path, expected_sha256: str | None = None) -> ModelPackage
             raise ModelPackageError(f"{path}: {name} is missing")
         if _sha256(path / name) != digest:
             raise ModelPackageError(f"{path}: {name} does not match its sha256 (altered or damaged)")
+    return sha256
+
+
+def load_package(path: Path, expected_sha256: str | None = None) -> ModelPackage:
+    """Load and verify a package: every file's checksum, no file missing or unlisted, the config parses.
+
+    ``expected_sha256`` pins the whole package (the sha256 recorded with earlier scores, say).
+    """
+    from riskbridge.model.calibration import Calibrator
+    from riskbridge.model.network import ModelConfig
+
+    path = Path(path)
+    sha256 = _verified(path, expected_sha256)
     try:
         config = ModelConfig.from_dict(json.loads((path / "config.json").read_text()))
         calibrator = Calibrator.from_dict(json.loads((path / "calibration.json").read_text()))
@@ -251,6 +341,44 @@ def load_package(path: Path, expected_sha256: str | None = None) -> ModelPackage
     except (ValueError, KeyError, TypeError) as exc:
         raise ModelPackageError(f"{path}: unreadable package content: {exc}") from None
     return ModelPackage(path, config, sha256, calibrator, metrics)
+
+
+@dataclass(frozen=True)
+class PackageInfo:
+    """What a verified package says about itself without its network: name, version, feature spec, metrics."""
+
+    path: Path
+    name: str
+    version: str
+    feature_spec: str
+    sha256: str
+    metrics: dict[str, Any]
+
+    @property
+    def label(self) -> str:
+        """``name version sha256[:12]``, as the ledger records a run's model."""
+        return f"{self.name} {self.version} {self.sha256[:12]}"
+
+    @property
+    def validated_patterns(self) -> dict[str, float] | None:
+        """Cross-validated AUROC per modality pattern (see :func:`validated_patterns`); None: no table."""
+        return validated_patterns(self.metrics, str(self.path / "metrics.json"))
+
+
+def read_package_info(path: Path, expected_sha256: str | None = None) -> PackageInfo:
+    """Verify a package exactly as :func:`load_package` does and read its name, version, feature spec and
+    metrics, without importing torch (for the pipeline's harmonize stage, which needs only the pattern table)."""
+    path = Path(path)
+    sha256 = _verified(path, expected_sha256)
+    try:
+        config = json.loads((path / "config.json").read_text())
+        metrics = json.loads((path / "metrics.json").read_text())
+        name, version, spec = str(config["name"]), str(config["version"]), str(config["feature_spec"])
+    except (ValueError, KeyError, TypeError) as exc:
+        raise ModelPackageError(f"{path}: unreadable package content: {exc}") from None
+    if not isinstance(metrics, dict):
+        raise ModelPackageError(f"{path}: metrics.json must hold a JSON object")
+    return PackageInfo(path, name, version, spec, sha256, metrics)
 
 
 def reference_package_path() -> Path:

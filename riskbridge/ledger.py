@@ -341,7 +341,8 @@ class Ledger:
             return cursor.rowcount == 1
 
     def set_model(self, run_id: int, model: str) -> None:
-        """Record which model scored the run ("name version sha256[:12]")."""
+        """Record which model judged (its pattern table, in harmonize) and scored the run ("name version
+        sha256[:12]")."""
         with self._tx() as cursor:
             cursor.execute("UPDATE runs SET model = %s WHERE run_id = %s", (model, run_id))
 
@@ -745,13 +746,23 @@ class Ledger:
             )
             return [self._vector(row) for row in cursor.fetchall()]
 
-    def record_decision(self, run_id: int, study_uid: str, score: bool, reasons: Sequence[str]) -> None:
-        """Record the minimum-data decision; a skipped study is quarantined with its first reason's code."""
+    def record_decision(
+        self,
+        run_id: int,
+        study_uid: str,
+        score: bool,
+        reasons: Sequence[str],
+        pattern: str | None = None,
+        pattern_auroc: float | None = None,
+    ) -> None:
+        """Record the minimum-data decision with the vector's modality pattern and the model's validated AUROC for
+        it (None: not validated; no pattern for a vector the policy could not read); a skipped study is quarantined
+        with its first reason's code."""
         with self._tx() as cursor:
             cursor.execute(
-                """UPDATE features SET decision = %s, reasons = %s
+                """UPDATE features SET decision = %s, reasons = %s, pattern = %s, pattern_auroc = %s
                    WHERE run_id = %s AND study_uid = %s AND decision IS NULL""",
-                ("score" if score else "skip", list(reasons), run_id, study_uid),
+                ("score" if score else "skip", list(reasons), pattern, pattern_auroc, run_id, study_uid),
             )
             if cursor.rowcount and not score:
                 self._quarantine(
@@ -942,6 +953,7 @@ class Ledger:
                 (run_id,),
             )
             scored = cursor.fetchall()
+            patterns = self._pattern_counts(cursor, run_id)
         statuses = Counter(writeback.status for writeback in self.writebacks(run_id))
         return RunSummary(
             run_id=run.run_id,
@@ -959,4 +971,34 @@ class Ledger:
             writebacks=dict(statuses),
             model=run.model,
             thresholds=thresholds,
+            patterns=patterns,
         )
+
+    @staticmethod
+    def _pattern_counts(cursor: Any, run_id: int) -> dict[str, Any]:
+        """Decided vectors of the run per modality pattern: scored, quarantined by the policy, let through and not
+        (yet) scored, and the validated AUROCs the decisions used (:class:`riskbridge.report.PatternCounts`)."""
+        from riskbridge.report import UNKNOWN_PATTERN, PatternCounts
+
+        cursor.execute(
+            """SELECT f.pattern, f.decision, s.study_uid IS NOT NULL AS scored, count(*) AS n,
+                      min(f.pattern_auroc) AS auroc_low, max(f.pattern_auroc) AS auroc_high
+               FROM features f LEFT JOIN scores s USING (run_id, study_uid)
+               WHERE f.run_id = %s AND f.decision IS NOT NULL GROUP BY 1, 2, 3""",
+            (run_id,),
+        )
+        found: dict[str, dict[str, Any]] = {}
+        for row in cursor.fetchall():
+            counts = found.setdefault(row["pattern"] or UNKNOWN_PATTERN, {"aurocs": []})
+            outcome = "quarantined" if row["decision"] == "skip" else "scored" if row["scored"] else "unscored"
+            counts[outcome] = counts.get(outcome, 0) + int(row["n"])
+            counts["aurocs"] += [float(v) for v in (row["auroc_low"], row["auroc_high"]) if v is not None]
+        return {
+            pattern: PatternCounts(
+                scored=counts.get("scored", 0),
+                quarantined=counts.get("quarantined", 0),
+                unscored=counts.get("unscored", 0),
+                auroc=(min(counts["aurocs"]), max(counts["aurocs"])) if counts["aurocs"] else None,
+            )
+            for pattern, counts in found.items()
+        }

@@ -47,6 +47,7 @@ from riskbridge.writeback import (
 )
 
 if TYPE_CHECKING:
+    from riskbridge.model.package import PackageInfo
     from riskbridge.report import RunSummary
 
 LOG = logging.getLogger(__name__)
@@ -195,6 +196,7 @@ class Pipeline:
         self._spec: FeatureSpec | None = None
         self._rules: RuleSet | None = None
         self._scorer: Any = None
+        self._package_info: PackageInfo | None = None
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Pipeline:
@@ -510,22 +512,53 @@ class Pipeline:
 
     # -- harmonize -----------------------------------------------------------------------------------------------------
 
+    def package_info(self) -> PackageInfo:
+        """The :class:`riskbridge.model.package.PackageInfo` of the configured model package: verified, read once,
+        without torch (the harmonize stage needs only its validated pattern table)."""
+        if self._package_info is None:
+            from riskbridge.model.package import read_package_info
+
+            self._package_info = read_package_info(self.model_package_path())
+        return self._package_info
+
     def harmonize(self, run_id: int, progress: Progress | None = None) -> StageResult:
-        """Apply the minimum-data policy to every new feature vector: score it, or skip it with its reasons."""
+        """Apply the minimum-data policy to every new feature vector: score it, or skip it with its reasons. The
+        policy judges each vector's modality pattern by the model package's validated AUROC for it; the pattern is
+        recorded with the decision."""
 
         def work() -> Counter[str]:
             counts: Counter[str] = Counter()
             pending = self.ledger.pending_decision(run_id)
+            if not pending:
+                return counts  # a rerun with nothing to decide does not read the package
+            package = self.package_info()
+            if package.feature_spec != self.spec.label:  # its pattern table says nothing about this spec's vectors
+                raise PipelineError(
+                    f"model package {package.label} was trained on feature spec {package.feature_spec}, "
+                    f"the pipeline builds {self.spec.label} (settings feature_spec, run.model_package)"
+                )
+            patterns = package.validated_patterns
+            # The run names the package whose table decided, also when the policy lets nothing through to score.
+            self.ledger.set_model(run_id, package.label)
             for done, stored in enumerate(pending, start=1):
                 vector = _vector(stored)
                 try:
                     # Only retrieved studies reach the clinical stage, so the image is there.
-                    decision = decide(self.spec, vector, image_available=True)
-                    score, reasons = decision.score, list(decision.reasons)
+                    decision = decide(self.spec, vector, image_available=True, patterns=patterns)
                 except FeatureSpecError:
-                    score, reasons = False, [f"feature_spec_mismatch:{stored.spec}!={self.spec.label}"]
-                self.ledger.record_decision(run_id, stored.study_uid, score, reasons)
-                counts["done" if score else "skipped"] += 1
+                    reasons = [f"feature_spec_mismatch:{stored.spec}!={self.spec.label}"]
+                    self.ledger.record_decision(run_id, stored.study_uid, False, reasons)
+                    counts["skipped"] += 1
+                else:
+                    self.ledger.record_decision(
+                        run_id,
+                        stored.study_uid,
+                        decision.score,
+                        decision.reasons,
+                        pattern=decision.pattern,
+                        pattern_auroc=decision.pattern_auroc,
+                    )
+                    counts["done" if decision.score else "skipped"] += 1
                 if progress:
                     progress(done, len(pending))
             return counts

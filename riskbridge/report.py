@@ -2,8 +2,9 @@
 
 :class:`RunSummary` is what the ledger knows about a run (``Ledger.run_summary``); :func:`write_report` turns it into
 ``index.html`` plus one PNG per plot in the run's report directory: studies per stage and outcome, quarantine
-reasons, the risk distribution with the qualitative thresholds, calibration (only when labels are given, e.g. the
-synthetic cohort's truth), per-modality attention weights and stage timings. The page shows counts and
+reasons, studies per modality pattern (scored or quarantined by the minimum-data policy), the risk distribution with
+the qualitative thresholds, calibration (only when labels are given, e.g. the synthetic cohort's truth),
+per-modality attention weights and stage timings. The page shows counts and
 distributions only, never a UID, patient id or name, so it can be passed around like a log.
 """
 
@@ -17,15 +18,44 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from riskbridge.harmonize.features import NO_MODALITY, PATTERNS
+
 STAGES = ("discover", "match", "select", "retrieve", "clinical", "harmonize", "score", "write_back")
 OUTCOMES = ("done", "skipped", "quarantined", "failed")
 MODALITIES = ("image", "labs", "notes")
 _OUTCOME_COLOURS = {"done": "#2b8a3e", "skipped": "#868e96", "quarantined": "#e67700", "failed": "#c92a2a"}
 _RISK_COLOURS = {"low": "#2b8a3e", "moderate": "#e67700", "high": "#c92a2a"}
+# Vectors decided without a pattern: built by another feature spec, or decided before the ledger recorded patterns.
+UNKNOWN_PATTERN = "unknown"
+PATTERN_OUTCOMES = ("scored", "quarantined", "unscored")
+_PATTERN_COLOURS = {"scored": "#2b8a3e", "quarantined": "#e67700", "unscored": "#868e96"}
 
 
 class ReportError(ValueError):
     """The summary cannot be reported as given (inconsistent values)."""
+
+
+@dataclass(frozen=True)
+class PatternCounts:
+    """The harmonized studies of one modality pattern: scored, quarantined by the minimum-data policy, or let
+    through and not scored (not yet, or the scorer failed); ``auroc`` is the (lowest, highest) validated AUROC
+    the run's decisions used for the pattern, None when it was not validated."""
+
+    scored: int = 0
+    quarantined: int = 0
+    unscored: int = 0
+    auroc: tuple[float, float] | None = None
+
+    @property
+    def total(self) -> int:
+        """Studies with this pattern."""
+        return self.scored + self.quarantined + self.unscored
+
+    def count(self, outcome: str) -> int:
+        """The studies of one of :data:`PATTERN_OUTCOMES`."""
+        if outcome not in PATTERN_OUTCOMES:
+            raise ReportError(f"pattern outcome must be one of {', '.join(PATTERN_OUTCOMES)}, not {outcome!r}")
+        return int(getattr(self, outcome))
 
 
 @dataclass(frozen=True)
@@ -47,11 +77,22 @@ class RunSummary:
     writebacks: Mapping[str, int] = field(default_factory=dict)  # status -> count
     model: str | None = None  # "name version sha256[:12]"
     thresholds: tuple[float, float] | None = None  # (low_below, high_from) of the qualitative risk
+    patterns: Mapping[str, PatternCounts] = field(default_factory=dict)  # modality pattern -> harmonized studies
 
     def __post_init__(self) -> None:
         for _, probability, _ in self.scores:
             if math.isnan(probability) or not 0.0 <= probability <= 1.0:
                 raise ReportError(f"run {self.run_id}: a probability outside [0, 1] ({probability!r})")
+        known = {*PATTERNS, NO_MODALITY, UNKNOWN_PATTERN}
+        for pattern, counts in self.patterns.items():
+            if pattern not in known:
+                raise ReportError(f"run {self.run_id}: {pattern!r} is not a modality pattern")
+            if min(counts.scored, counts.quarantined, counts.unscored) < 0:
+                raise ReportError(f"run {self.run_id}: a negative count for pattern {pattern}")
+
+    def pattern_order(self) -> list[str]:
+        """The run's patterns, the fullest first (image+labs+notes, image+labs, ...), then none and unknown."""
+        return [p for p in (*PATTERNS, NO_MODALITY, UNKNOWN_PATTERN) if p in self.patterns]
 
 
 def quarantine_alert(summary: RunSummary, max_fraction: float, min_studies: int) -> str | None:
@@ -67,11 +108,18 @@ def quarantine_alert(summary: RunSummary, max_fraction: float, min_studies: int)
     if discovered < min_studies or quarantined <= max_fraction * discovered:
         return None
     reasons = ", ".join(f"{reason} {n}" for reason, n in sorted(summary.quarantine.items(), key=lambda kv: -kv[1]))
+    # A model package without a validated pattern table (or a floor above its table) quarantines everything.
+    pattern_hint = (
+        " With pattern_* reasons, check that the model package carries a validated pattern table and the feature "
+        "spec's minimum_data.pattern_auroc_floor (docs/features.md)."
+        if any(reason.startswith("pattern_") for reason in summary.quarantine)
+        else ""
+    )
     return (
         f"run {summary.run_id} quarantined {quarantined} of the {discovered} studies it discovered "
         f"({quarantined / discovered:.0%}; the alert is above {max_fraction:.0%}): {reasons}. A share this large "
         "usually means a site setting ([identity] issuer map, series rules, [site] timezone) does not match the "
-        "data; fix it and run the window again (a new run scores what this one quarantined)."
+        f"data; fix it and run the window again (a new run scores what this one quarantined).{pattern_hint}"
     )
 
 
@@ -121,6 +169,40 @@ def _plot_quarantine(summary: RunSummary, out: Path) -> str | None:
     ax.set_xlabel("studies")
     ax.set_title("Quarantine reasons")
     return _save(fig, out / "quarantine.png")
+
+
+def _plot_patterns(summary: RunSummary, out: Path) -> str | None:
+    patterns = [p for p in summary.pattern_order() if summary.patterns[p].total]
+    if not patterns:
+        return None
+    fig, ax = _figure(height=max(2.0, 0.45 * len(patterns) + 1.4))
+    lefts = [0] * len(patterns)
+    for outcome in PATTERN_OUTCOMES:
+        widths = [summary.patterns[p].count(outcome) for p in patterns]
+        if any(widths):
+            # reversed, so the fullest pattern is the top bar
+            label = outcome.replace("unscored", "not scored")
+            ax.barh(patterns[::-1], widths[::-1], left=lefts[::-1], label=label, color=_PATTERN_COLOURS[outcome])
+            lefts = [left + width for left, width in zip(lefts, widths, strict=True)]
+    ax.set_xlim(0, max(lefts) * 1.4)  # room on the right for the legend
+    ax.set_xlabel("studies")
+    ax.set_title("Studies per modality pattern")
+    ax.legend(fontsize="small", loc="lower right")
+    return _save(fig, out / "patterns.png")
+
+
+def _pattern_rows(summary: RunSummary) -> list[list[Any]]:
+    rows = []
+    for pattern in summary.pattern_order():
+        counts = summary.patterns[pattern]
+        if counts.auroc is None:
+            auroc = "not validated"
+        elif counts.auroc[0] == counts.auroc[1]:
+            auroc = f"{counts.auroc[0]:.3f}"
+        else:  # the model package changed during the run
+            auroc = f"{counts.auroc[0]:.3f} to {counts.auroc[1]:.3f}"
+        rows.append([pattern, counts.total, counts.scored, counts.quarantined, counts.unscored, auroc])
+    return rows
 
 
 def _plot_risk(summary: RunSummary, out: Path) -> str | None:
@@ -247,6 +329,7 @@ def write_report(summary: RunSummary, out_dir: Path, labels: Mapping[str, int] |
     plots = [
         ("Studies per stage", _plot_stage_counts(summary, out_dir)),
         ("Quarantine reasons", _plot_quarantine(summary, out_dir)),
+        ("Studies per modality pattern", _plot_patterns(summary, out_dir)),
         ("Risk distribution", _plot_risk(summary, out_dir)),
         ("Calibration", _plot_calibration(probabilities, observed, out_dir)),
         ("Attention", _plot_attention(summary, out_dir)),
@@ -263,6 +346,15 @@ def write_report(summary: RunSummary, out_dir: Path, labels: Mapping[str, int] |
         ("duration", duration),
         ("model", summary.model or "-"),
     ]
+    header = ["pattern", "studies", "scored", "quarantined", "not scored", "validated AUROC"]
+    patterns = (
+        _table(header, _pattern_rows(summary))
+        + "<p>Harmonized studies by the modalities they have. The minimum-data policy scores a pattern whose "
+        "validated AUROC (the model's cross-validation) reaches the feature spec's floor and quarantines the rest; "
+        "not scored: let through, but not scored (yet, or the scorer failed).</p>"
+        if summary.patterns
+        else "<p>No study reached the minimum-data policy.</p>"
+    )
     levels: dict[str, int] = {}
     for _, _, level in summary.scores:
         levels[level] = levels.get(level, 0) + 1
@@ -288,6 +380,8 @@ def write_report(summary: RunSummary, out_dir: Path, labels: Mapping[str, int] |
         "<h2>Scores and write-back</h2>",
         _table(["qualitative risk", "studies"], sorted(levels.items())) if levels else "<p>No study was scored.</p>",
         _table(["write-back", "count"], sorted(summary.writebacks.items())) if summary.writebacks else "",
+        "<h2>Modality patterns</h2>",
+        patterns,
         "<h2>Quarantine</h2>",
         _table(["reason", "studies"], sorted(summary.quarantine.items()))
         if summary.quarantine

@@ -80,10 +80,10 @@ def test_concurrent_upgrades_apply_the_schema_once(database: DatabaseSettings) -
 
 
 def test_an_edited_applied_migration_and_an_unknown_one_are_refused(ledger: Ledger) -> None:
-    first = load_migrations()[0]
+    first, *rest = load_migrations()
     with pytest.raises(LedgerError, match="changed after it was applied"):
-        ledger.upgrade([Migration(first.version, first.name, first.sql + "\n-- edited\n")])
-    newer = Migration(first.version + 1, "from_the_future", "CREATE TABLE future_table (id integer)")
+        ledger.upgrade([Migration(first.version, first.name, first.sql + "\n-- edited\n"), *rest])
+    newer = Migration(len(load_migrations()) + 1, "from_the_future", "CREATE TABLE future_table (id integer)")
     ledger.upgrade([*load_migrations(), newer])
     with pytest.raises(LedgerError, match="does not know"):
         ledger.upgrade()

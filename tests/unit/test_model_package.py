@@ -1,10 +1,12 @@
 """Model packages: save/load round trip, checksum verification against tampering, feature-spec checks, the
-shipped reference model, and tabular_tensors."""
+shipped reference model, tabular_tensors, and the validated modality-pattern table (read with and without torch)."""
 
 from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -12,16 +14,18 @@ import numpy as np
 import pytest
 import torch
 
-from riskbridge.harmonize.features import build_vector, load_default_feature_spec
+from riskbridge.harmonize.features import PATTERNS, build_vector, load_default_feature_spec, present_modalities
 from riskbridge.model.calibration import Calibrator
 from riskbridge.model.network import FusionNet, ModelConfig
 from riskbridge.model.package import (
     ModelPackageError,
     lab_feature_names,
     load_package,
+    read_package_info,
     reference_package_path,
     save_package,
     tabular_tensors,
+    validated_patterns,
 )
 from riskbridge.model.preprocess import PreprocessConfig
 
@@ -79,6 +83,8 @@ def test_the_checksum_check_rejects_a_tampered_file(package: tuple[Path, str, Fu
     target.write_bytes(bytes(data))
     with pytest.raises(ModelPackageError, match=f"{name} does not match its sha256"):
         load_package(path)
+    with pytest.raises(ModelPackageError, match=f"{name} does not match its sha256"):
+        read_package_info(path)  # the torch-free reader checks exactly as much
 
 
 def test_a_missing_unlisted_or_relisted_file_and_a_wrong_pin_are_rejected(
@@ -184,3 +190,82 @@ def test_the_shipped_reference_model_loads_verifies_and_scores() -> None:
     assert 0.0 < float(probability[0]) < 1.0
     assert np.isclose(float(out.attention.sum()), 1.0)
     assert float(without_image.attention[0, 0]) == 0.0
+
+
+def test_tabular_tensors_present_exactly_the_modalities_the_policy_names() -> None:
+    for labs in ({}, {"wbc": 9.0}):
+        for flags in (None, {"copd": False}):
+            vector = build_vector(SPEC, labs, flags, {"age_years": 60.0})
+            _, _, has_labs, has_notes = tabular_tensors(SPEC, vector)
+            assert (True, has_labs, has_notes) == present_modalities(SPEC, vector, image_available=True)
+
+
+def _pattern_metrics(table: Any) -> dict[str, Any]:
+    return {"training": {"synthetic": True}, "threshold": 0.4, "patterns": {"description": "3-fold", "table": table}}
+
+
+def _row(auroc: Any, n: int = 120) -> dict[str, Any]:
+    return {"n": n, "natural_n": n // 2, "positives": n // 4, "auroc": auroc, "ece": 0.02}
+
+
+def test_the_pattern_table_is_read_from_a_verified_package_with_and_without_torch(tmp_path: Path) -> None:
+    table = {
+        "image+labs+notes": _row({"value": 0.86, "low": 0.84, "high": 0.88}, 1650),
+        "image+labs": _row({"value": 0.81, "low": 0.78, "high": 0.84}),
+        "notes": _row(None, 12),  # one class only in its folds: no AUROC, so not validated
+    }
+    network = FusionNet(small_config())
+    sha = save_package(tmp_path / "pkg", network.config, network, Calibrator("none"), _pattern_metrics(table))
+    expected = {"image+labs+notes": 0.86, "image+labs": 0.81}
+    assert load_package(tmp_path / "pkg").validated_patterns == expected
+    info = read_package_info(tmp_path / "pkg", expected_sha256=sha)
+    assert info.validated_patterns == expected
+    assert (info.name, info.version, info.feature_spec) == ("unit", "0.0.1", SPEC.label)
+    assert info.label == f"unit 0.0.1 {sha[:12]}"
+    card = (tmp_path / "pkg" / "MODEL_CARD.md").read_text()
+    assert "| image+labs | 120 (60) | 30 | 0.810 (0.780 to 0.840) | 0.020 |" in card
+    assert "| notes | 12 (6) | 3 | not validated | 0.020 |" in card
+    # The pipeline's harmonize stage reads the table this way; it must not pull in torch (or MONAI, SciPy).
+    probe = (
+        "import sys; from pathlib import Path; from riskbridge.model.package import read_package_info; "
+        f"print(sorted(read_package_info(Path({str(tmp_path / 'pkg')!r})).validated_patterns)); "
+        "print(sorted(m for m in ('torch', 'monai', 'scipy') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout
+    assert out.splitlines() == [str(sorted(expected)), "[]"]
+
+
+def test_a_package_without_a_pattern_table_validates_no_pattern(package: tuple[Path, str, FusionNet]) -> None:
+    path, _, _ = package
+    assert load_package(path).validated_patterns is None
+    assert read_package_info(path).validated_patterns is None
+    assert "by modality pattern" not in (path / "MODEL_CARD.md").read_text()
+
+
+@pytest.mark.parametrize(
+    ("block", "message"),
+    [
+        ({"table": [0.8]}, "patterns.table must map pattern names"),
+        ({"description": "no table"}, "patterns.table must map pattern names"),
+        ({"table": {"labs+image": _row({"value": 0.8})}}, r"patterns.table\['labs\+image'\]: not a modality pattern"),
+        ({"table": {"image": 0.8}}, r"patterns.table\['image'\]: expected a mapping"),
+        ({"table": {"image": _row(0.8)}}, r"\['image'\]: auroc must be a mapping with value"),
+        ({"table": {"image": _row({"value": 1.2})}}, r"\['image'\]: auroc.value must lie in \[0, 1\]"),
+        ({"table": {"image": _row({"value": "0.8"})}}, r"\['image'\]: auroc.value must be a number"),
+        ({"table": {"image": _row({"value": float("nan")})}}, r"\['image'\]: auroc.value must be a number"),
+    ],
+)
+def test_a_malformed_pattern_table_is_refused_naming_the_row(
+    block: dict[str, Any], message: str, tmp_path: Path
+) -> None:
+    with pytest.raises(ModelPackageError, match=message):
+        validated_patterns({"patterns": block})
+    network = FusionNet(small_config())
+    metrics = {"training": {"synthetic": True}, "patterns": block}
+    with pytest.raises(ModelPackageError, match=message):  # caught when the package is written, not at night
+        save_package(tmp_path / "pkg", network.config, network, Calibrator("none"), metrics)
+
+
+def test_every_pattern_name_the_table_may_use() -> None:
+    table = {pattern: _row({"value": 0.5 + i / 100}) for i, pattern in enumerate(PATTERNS)}
+    assert validated_patterns({"patterns": {"table": table}}) == {p: 0.5 + i / 100 for i, p in enumerate(PATTERNS)}

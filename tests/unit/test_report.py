@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from riskbridge.report import (
+    PatternCounts,
     ReportError,
     RunSummary,
     calibration_bins,
@@ -42,6 +43,11 @@ def _summary(scores: list[tuple[str, float, str]], **overrides: object) -> RunSu
         "writebacks": {"created": len(scores)},
         "model": "chest-ct-fusion 1.0.0 0123456789ab",
         "thresholds": (0.2, 0.5),
+        "patterns": {
+            "image+labs": PatternCounts(scored=len(scores) // 2, auroc=(0.81, 0.81)),
+            "image+labs+notes": PatternCounts(scored=len(scores) - len(scores) // 2, unscored=1, auroc=(0.86, 0.86)),
+            "image": PatternCounts(quarantined=3),
+        },
     }
     values.update(overrides)
     return RunSummary(**values)  # type: ignore[arg-type]
@@ -63,7 +69,7 @@ def test_report_writes_page_and_every_plot(tmp_path: Path) -> None:
     page = write_report(_summary(scores), tmp_path / "7", labels=labels)
     text = page.read_text()
     expected = {"stage_counts.png", "quarantine.png", "risk_distribution.png", "calibration.png", "attention.png"}
-    expected.add("stage_timings.png")
+    expected |= {"stage_timings.png", "patterns.png"}
     assert {p.name for p in page.parent.glob("*.png")} == expected
     for name in expected:
         assert f"src='{name}'" in text
@@ -80,9 +86,10 @@ def test_without_labels_there_is_no_calibration_plot(tmp_path: Path) -> None:
 
 
 def test_empty_run_reports_without_plots_it_cannot_draw(tmp_path: Path) -> None:
-    summary = _summary([], stage_counts={}, stage_seconds={}, quarantine={}, attention=[], writebacks={})
+    summary = _summary([], stage_counts={}, stage_seconds={}, quarantine={}, attention=[], writebacks={}, patterns={})
     page = write_report(summary, tmp_path)
     assert "No study was scored" in page.read_text()
+    assert "No study reached the minimum-data policy" in page.read_text()
     assert "Nothing was quarantined" in page.read_text()
     assert list(tmp_path.glob("*.png")) == []
 
@@ -121,3 +128,51 @@ def test_the_quarantine_alert_fires_above_the_share_and_names_reasons_not_uids()
 
 def test_a_normal_run_raises_no_quarantine_alert() -> None:
     assert quarantine_alert(_summary([]), max_fraction=0.5, min_studies=10) is None  # 6 of 30 quarantined
+
+
+def _rows(text: str, heading: str) -> list[list[str]]:
+    """The body rows of the first table after ``heading``, as cell texts."""
+    import re
+
+    table = text.split(heading, 1)[1].split("<tbody>", 1)[1].split("</tbody>", 1)[0]
+    return [re.findall(r"<td>(.*?)</td>", row) for row in table.split("</tr>") if "<td>" in row]
+
+
+def test_the_report_counts_studies_per_modality_pattern_scored_and_quarantined(tmp_path: Path) -> None:
+    scores, _ = _scores(10)
+    patterns = {
+        "image": PatternCounts(quarantined=2),
+        "image+labs": PatternCounts(scored=4, quarantined=1, auroc=(0.68, 0.74)),  # the package changed mid-run
+        "image+labs+notes": PatternCounts(scored=6, unscored=1, auroc=(0.86, 0.86)),
+        "unknown": PatternCounts(quarantined=1),
+    }
+    quarantine = {"pattern_not_validated": 2, "pattern_below_floor": 1, "feature_spec_mismatch": 1}
+    page = write_report(_summary(scores, patterns=patterns, quarantine=quarantine), tmp_path)
+    text = page.read_text()
+    assert _rows(text, "<h2>Modality patterns</h2>") == [
+        ["image+labs+notes", "7", "6", "0", "1", "0.860"],  # fullest pattern first
+        ["image+labs", "5", "4", "1", "0", "0.680 to 0.740"],
+        ["image", "2", "0", "2", "0", "not validated"],
+        ["unknown", "1", "0", "1", "0", "not validated"],
+    ]
+    assert "src='patterns.png'" in text and (tmp_path / "patterns.png").read_bytes()[:4] == b"\x89PNG"
+    assert patterns["image+labs"].total == 5 and patterns["image+labs"].count("quarantined") == 1
+    with pytest.raises(ReportError, match="pattern outcome"):
+        patterns["image"].count("skipped")
+
+
+def test_a_summary_refuses_what_is_not_a_modality_pattern() -> None:
+    with pytest.raises(ReportError, match="'labs\\+image' is not a modality pattern"):
+        _summary([], patterns={"labs+image": PatternCounts(scored=1)})
+    with pytest.raises(ReportError, match="negative count"):
+        _summary([], patterns={"image": PatternCounts(scored=-1)})
+
+
+def test_the_quarantine_alert_points_at_the_pattern_table_when_the_policy_quarantined() -> None:
+    counts = {"discover": {"done": 20}, "harmonize": {"done": 2, "skipped": 18}}
+    summary = _summary([], stage_counts=counts, quarantine={"pattern_not_validated": 18})
+    alert = quarantine_alert(summary, max_fraction=0.8, min_studies=10)
+    assert alert is not None and "pattern_not_validated 18" in alert
+    assert "validated pattern table" in alert and "pattern_auroc_floor" in alert
+    other = quarantine_alert(_summary([], stage_counts=counts, quarantine={"identity_unmatched": 18}), 0.8, 10)
+    assert other is not None and "pattern_auroc_floor" not in other
