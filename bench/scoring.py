@@ -42,6 +42,7 @@ from volume import write_series
 from riskbridge.harmonize.features import FeatureSpec, FeatureVector, build_vector, load_default_feature_spec
 from riskbridge.harmonize.volume import load_series_volume
 from riskbridge.model.calibration import Calibrator
+from riskbridge.model.data import DEFAULT_PREPROCESS
 from riskbridge.model.network import FusionNet, ModelConfig
 from riskbridge.model.package import lab_feature_names, save_package
 from riskbridge.model.preprocess import PreprocessConfig, Preprocessor
@@ -53,7 +54,7 @@ CPU_THREADS = 2
 
 
 def make_package(directory: Path, spec: FeatureSpec) -> Path:
-    """A package of the default architecture with seeded random weights."""
+    """A package of the reference architecture (detector encoder, 3 mm input) with seeded random weights."""
     config = ModelConfig(
         name="bench",
         version="0",
@@ -61,7 +62,8 @@ def make_package(directory: Path, spec: FeatureSpec) -> Path:
         feature_spec=spec.label,
         lab_features=lab_feature_names(spec),
         note_features=spec.flags,
-        preprocess=PreprocessConfig(),
+        preprocess=DEFAULT_PREPROCESS,
+        image_encoder="detector",
     )
     torch.manual_seed(0)
     save_package(directory, config, FusionNet(config), Calibrator("temperature"), {"training": {"synthetic": True}})

@@ -202,6 +202,16 @@ def _pattern_lines(block: Any) -> list[str]:
     return [*lines, ""]
 
 
+def _encoder_line(config: ModelConfig) -> str:
+    if config.image_encoder == "detector":
+        return (
+            f"- image encoder: nodule detector (MONAI U-Net, channels {config.detector_channels}, trained on dense "
+            "nodule masks that are used in training only) read out as nodule burden, count, volume, largest "
+            "diameter and peak probability; at scoring time it sees the image only"
+        )
+    return f"- image encoder: MONAI 3D ResNet (channels {config.image_channels}, {config.image_pool} pool), end to end"
+
+
 def model_card(config: ModelConfig, metrics: dict[str, Any]) -> str:
     """The MODEL_CARD.md text: intended use, training data, metrics with CIs, limitations."""
     training = metrics.get("training", {})
@@ -226,6 +236,7 @@ def model_card(config: ModelConfig, metrics: dict[str, Any]) -> str:
         f"- strategy: `{config.strategy}` (modalities image, labs, notes; missing modalities are masked out)",
         f"- image input: {config.preprocess.size} voxels at {config.preprocess.spacing_mm} mm (RAS), "
         f"HU window {config.preprocess.hu_window}",
+        _encoder_line(config),
         f"- labs modality: {', '.join(config.lab_features)} (+ missingness mask)",
         f"- notes modality: {', '.join(config.note_features)} (+ missingness mask)",
         f"- embedding {config.embed_dim}, hidden {config.hidden_dim}, modality dropout {config.modality_dropout}",

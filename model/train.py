@@ -391,7 +391,7 @@ def fit_strategies(
 
 
 STRATEGY_ORDER = ("image", "tabular", "early", "late", "hybrid")
-FUSION_STRATEGIES = ("early", "late", "hybrid")  # the ones that read every modality: ablations and patterns
+FUSION_STRATEGIES = ("early", "late", "hybrid")  # the ones that read every modality: the ablations
 
 
 def _fit_image_stage(
@@ -514,7 +514,7 @@ def cross_validate(
     keys = list(strategies)
     if ablate:
         keys += [f"{s}-without-{m}" for s in strategies if s in FUSION_STRATEGIES for m in MODALITIES]
-        keys += [f"{s}@{p}" for s in strategies if s in FUSION_STRATEGIES for p in all_patterns()]
+        keys += [f"{s}@{p}" for s in strategies for p in all_patterns()]
     logits = {k: np.full(n, np.nan) for k in keys}
     probabilities = {k: np.full(n, np.nan) for k in keys}
     raw = {k: np.full(n, np.nan) for k in keys}
@@ -538,6 +538,7 @@ def cross_validate(
             variants: list[tuple[str, str | None, tuple[str, ...] | None]] = [(strategy, None, None)]
             if ablate and strategy in FUSION_STRATEGIES:
                 variants += [(f"{strategy}-without-{m}", m, None) for m in MODALITIES]
+            if ablate:
                 variants += [(f"{strategy}@{p}", None, tuple(p.split("+"))) for p in all_patterns()]
             for key, drop, keep in variants:
                 z, weights, scored = predict(model.network, test, drop=drop, keep=keep, embeddings=test_embeddings)
@@ -569,7 +570,7 @@ def train_package(
     options = options or TrainOptions()
     metrics: dict[str, Any] = {}
     if folds:
-        cv = cross_validate(spec, table, [strategy], options, folds, ablate=strategy != "image", progress=progress)
+        cv = cross_validate(spec, table, [strategy], options, folds, progress=progress)
         block = cv.metrics(strategy, options.bootstrap, options.seed)
         block["description"] = f"pooled out-of-fold predictions, {folds}-fold stratified, bootstrap 95% CI"
         block["ablation_auroc"] = {
@@ -578,13 +579,12 @@ def train_package(
             if "-without-" in key
         }
         metrics["cross_validation"] = block
-        if strategy in FUSION_STRATEGIES:
-            metrics["patterns"] = {
-                "description": f"{folds}-fold out-of-fold predictions with each test patient's inputs reduced to the "
-                "pattern (n: patients with at least its modalities; natural_n: with exactly them); AUROC with "
-                "bootstrap 95% CI, ECE with 10 equal-width bins",
-                "table": cv.patterns(strategy, table.present, options.bootstrap, options.seed),
-            }
+        metrics["patterns"] = {
+            "description": f"{folds}-fold out-of-fold predictions with each test patient's inputs reduced to the "
+            "pattern (n: patients with at least its modalities; natural_n: with exactly them); AUROC with "
+            "bootstrap 95% CI, ECE with 10 equal-width bins",
+            "table": cv.patterns(strategy, table.present, options.bootstrap, options.seed),
+        }
     fitted = fit_strategies(spec, table, [strategy], options, name=name, version=version, progress=progress)[strategy]
     calibrated = fitted.probabilities(fitted.calibration_logits)
     estimates = bootstrap_metrics(

@@ -48,6 +48,7 @@ from fhir.resources.R4B.reference import Reference
 from fhir.resources.R4B.riskassessment import RiskAssessment, RiskAssessmentPrediction
 
 from riskbridge import __version__
+from riskbridge.records import MODALITIES, pattern_name
 from riskbridge.settings import WritebackSettings
 
 LOG = logging.getLogger(__name__)
@@ -56,10 +57,7 @@ RISK_PROBABILITY_SYSTEM = "http://terminology.hl7.org/CodeSystem/risk-probabilit
 PROVENANCE_AGENT_TYPE_SYSTEM = "http://terminology.hl7.org/CodeSystem/provenance-participant-type"
 DICOM_UID_SYSTEM = "urn:dicom:uid"
 
-# The fusion model's modalities in its fixed order (riskbridge.model.network.MODALITIES; not imported from there
-# because that module needs torch, which the write-back does not).
-MODALITIES = ("image", "labs", "notes")
-NO_MODALITY = "none"  # the pattern name when no modality was used (riskbridge.records.pattern_name says the same)
+NO_MODALITY = pattern_name((False,) * len(MODALITIES))  # the pattern name when no modality was used
 
 # riskbridge's conformance resources are named under this base; the URLs are the contract with whoever reads the
 # extensions, so they never depend on site settings.
@@ -150,7 +148,7 @@ def modality_pattern(attention: Mapping[str, float]) -> str:
     unknown = sorted(set(attention) - set(MODALITIES))
     if unknown:
         raise WritebackError(f"attention names unknown modalities {unknown} (known: {', '.join(MODALITIES)})")
-    return "+".join(name for name in MODALITIES if attention.get(name, 0.0) > 0.0) or NO_MODALITY
+    return pattern_name([attention.get(name, 0.0) > 0.0 for name in MODALITIES])
 
 
 def assessment_key(model_version: str, patient_id: str, study_uid: str) -> str:

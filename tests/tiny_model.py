@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
@@ -45,6 +45,7 @@ def tiny_package(
     version: str = "0.0.1",
     spacing_mm: float = 4.0,
     patterns: Mapping[str, float | None] | None = ALL_VALIDATED,
+    image_encoder: Literal["resnet", "detector"] = "resnet",
 ) -> Path:
     """Save a small package (16³ input at ``spacing_mm``, 8-wide embeddings) into ``directory``; return it.
 
@@ -62,6 +63,8 @@ def tiny_package(
         embed_dim=8,
         hidden_dim=8,
         image_channels=(4, 4, 4, 4),
+        image_encoder=image_encoder,
+        detector_channels=(4, 8),
     )
     metrics: dict[str, Any] = {"training": {"synthetic": True}, "threshold": 0.5}
     if patterns is not None:

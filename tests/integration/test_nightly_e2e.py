@@ -40,7 +40,8 @@ from riskbridge.connectors import db
 from riskbridge.connectors.fhir import FhirClient
 from riskbridge.harmonize.features import load_default_feature_spec
 from riskbridge.ledger import Ledger
-from riskbridge.model.package import REFERENCE_VERSION
+from riskbridge.model.package import REFERENCE_VERSION, read_package_info, reference_package_path
+from riskbridge.records import pattern_name
 from riskbridge.settings import Settings
 from riskbridge.synth import generate, load, read_truth, site_environment
 from riskbridge.writeback import assessment_key
@@ -199,18 +200,30 @@ def _assessments(sandbox: Settings, truth: list[dict[str, Any]]) -> dict[str, li
     return found
 
 
-def _policy_skips(record: Mapping[str, Any]) -> bool:
-    """True when the feature spec's minimum-data policy must skip this patient (the truth says what is missing)."""
+def _policy_reason(record: Mapping[str, Any]) -> str | None:
+    """The reason code the feature spec's minimum-data policy must quarantine this patient with, or None.
+
+    The truth says which modalities the patient has (every study that reaches the policy has its image); the
+    reference package says which patterns were validated, and how well.
+    """
     labs, flags = record["labs"], record["comorbidities"]
-    missing = sum(1 for lab in SPEC.labs if labs.get(lab.name) is None) + (len(SPEC.flags) if flags is None else 0)
-    return missing / len(SPEC.names) > SPEC.minimum.max_missing_fraction
+    pattern = pattern_name((True, any(labs.get(lab.name) is not None for lab in SPEC.labs), flags is not None))
+    floor = SPEC.minimum.pattern_auroc_floor
+    validated = read_package_info(reference_package_path()).validated_patterns or {}
+    if floor is not None and pattern not in validated:
+        return "pattern_not_validated"
+    if floor is not None and validated[pattern] < floor:
+        return "pattern_below_floor"
+    return None
 
 
 def _expected(truth: list[dict[str, Any]]) -> tuple[dict[str, str], dict[str, str]]:
     """(study UID -> FHIR patient id of every study to score, study UID -> the reason it must be quarantined)."""
     quarantined = {p["index_study"]["study_uid"]: p["quarantine"] for p in truth if p["quarantine"]}
     quarantined |= {
-        p["index_study"]["study_uid"]: "too_much_missing" for p in truth if not p["quarantine"] and _policy_skips(p)
+        p["index_study"]["study_uid"]: reason
+        for p in truth
+        if not p["quarantine"] and (reason := _policy_reason(p)) is not None
     }
     scorable = {
         p["index_study"]["study_uid"]: p["identity"]["fhir_patient_id"]

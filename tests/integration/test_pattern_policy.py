@@ -5,8 +5,8 @@ package's AUROC for it is below the spec's floor. The ledger records every vecto
 it, the run names the package whose table decided, and the run report counts studies per pattern.
 
 A 4-patient synthetic cohort of its own (half without notes), run on demand by accession so that other tests'
-cohorts in the sandbox stay out of it; the runs stop after scoring (nothing is written back to HAPI). The model is a
-tiny real package with seeded random weights and a made-up pattern table (the scores mean nothing).
+cohorts in the sandbox stay out of it; the runs stop after scoring, and the first is then written back to HAPI. The
+model is a tiny real package with seeded random weights and a made-up pattern table (the scores mean nothing).
 """
 
 from __future__ import annotations
@@ -19,11 +19,13 @@ from typing import Any
 import pytest
 from tiny_model import ALL_VALIDATED, tiny_package
 
+from riskbridge.connectors.fhir import FhirClient
 from riskbridge.harmonize.features import load_default_feature_spec
 from riskbridge.ledger import Ledger
 from riskbridge.pipeline import Pipeline
 from riskbridge.settings import DatabaseSettings, IdentitySettings, RunSettings, Settings, SiteSettings
 from riskbridge.synth import EdgeCaseRates, generate, load, read_truth
+from riskbridge.writeback import MODALITY_PATTERN_URL, assessment_key
 
 pytestmark = pytest.mark.integration
 
@@ -131,6 +133,18 @@ def test_a_ct_with_labs_and_no_note_is_scored_under_the_shipped_spec(
     page = (settings.run.report_dir / str(run_id) / "index.html").read_text()
     assert "<td>image+labs</td><td>2</td><td>2</td><td>0</td><td>0</td><td>0.900</td>" in page
     assert (settings.run.report_dir / str(run_id) / "patterns.png").is_file()
+
+    # written back, each RiskAssessment says which modalities the model used: the note-less two image+labs
+    with Pipeline.from_settings(settings) as pipeline:
+        assert sum(r.failed for r in pipeline.run_stages(run_id)) == 0
+    with FhirClient(settings.fhir) as client:
+        for record in truth:
+            key = assessment_key("0.0.1", record["identity"]["fhir_patient_id"], record["index_study"]["study_uid"])
+            query = {"identifier": f"{settings.writeback.identifier_system}|{key}"}
+            found = list(client.search("RiskAssessment", query))
+            assert len(found) == 1
+            used = [e["valueCode"] for e in found[0].get("extension", []) if e["url"] == MODALITY_PATTERN_URL]
+            assert used == [expected[record["index_study"]["study_uid"]]]
 
 
 def test_a_pattern_below_the_floor_is_quarantined_with_the_pattern_named(

@@ -133,7 +133,8 @@ def _check_against_truth(settings: Settings, run_id: int, truth: list[dict[str, 
             assert uid not in scored
         elif uid in quarantined:  # only the minimum-data policy may stop an otherwise clean study, with reasons
             stage, reason, detail = quarantined[uid]
-            assert stage == "harmonize" and reason in ("too_much_missing", "missing_required") and detail, detail
+            policy_reasons = ("pattern_not_validated", "pattern_below_floor", "too_much_missing", "missing_required")
+            assert stage == "harmonize" and reason in policy_reasons and detail, detail
         else:
             assert uid in scored, record["patient_key"]
     mine_scored = scored & set(mine)

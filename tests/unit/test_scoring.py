@@ -253,3 +253,18 @@ def test_a_batch_split_in_two_scores_the_same(package: Path, series: tuple[Path,
     for a, b in zip(halves, whole, strict=True):
         assert a.probability == pytest.approx(b.probability, abs=1e-6)
         assert a.attention == pytest.approx(b.attention, abs=1e-6)
+
+
+def test_a_detector_package_scores_series_as_its_network_does(series: tuple[Path, str], tmp_path: Path) -> None:
+    series_dir, uid = series
+    package_dir = tiny_package(tmp_path / "detector", image_encoder="detector")
+    requests = [ScoreRequest(f"p{i}", series_dir if i % 2 else None, uid, vector(i)) for i in range(4)]
+    one_by_one = Scorer.from_package(package_dir, SPEC, device="cpu", batch_size=1).score(requests)
+    batched = Scorer.from_package(package_dir, SPEC, device="cpu", batch_size=4).score(requests)
+    image = Scorer.from_package(package_dir, SPEC, device="cpu").preprocessor.from_series(series_dir, uid)
+    for request, a, b in zip(requests, one_by_one, batched, strict=True):
+        assert a.probability == pytest.approx(b.probability, abs=1e-6)
+        raw, attention = direct(package_dir, image if request.series_dir else None, request.vector)
+        assert a.raw_probability == pytest.approx(raw, abs=1e-5) and a.attention == pytest.approx(
+            dict(zip(("image", "labs", "notes"), attention, strict=True)), abs=1e-5
+        )
