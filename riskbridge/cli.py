@@ -180,6 +180,25 @@ def doctor() -> None:
         raise typer.Exit(code=1)
 
 
+fhir_app = typer.Typer(help="The FHIR server riskbridge writes to.")
+app.add_typer(fhir_app, name="fhir")
+
+
+@fhir_app.command("install-definitions")
+def fhir_install_definitions() -> None:
+    """Load riskbridge's extension definitions into the FHIR server (idempotent); docs/writeback.md."""
+    from riskbridge.connectors.fhir import FhirClient, FhirError
+    from riskbridge.writeback import WritebackError, install_definitions
+
+    try:
+        with FhirClient(_settings().fhir) as client:
+            statuses = install_definitions(client)
+    except (FhirError, WritebackError) as exc:
+        raise _fail(str(exc)) from None
+    for url, status in statuses.items():
+        console.print(f"{'created' if status == 201 else 'up to date'}: {url}")
+
+
 airflow_app = typer.Typer(help="A local Airflow for riskbridge's DAGs: metadata database, pools, Connections.")
 app.add_typer(airflow_app, name="airflow")
 

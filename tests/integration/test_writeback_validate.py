@@ -20,7 +20,9 @@ import pytest
 from fhir.resources.R4B.documentreference import DocumentReference
 from fhir.resources.R4B.observation import Observation
 from fhir.resources.R4B.patient import Patient
+from typer.testing import CliRunner
 
+from riskbridge.cli import app
 from riskbridge.connectors.fhir import FhirClient, transaction_entry
 from riskbridge.settings import Settings
 from riskbridge.writeback import (
@@ -165,7 +167,12 @@ def test_definitions_install_idempotently_and_validate(client: FhirClient) -> No
     for resource in definition_resources():
         stored = client.read(resource["resourceType"], resource["id"])
         versions[resource["url"]] = stored["meta"]["versionId"]
-    assert set(install_definitions(client).values()) == {200}
+    # the second time through the command line, as an integrator runs it: nothing new, nothing rewritten
+    result = CliRunner().invoke(
+        app, ["fhir", "install-definitions"], env={"RISKBRIDGE_FHIR__BASE_URL": client.base_url}
+    )
+    assert result.exit_code == 0, result.output
+    assert result.output.count("up to date: ") == len(first) and "created" not in result.output
     for resource in definition_resources():
         stored = client.read(resource["resourceType"], resource["id"])
         assert stored["meta"]["versionId"] == versions[resource["url"]], "an unchanged definition was rewritten"
