@@ -40,7 +40,7 @@ if TYPE_CHECKING:
     from riskbridge.model.network import FusionNet, ModelConfig
 
 REFERENCE_NAME = "chest-ct-fusion"
-REFERENCE_VERSION = "0.1.0"
+REFERENCE_VERSION = "0.2.0"
 PACKAGE_FILES = ("config.json", "weights.pt", "calibration.json", "metrics.json", "MODEL_CARD.md")
 CHECKSUMS = "SHA256SUMS"
 
