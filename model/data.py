@@ -106,6 +106,13 @@ class TrainingTable:
             None if self.has_mask is None else self.has_mask[index],
         )
 
+    def image_batches(self, batch_size: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """``(row indices, float32 volumes [b, 1, *size])`` over the rows that have an image, in row order."""
+        rows = np.flatnonzero(self.present[:, 0])
+        for start in range(0, len(rows), batch_size):
+            index = rows[start : start + batch_size]
+            yield index, self.volumes[index].astype(np.float32)
+
     @property
     def mask_rows(self) -> np.ndarray:
         """Indices of the rows with both an image and a dense label (the segmenter's training rows)."""
@@ -248,18 +255,10 @@ def load_table(root: Path, spec: FeatureSpec) -> TrainingTable:
             present.append((row.get("volume") is not None, has_labs, has_notes))
     if not keys:
         raise TrainingTableError(f"{root}: the table has no rows")
-    volumes = np.zeros((len(keys), 1, *preprocess.size), dtype=np.float16)
-    for i, name in enumerate(volume_files):
-        if name is None:
-            continue
-        path = root / name
-        if not path.is_file():
-            raise TrainingTableError(f"{root}: row {keys[i]} names {name}, which does not exist")
-        array = np.load(path, allow_pickle=False)
-        if array.shape != volumes.shape[1:]:
-            raise TrainingTableError(f"{root}: {name} has shape {array.shape}, expected {volumes.shape[1:]}")
-        volumes[i] = array
-    masks, has_mask = _load_masks(root, keys, mask_files, volumes.shape[1:])
+    shape = (1, *preprocess.size)
+    volumes = _row_arrays(root, keys, volume_files, shape, np.float16, _read_volume)
+    has_mask = np.array([name is not None for name in mask_files], dtype=bool)
+    masks = _row_arrays(root, keys, mask_files, shape, np.uint8, _read_mask) if has_mask.any() else None
     return TrainingTable(
         root,
         manifest,
@@ -272,18 +271,29 @@ def load_table(root: Path, spec: FeatureSpec) -> TrainingTable:
         volumes,
         np.asarray(image_targets, dtype=np.float64),
         masks,
-        has_mask,
+        has_mask if masks is not None else None,
     )
 
 
-def _load_masks(
-    root: Path, keys: list[str], files: list[str | None], shape: tuple[int, ...]
-) -> tuple[np.ndarray | None, np.ndarray | None]:
-    """The rows' dense labels (None, None when no row has one)."""
-    has_mask = np.array([name is not None for name in files], dtype=bool)
-    if not has_mask.any():
-        return None, None
-    masks = np.zeros((len(keys), *shape), dtype=np.uint8)
+def _read_volume(path: Path) -> np.ndarray:
+    return np.load(path, allow_pickle=False)
+
+
+def _read_mask(path: Path) -> np.ndarray:
+    with np.load(path, allow_pickle=False) as stored:
+        return stored["mask"] > 0
+
+
+def _row_arrays(
+    root: Path,
+    keys: list[str],
+    files: list[str | None],
+    shape: tuple[int, ...],
+    dtype: type[np.generic],
+    read: Callable[[Path], np.ndarray],
+) -> np.ndarray:
+    """The rows' arrays (volumes or masks) stacked ``[N, *shape]``; zeros where a row names no file."""
+    out = np.zeros((len(keys), *shape), dtype=dtype)
     for i, name in enumerate(files):
         if name is None:
             continue
@@ -291,14 +301,13 @@ def _load_masks(
         if not path.is_file():
             raise TrainingTableError(f"{root}: row {keys[i]} names {name}, which does not exist")
         try:
-            with np.load(path, allow_pickle=False) as stored:
-                array = stored["mask"]
+            array = read(path)
         except (OSError, ValueError, KeyError) as exc:
-            raise TrainingTableError(f"{root}: {name} is not a mask file ({exc})") from None
+            raise TrainingTableError(f"{root}: {name} is unreadable ({exc})") from None
         if array.shape != shape:
             raise TrainingTableError(f"{root}: {name} has shape {array.shape}, expected {shape}")
-        masks[i] = array > 0
-    return masks, has_mask
+        out[i] = array
+    return out
 
 
 def series_row(

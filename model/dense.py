@@ -134,8 +134,6 @@ def burden_table(encoder: NoduleBurdenEncoder, table: TrainingTable, batch_size:
     """Burden features ``[N, 5]`` of every row (zeros where there is no image), the U-Net in eval mode."""
     encoder.eval()
     out = torch.zeros((len(table), encoder.readout.in_features))
-    rows = np.flatnonzero(table.present[:, 0])
-    for start in range(0, len(rows), batch_size):
-        index = rows[start : start + batch_size]
-        out[index] = encoder.burden(torch.from_numpy(table.volumes[index].astype(np.float32)))
+    for index, images in table.image_batches(batch_size):
+        out[index] = encoder.burden(torch.from_numpy(images))
     return out

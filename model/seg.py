@@ -37,6 +37,7 @@ from riskbridge.harmonize.volume import (
     _directions,
     _functional_group,
     _pixel_spacing,
+    _series_uid,
     _Slice,
     _slices_of,
     _vector,
@@ -221,17 +222,8 @@ def _source_grid(series_dir: Path) -> _SourceGrid:
             raise VolumeError(
                 "unreadable", f"cannot parse ({type(error).__name__})", series=series, instance=uid_hash(path.stem)
             ) from None
-    series_uid = str(datasets[0].get("SeriesInstanceUID", ""))
+    series_uid = _series_uid(datasets, paths, series)
     series = uid_hash(series_uid)
-    for ds in datasets:
-        other = str(ds.get("SeriesInstanceUID", ""))
-        if other != series_uid:
-            raise VolumeError(
-                "mixed_series",
-                f"files of series {series} and {uid_hash(other)}",
-                series=series,
-                instance=uid_hash(str(ds.get("SOPInstanceUID", ""))),
-            )
     slices = [item for index, ds in enumerate(datasets) for item in _slices_of(ds, index, series)]
     _check_consistent(slices, series)
     _, _, normal = _directions(slices[0].orientation)

@@ -199,10 +199,8 @@ def image_embeddings(network: FusionNet, table: TrainingTable, batch_size: int =
     """The image encoder's embeddings of every row (zeros where there is no image), eval mode."""
     network.eval()
     out = torch.zeros((len(table), network.config.embed_dim))
-    rows = np.flatnonzero(table.present[:, 0])
-    for start in range(0, len(rows), batch_size):
-        index = rows[start : start + batch_size]
-        out[index] = network.encode_image(_images(table, index))
+    for index, images in table.image_batches(batch_size):
+        out[index] = network.encode_image(torch.from_numpy(images))
     return out
 
 

@@ -17,19 +17,19 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from synthetic_site import synthetic_site_settings
 from tiny_model import ALL_VALIDATED, tiny_package
 
 from riskbridge.connectors.fhir import FhirClient
 from riskbridge.harmonize.features import load_default_feature_spec
 from riskbridge.ledger import Ledger
 from riskbridge.pipeline import Pipeline
-from riskbridge.settings import DatabaseSettings, IdentitySettings, RunSettings, Settings, SiteSettings
+from riskbridge.settings import DatabaseSettings, RunSettings, Settings
 from riskbridge.synth import EdgeCaseRates, generate, load, read_truth
 from riskbridge.writeback import MODALITY_PATTERN_URL, assessment_key
 
 pytestmark = pytest.mark.integration
 
-ZONE = "America/New_York"  # the synthetic cohort's fixed -05:00 in January
 # Only the no-notes edge case (half the cohort); nothing that would stop a study before harmonize.
 RATES = EdgeCaseRates(
     shared_mrn=0.0,
@@ -65,18 +65,8 @@ def make_settings(
         ledger.upgrade()
 
     def make(package: Path) -> Settings:
-        return sandbox.model_copy(
-            update={
-                "database": database,
-                "site": SiteSettings(timezone=ZONE),
-                "identity": IdentitySettings(
-                    issuer_systems={"SYNTH_HOSP": "http://hospital.example/mrn"}, default_issuer="SYNTH_HOSP"
-                ),
-                "staging_dir": tmp_path / "staging",
-                "model_dir": tmp_path / "models",
-                "run": RunSettings(report_dir=tmp_path / "reports", model_package=package),
-            }
-        )
+        run = RunSettings(report_dir=tmp_path / "reports", model_package=package)
+        return synthetic_site_settings(sandbox, database, tmp_path, run)
 
     return make
 

@@ -16,13 +16,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from synthetic_site import synthetic_site_settings
 from tiny_model import tiny_package
 from typer.testing import CliRunner
 
 from riskbridge.connectors.fhir import FhirClient
 from riskbridge.ledger import Ledger
 from riskbridge.pipeline import Pipeline, StageResult, window_of_days
-from riskbridge.settings import DatabaseSettings, IdentitySettings, RunSettings, Settings, SiteSettings
+from riskbridge.settings import DatabaseSettings, IdentitySettings, RunSettings, Settings
 from riskbridge.synth import EdgeCaseRates, generate, load, read_truth
 
 pytestmark = pytest.mark.integration
@@ -62,29 +63,19 @@ def settings(
     database = scratch_database("rb_pipeline")[0]
     with Ledger.connect(database) as ledger:
         ledger.upgrade()
-    return sandbox.model_copy(
-        update={
-            "database": database,
-            "site": SiteSettings(timezone=ZONE),
-            "identity": IdentitySettings(
-                issuer_systems={"SYNTH_HOSP": "http://hospital.example/mrn"}, default_issuer="SYNTH_HOSP"
-            ),
-            "staging_dir": tmp_path / "staging",
-            "model_dir": tmp_path / "models",
-            "run": RunSettings(
-                report_dir=tmp_path / "reports",
-                retrieve_chunk_size=4,
-                clinical_chunk_size=5,
-                model_package=package,
-                # The shared sandbox holds other tests' cohorts in this window, which this site's identity map does
-                # not know; the alert is switched on where it is tested.
-                quarantine_alert_fraction=1.0,
-            ),
-            "writeback": sandbox.writeback.model_copy(
-                update={"identifier_system": f"urn:riskbridge:test-pipeline-{uuid.uuid4().hex[:12]}", "bundle_size": 4}
-            ),
-        }
+    run = RunSettings(
+        report_dir=tmp_path / "reports",
+        retrieve_chunk_size=4,
+        clinical_chunk_size=5,
+        model_package=package,
+        # The shared sandbox holds other tests' cohorts in this window, which this site's identity map does not
+        # know; the alert is switched on where it is tested.
+        quarantine_alert_fraction=1.0,
     )
+    writeback = sandbox.writeback.model_copy(
+        update={"identifier_system": f"urn:riskbridge:test-pipeline-{uuid.uuid4().hex[:12]}", "bundle_size": 4}
+    )
+    return synthetic_site_settings(sandbox, database, tmp_path, run).model_copy(update={"writeback": writeback})
 
 
 def _mine(truth: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:

@@ -1,0 +1,25 @@
+"""Settings for pipeline tests against a synthetic cohort loaded into the sandbox: the synthetic hospital's site rules
+(time zone, identity map), a ledger of the test's own, and the test's staging, model and report directories."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from riskbridge.settings import DatabaseSettings, IdentitySettings, RunSettings, Settings, SiteSettings
+from riskbridge.synth.cohort import MRN_SYSTEM, PACS_ISSUER, SITE_TIMEZONE
+
+
+def synthetic_site_settings(
+    sandbox: Settings, database: DatabaseSettings, tmp_path: Path, run: RunSettings
+) -> Settings:
+    """The sandbox's settings with the synthetic hospital's rules, ``database`` as the ledger and ``run``."""
+    return sandbox.model_copy(
+        update={
+            "database": database,
+            "site": SiteSettings(timezone=SITE_TIMEZONE),
+            "identity": IdentitySettings(issuer_systems={PACS_ISSUER: MRN_SYSTEM}, default_issuer=PACS_ISSUER),
+            "staging_dir": tmp_path / "staging",
+            "model_dir": tmp_path / "models",
+            "run": run,
+        }
+    )
