@@ -36,13 +36,16 @@ from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from riskbridge.harmonize.features import FeatureSpec, FeatureVector, build_vector
 from riskbridge.model.package import tabular_tensors
 from riskbridge.model.preprocess import PreprocessConfig, Preprocessor
+
+if TYPE_CHECKING:
+    from torch import Tensor
 
 TABLE_FORMAT = "riskbridge-training-table"
 TABLE_VERSION = 1
@@ -106,12 +109,17 @@ class TrainingTable:
             None if self.has_mask is None else self.has_mask[index],
         )
 
-    def image_batches(self, batch_size: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        """``(row indices, float32 volumes [b, 1, *size])`` over the rows that have an image, in row order."""
+    def encode_images(self, encode: Callable[[Tensor], Tensor], width: int, batch_size: int) -> Tensor:
+        """``encode`` applied to the volumes of every row with an image, in batches -> ``[N, width]`` (zeros where
+        a row has none). The caller sets eval mode and gradients."""
+        import torch
+
+        out = torch.zeros((len(self), width))
         rows = np.flatnonzero(self.present[:, 0])
         for start in range(0, len(rows), batch_size):
             index = rows[start : start + batch_size]
-            yield index, self.volumes[index].astype(np.float32)
+            out[index] = encode(torch.from_numpy(self.volumes[index].astype(np.float32)))
+        return out
 
     @property
     def mask_rows(self) -> np.ndarray:

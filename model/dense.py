@@ -133,7 +133,4 @@ def _batch(table: TrainingTable, rows: np.ndarray, sampler: Compose) -> tuple[Te
 def burden_table(encoder: NoduleBurdenEncoder, table: TrainingTable, batch_size: int = 16) -> Tensor:
     """Burden features ``[N, 5]`` of every row (zeros where there is no image), the U-Net in eval mode."""
     encoder.eval()
-    out = torch.zeros((len(table), encoder.readout.in_features))
-    for index, images in table.image_batches(batch_size):
-        out[index] = encoder.burden(torch.from_numpy(images))
-    return out
+    return table.encode_images(encoder.burden, encoder.readout.in_features, batch_size)

@@ -198,10 +198,7 @@ def _flip(images: Tensor, generator: torch.Generator) -> Tensor:
 def image_embeddings(network: FusionNet, table: TrainingTable, batch_size: int = 64) -> Tensor:
     """The image encoder's embeddings of every row (zeros where there is no image), eval mode."""
     network.eval()
-    out = torch.zeros((len(table), network.config.embed_dim))
-    for index, images in table.image_batches(batch_size):
-        out[index] = network.encode_image(torch.from_numpy(images))
-    return out
+    return table.encode_images(network.encode_image, network.config.embed_dim, batch_size)
 
 
 @torch.no_grad()
