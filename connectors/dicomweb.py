@@ -45,17 +45,12 @@ from riskbridge.settings import PacsSettings
 from . import staging
 from .dicom import DicomError
 from .part10 import FileMeta, Part10Error, dataset_uids, read_file_meta
+from .storescp import CT_STORAGE_CLASSES as CT_STORAGE_SOP_CLASSES
 
 LOG = logging.getLogger(__name__)
 
-CT_STORAGE_CLASSES: frozenset[str] = frozenset(
-    {
-        "1.2.840.10008.5.1.4.1.1.2",  # CT Image Storage
-        "1.2.840.10008.5.1.4.1.1.2.1",  # Enhanced CT Image Storage
-        "1.2.840.10008.5.1.4.1.1.2.2",  # Legacy Converted Enhanced CT Image Storage
-    }
-)
-"""The storage SOP classes a CT series arrives as: the default of ``allowed_sop_classes``."""
+CT_STORAGE_CLASSES: frozenset[str] = frozenset(CT_STORAGE_SOP_CLASSES)
+"""The storage SOP classes a CT series arrives as (the storage SCP's list): the default of ``allowed_sop_classes``."""
 
 DICOM_JSON = "application/dicom+json"
 WADO_ACCEPT = 'multipart/related; type="application/dicom"; transfer-syntax=*'

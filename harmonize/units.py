@@ -504,7 +504,7 @@ class UnitTable:
         if entry is None:
             return Exclusion(
                 ExclusionReason.LOINC_UNKNOWN,
-                f"no LOINC code of the table among {_loinc_codes(observation) or 'no LOINC coding'}",
+                f"no LOINC code of the table among {loinc_codes(observation) or 'no LOINC coding'}",
                 observation_id=observation_id,
             )
         loinc = entry.loinc
@@ -536,7 +536,7 @@ class UnitTable:
         return self._convert(entry, value, unit, None, censored, observation_id)
 
     def _entry_of(self, observation: Mapping[str, Any]) -> LoincUnit | None:
-        for loinc in _loinc_codes(observation):
+        for loinc in loinc_codes(observation):
             entry = self.codes.get(loinc)
             if entry is not None:
                 return entry
@@ -672,7 +672,8 @@ def _require_ucum(unit: str, where: str) -> None:
 # --- reading Observation dicts ------------------------------------------------------------------------------
 
 
-def _loinc_codes(observation: Mapping[str, Any]) -> list[str]:
+def loinc_codes(observation: Mapping[str, Any]) -> list[str]:
+    """The LOINC codes of an Observation dict's ``code`` (codings of other systems left out)."""
     code = observation.get("code") or {}
     return [
         coding["code"]

@@ -26,13 +26,12 @@ from riskbridge.harmonize.features import (
     build_vector,
     resolve_feature_spec,
 )
-from riskbridge.harmonize.units import Exclusion, UnitTable, default_table, load_table
+from riskbridge.harmonize.units import LOINC_SYSTEM, Exclusion, UnitTable, default_table, load_table, loinc_codes
 from riskbridge.harmonize.windows import Measurement, WindowSelection, parse_fhir_datetime, select_value
 from riskbridge.settings import Settings
 
 LOG = logging.getLogger(__name__)
 
-LOINC_SYSTEM = "http://loinc.org"
 UNUSABLE_NOTE_STATUSES = frozenset({"entered-in-error", "cancelled", "superseded"})
 
 
@@ -72,11 +71,6 @@ class ClinicalResult:
     def document_ids(self) -> tuple[str, ...]:
         """The DocumentReferences read for the note flags (the RiskAssessment's basis)."""
         return tuple(n.resource_id for n in self.notes if n.code == "used" and n.resource_type == "DocumentReference")
-
-
-def _loinc_codes(observation: Mapping[str, Any]) -> list[str]:
-    codings = (observation.get("code") or {}).get("coding") or []
-    return [str(c.get("code")) for c in codings if c.get("system") == LOINC_SYSTEM and c.get("code")]
 
 
 def _measurement(observation: Mapping[str, Any], loinc: str, unit: str, table: UnitTable) -> Measurement:
@@ -158,7 +152,7 @@ class ClinicalStage:
         """The feature's Observations, each normalized to the feature's unit (or None with the reason)."""
         measurements = []
         for observation in observations:
-            codes = [code for code in _loinc_codes(observation) if code in lab.loinc]
+            codes = [code for code in loinc_codes(observation) if code in lab.loinc]
             if codes:
                 measurements.append(_measurement(observation, codes[0], lab.unit, self.table))
         return measurements
