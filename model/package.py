@@ -110,8 +110,20 @@ def validated_patterns(metrics: Mapping[str, Any], source: str = "metrics.json")
     return found
 
 
+class _PackageMetrics:
+    """What a package's metrics say, for the loaded package and for its torch-free description alike."""
+
+    path: Path
+    metrics: dict[str, Any]
+
+    @property
+    def validated_patterns(self) -> dict[str, float] | None:
+        """Cross-validated AUROC per modality pattern (see :func:`validated_patterns`); None: no table."""
+        return validated_patterns(self.metrics, str(self.path / "metrics.json"))
+
+
 @dataclass(frozen=True)
-class ModelPackage:
+class ModelPackage(_PackageMetrics):
     """A loaded, verified package (see :func:`load_package`)."""
 
     path: Path
@@ -129,11 +141,6 @@ class ModelPackage:
     def synthetic(self) -> bool:
         """True when the package was trained on synthetic data (not for clinical use)."""
         return bool(self.metrics.get("training", {}).get("synthetic", False))
-
-    @property
-    def validated_patterns(self) -> dict[str, float] | None:
-        """Cross-validated AUROC per modality pattern (see :func:`validated_patterns`); None: no table."""
-        return validated_patterns(self.metrics, str(self.path / "metrics.json"))
 
     def build_network(self) -> FusionNet:
         """The network with the package's weights loaded, in eval mode, on the CPU."""
@@ -355,7 +362,7 @@ def load_package(path: Path, expected_sha256: str | None = None) -> ModelPackage
 
 
 @dataclass(frozen=True)
-class PackageInfo:
+class PackageInfo(_PackageMetrics):
     """What a verified package says about itself without its network: name, version, feature spec, metrics."""
 
     path: Path
@@ -369,11 +376,6 @@ class PackageInfo:
     def label(self) -> str:
         """``name version sha256[:12]``, as the ledger records a run's model."""
         return f"{self.name} {self.version} {self.sha256[:12]}"
-
-    @property
-    def validated_patterns(self) -> dict[str, float] | None:
-        """Cross-validated AUROC per modality pattern (see :func:`validated_patterns`); None: no table."""
-        return validated_patterns(self.metrics, str(self.path / "metrics.json"))
 
 
 def read_package_info(path: Path, expected_sha256: str | None = None) -> PackageInfo:
