@@ -41,9 +41,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _report import markdown_table, write_section
 
 from riskbridge.connectors import dicom, query
+from riskbridge.connectors.retrieval import expected_instances, resolve_transport, retrieve_all
 from riskbridge.connectors.storescp import InstanceSink, StorageSCP
-from riskbridge.retrieve import RetrievedSeries, expected_instances, resolve_transport, retrieve_all
-from riskbridge.sandbox import Sandbox
+from riskbridge.dev.sandbox import Sandbox
+from riskbridge.records import RetrievedSeries
 from riskbridge.settings import Settings
 
 console = Console(width=160)
@@ -136,7 +137,7 @@ def store_series(settings: Settings, root: Path, count: int, slices: int, size: 
         for index in range(count):
             study_uid, series_uid, paths = _series_files(root / "source", index, slices, size)
             wanted.append((study_uid, series_uid))
-            if len(expected_instances(settings, study_uid, series_uid)) == len(paths):
+            if len(expected_instances(settings.pacs, study_uid, series_uid)) == len(paths):
                 continue
             console.print(f"storing series {index + 1}/{count} ({len(paths)} instances) in Orthanc")
             for path in paths:
@@ -161,7 +162,7 @@ def run_riskbridge(settings: Settings, series: Sequence[tuple[str, str]], transp
     staging_dir = _fresh(settings.staging_dir)
     run_settings = settings.model_copy(update={"pacs": settings.pacs.model_copy(update={"workers": workers})})
     started = time.perf_counter()
-    chosen = resolve_transport(run_settings) if transport == "auto" else transport
+    chosen = resolve_transport(run_settings.pacs) if transport == "auto" else transport
     # What the pipeline knows from selection: each series' instance count (SERIES-level C-FIND), timed here too.
     counts = {
         found.series_uid: found.instance_count
@@ -169,7 +170,8 @@ def run_riskbridge(settings: Settings, series: Sequence[tuple[str, str]], transp
         for found in query.find_series(settings.pacs, study_uid)
         if found.instance_count
     }
-    results = retrieve_all(run_settings, series, transport=chosen, expected_counts=counts)
+    pacs, staging_dir = run_settings.pacs, run_settings.staging_dir
+    results = retrieve_all(pacs, staging_dir, series, transport=chosen, expected_counts=counts)
     seconds = time.perf_counter() - started
     failed = [result for result in results if not isinstance(result, RetrievedSeries) or not result.complete]
     if failed:

@@ -50,12 +50,12 @@ from riskbridge.connectors.fhir import (
     date_filter,
     transaction_entry,
 )
-from riskbridge.sandbox import Sandbox
+from riskbridge.dev.sandbox import Sandbox
+from riskbridge.dev.synth.cohort import LAB_WINDOW, LABS, build_cohort
+from riskbridge.dev.synth.fhir import LOINC, bundle_json, patient_bundle
+from riskbridge.dev.synth.generate import FHIR_DIR
+from riskbridge.dev.synth.load import LoadReport, load_fhir
 from riskbridge.settings import FhirSettings, Settings
-from riskbridge.synth.cohort import LAB_WINDOW, LABS, build_cohort
-from riskbridge.synth.fhir import LOINC, bundle_json, patient_bundle
-from riskbridge.synth.generate import FHIR_DIR
-from riskbridge.synth.load import LoadReport, load_fhir
 
 BENCH_HAPI_PORT = 18380
 BENCH_JAVA_OPTS = "-Xmx3g -XX:+UseSerialGC"

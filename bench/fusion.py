@@ -28,8 +28,9 @@ from sklearn.metrics import roc_auc_score
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _report import markdown_table, write_section
 
+from riskbridge.dev.training_table import DEFAULT_TRAINING_SEED, build_synthetic_table
 from riskbridge.harmonize.features import load_default_feature_spec
-from riskbridge.model.data import DEFAULT_TRAINING_SEED, build_synthetic_table, load_table
+from riskbridge.model.data import load_table
 from riskbridge.model.metrics import Estimate, bootstrap_metrics, paired_difference
 from riskbridge.model.network import MODALITIES, STRATEGIES
 from riskbridge.model.train import TrainOptions, cross_validate
@@ -95,7 +96,7 @@ def main() -> int:
     train_seconds = time.perf_counter() - started
 
     # references from the truth of the same patients
-    from riskbridge.synth.cohort import build_cohort
+    from riskbridge.dev.synth.cohort import build_cohort
 
     patients = {
         p.key: p for p in build_cohort(int(source["seed"]), int(source["patients"]), str(source["size"])).patients

@@ -40,13 +40,13 @@ from _report import markdown_table, write_section
 from volume import write_series
 
 from riskbridge.harmonize.features import FeatureSpec, FeatureVector, build_vector, load_default_feature_spec
-from riskbridge.harmonize.volume import load_series_volume
 from riskbridge.model.calibration import Calibrator
 from riskbridge.model.data import DEFAULT_PREPROCESS
 from riskbridge.model.network import FusionNet, ModelConfig
 from riskbridge.model.package import lab_feature_names, save_package
 from riskbridge.model.preprocess import PreprocessConfig, Preprocessor
 from riskbridge.model.scoring import Scorer, ScoreRequest
+from riskbridge.model.volume_io import load_series_volume
 
 WAIT_COLUMNS = ["loader", "model step s", "loader wait s", "steady wait share", "median wait per batch s", "GPU util"]
 # Two threads at most for the model on a shared CPU machine (the project's rule); a GPU run is unaffected.

@@ -29,7 +29,7 @@ from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, JPEG2000Lossless
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _report import markdown_table, write_section
 
-from riskbridge.harmonize.volume import load_series_volume
+from riskbridge.model.volume_io import load_series_volume
 
 
 class Loaded(NamedTuple):

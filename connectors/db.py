@@ -5,10 +5,11 @@ from __future__ import annotations
 import psycopg2
 import psycopg2.extensions
 
+from riskbridge.errors import LedgerError
 from riskbridge.settings import DatabaseSettings
 
 
-class DatabaseError(Exception):
+class DatabaseError(LedgerError):
     """The ledger database could not be reached or used; the message says which and why (never the password)."""
 
 

@@ -10,7 +10,7 @@ import logging
 import socket
 import ssl
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -24,6 +24,7 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     Verification,
 )
 
+from riskbridge.errors import PacsError
 from riskbridge.settings import PacsSettings
 
 LOG = logging.getLogger(__name__)
@@ -44,7 +45,7 @@ def keep_phi_out_of_logs() -> None:
 keep_phi_out_of_logs()
 
 
-class DicomError(Exception):
+class DicomError(PacsError):
     """A DICOM operation failed; the message names the peer, the operation and the reason."""
 
 
@@ -182,7 +183,9 @@ def echo(pacs: PacsSettings, timeout_s: float = 10.0, attempts: int = 1) -> floa
 QueryLevel = Literal["STUDY", "SERIES", "IMAGE"]
 
 
-def find(pacs: PacsSettings, level: QueryLevel, identifier: Dataset, timeout_s: float = 30.0) -> Iterator[Dataset]:
+def find(
+    pacs: PacsSettings, level: QueryLevel, identifier: Dataset, timeout_s: float = 30.0
+) -> Generator[Dataset, None, None]:
     """C-FIND (Study Root) at ``level``, yielding each matching identifier as the PACS streams it.
 
     ``identifier`` holds the matching keys and the empty return keys; ``QueryRetrieveLevel`` is set here.

@@ -17,10 +17,12 @@ import pydicom
 from pydicom.errors import InvalidDicomError
 from pynetdicom import PYNETDICOM_IMPLEMENTATION_UID, PYNETDICOM_IMPLEMENTATION_VERSION
 
+from riskbridge.errors import DataError
+
 _UID_TAGS = ["StudyInstanceUID", "SeriesInstanceUID"]
 
 
-class Part10Error(ValueError):
+class Part10Error(DataError, ValueError):
     """The bytes are not a DICOM Part 10 file whose meta can be read."""
 
 

@@ -11,11 +11,17 @@ import re
 import tempfile
 from collections.abc import Iterable
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+from riskbridge.errors import DataError
+
+if TYPE_CHECKING:
+    from pydicom.dataset import Dataset
 
 _UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 
 
-class StagingError(Exception):
+class StagingError(DataError):
     """A UID cannot be used as a path component, or the staging area cannot be written."""
 
 
@@ -58,3 +64,14 @@ def staged_instances(root: Path, study_uid: str, series_uid: str) -> set[str]:
     if not directory.is_dir():
         return set()
     return {path.stem for path in directory.glob("*.dcm")}
+
+
+def first_header(directory: Path) -> Dataset:
+    """The header (no pixel data) of the first staged instance of a series directory, by file name; StagingError
+    when the directory holds none."""
+    import pydicom
+
+    first = min(directory.glob("*.dcm"), default=None)
+    if first is None:
+        raise StagingError(f"no staged instance in {directory.name}")
+    return pydicom.dcmread(first, stop_before_pixels=True)

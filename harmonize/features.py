@@ -25,6 +25,7 @@ from typing import Any
 
 import yaml
 
+from riskbridge.errors import ConfigurationError
 from riskbridge.harmonize.windows import FeatureWindow, Policy
 from riskbridge.records import MODALITIES, all_patterns, pattern_name
 from riskbridge.settings import names_a_file
@@ -39,7 +40,7 @@ DEFAULT_PATTERN_AUROC_FLOOR = 0.70
 MINIMUM_DATA_KEYS = ("require_image", "required", "max_missing_fraction", "pattern_auroc_floor")
 
 
-class FeatureSpecError(ValueError):
+class FeatureSpecError(ConfigurationError, ValueError):
     """A feature spec is malformed; the message names the source and the offending entry."""
 
 

@@ -17,31 +17,55 @@ PatientName, PatientBirthDate, PatientSex) is linked to a FHIR Patient in three 
 The FHIR server is reached through injected callables (:class:`PatientDirectory`) that return plain FHIR Patient
 dicts, so this module is pure and tested without a server. Every outcome carries stable reason codes
 (:class:`Reason`). Logs name PACS patients by :func:`~riskbridge.records.uid_hash` of the PatientID only.
+
+The site configuration (:class:`IdentityConfig` and its policies) lives in
+:mod:`riskbridge.harmonize.identity_config`, name comparison (:func:`name_similarity`) in
+:mod:`riskbridge.harmonize.identity_names`; both are importable from here too.
 """
 
 from __future__ import annotations
 
 import logging
 import re
-import unicodedata
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import date
 from enum import StrEnum
 from typing import Any
 
-from rapidfuzz import fuzz
-from rapidfuzz.distance import JaroWinkler
-
+from riskbridge.harmonize.identity_config import (
+    DEFAULT_SITE_PREFIX_PATTERN,
+    DemographicPolicy,
+    FallbackPolicy,
+    IdentifierNormalization,
+    IdentityConfig,
+)
+from riskbridge.harmonize.identity_names import PatientResource, name_similarity, normalize_name, pacs_name_parts
 from riskbridge.records import PacsPatient, StudyRef, uid_hash
-from riskbridge.settings import IdentitySettings
+
+__all__ = [
+    "DEFAULT_SITE_PREFIX_PATTERN",
+    "REPLACED_BY",
+    "DemographicPolicy",
+    "FallbackPolicy",
+    "IdentifierNormalization",
+    "IdentityConfig",
+    "IdentityMatch",
+    "Outcome",
+    "PatientDirectory",
+    "PatientResource",
+    "Reason",
+    "match_patient",
+    "match_studies",
+    "name_similarity",
+    "normalize_name",
+    "pacs_name_parts",
+    "resolve_replacements",
+]
 
 LOG = logging.getLogger(__name__)
 
 REPLACED_BY = "replaced-by"
-DEFAULT_SITE_PREFIX_PATTERN = r"^[A-Z][A-Z0-9]*-"
-
-PatientResource = Mapping[str, Any]
 
 
 class Outcome(StrEnum):
@@ -93,128 +117,7 @@ class Reason(StrEnum):
     FALLBACK_IDENTIFIER_MISMATCH = "fallback_identifier_mismatch"
 
 
-# --- configuration --------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class IdentifierNormalization:
-    """How a PatientID (and the FHIR identifier value it is compared with) is normalized.
-
-    Steps, in order: remove all whitespace; upper-case (when ``uppercase``); remove one site prefix matching
-    ``site_prefix_pattern`` (applied to the upper-cased value; None disables it); remove leading zeros (when
-    ``strip_leading_zeros``; an all-zero value keeps one zero).
-    """
-
-    uppercase: bool = True
-    site_prefix_pattern: str | None = DEFAULT_SITE_PREFIX_PATTERN
-    strip_leading_zeros: bool = True
-
-    def __post_init__(self) -> None:
-        if self.site_prefix_pattern is not None:
-            re.compile(self.site_prefix_pattern)  # fail at configuration time, not per patient
-
-    def normalize(self, value: str) -> str:
-        """The normalized form of an identifier value ("" when nothing is left)."""
-        text = "".join(value.split())
-        if self.uppercase:
-            text = text.upper()
-        if self.site_prefix_pattern is not None:
-            text = re.sub(self.site_prefix_pattern, "", text, count=1)
-        if self.strip_leading_zeros and text:
-            text = text.lstrip("0") or "0"
-        return text
-
-
-@dataclass(frozen=True)
-class DemographicPolicy:
-    """When the demographics of an identifier-matched Patient count as disagreeing with the PACS.
-
-    A name disagrees when its similarity (:func:`name_similarity`, 0..1) is below ``name_threshold``. Birth date
-    and sex disagree when both sides are known and differ. ``check_*`` switch a check off entirely.
-    """
-
-    name_threshold: float = 0.85
-    check_birth_date: bool = True
-    check_sex: bool = True
-    check_name: bool = True
-
-    def __post_init__(self) -> None:
-        if not 0.0 <= self.name_threshold <= 1.0:
-            raise ValueError(f"name_threshold must lie in [0, 1] (value {self.name_threshold})")
-
-
-@dataclass(frozen=True)
-class FallbackPolicy:
-    """The demographic fallback used only when no identifier resolved (off by default).
-
-    Candidates must have exactly the PACS birth date (full precision on both sides) and no sex disagreement.
-    A candidate scoring at least ``link_threshold`` is linked when it is the only one at or above
-    ``review_threshold``; scores in ``[review_threshold, link_threshold)`` need review; lower scores are ignored.
-    """
-
-    enabled: bool = False
-    link_threshold: float = 0.97
-    review_threshold: float = 0.88
-
-    def __post_init__(self) -> None:
-        if not 0.0 <= self.review_threshold <= self.link_threshold <= 1.0:
-            raise ValueError(
-                f"need 0 <= review_threshold <= link_threshold <= 1 "
-                f"(values {self.review_threshold}, {self.link_threshold})"
-            )
-
-
-@dataclass(frozen=True)
-class IdentityConfig:
-    """Site configuration of identity matching.
-
-    ``issuer_systems`` maps IssuerOfPatientID values (compared trimmed and case-insensitively) to FHIR identifier
-    systems; ``default_issuer`` stands in for a missing issuer. ``issuer_normalization`` overrides
-    ``normalization`` per issuer. ``search_zero_padded_widths`` also searches the normalized value zero-padded to
-    these widths (for servers that store padded MRNs); ``max_link_depth`` bounds replaced-by chains.
-    """
-
-    issuer_systems: Mapping[str, str]
-    default_issuer: str | None = None
-    normalization: IdentifierNormalization = field(default_factory=IdentifierNormalization)
-    issuer_normalization: Mapping[str, IdentifierNormalization] = field(default_factory=dict)
-    demographics: DemographicPolicy = field(default_factory=DemographicPolicy)
-    fallback: FallbackPolicy = field(default_factory=FallbackPolicy)
-    max_link_depth: int = 5
-    search_zero_padded_widths: tuple[int, ...] = ()
-
-    def __post_init__(self) -> None:
-        if self.max_link_depth < 0:
-            raise ValueError(f"max_link_depth must be >= 0 (value {self.max_link_depth})")
-        if self.default_issuer is not None and self.system_for(self.default_issuer) is None:
-            raise ValueError(f"default_issuer {self.default_issuer!r} is not a key of issuer_systems")
-
-    @classmethod
-    def from_settings(cls, identity: IdentitySettings) -> IdentityConfig:
-        """The configuration the ``[identity]`` settings describe."""
-        return cls(
-            issuer_systems=dict(identity.issuer_systems),
-            default_issuer=identity.default_issuer,
-            normalization=IdentifierNormalization(site_prefix_pattern=identity.site_prefix_pattern),
-            fallback=FallbackPolicy(
-                enabled=identity.fallback,
-                link_threshold=identity.fallback_link_threshold,
-                review_threshold=identity.fallback_review_threshold,
-            ),
-        )
-
-    def system_for(self, issuer: str) -> str | None:
-        """The identifier system an issuer maps to, or None when it is not configured."""
-        wanted = issuer.strip().casefold()
-        return next((system for key, system in self.issuer_systems.items() if key.strip().casefold() == wanted), None)
-
-    def normalization_for(self, issuer: str) -> IdentifierNormalization:
-        """The normalization for identifiers of ``issuer`` (its override, else the default)."""
-        wanted = issuer.strip().casefold()
-        return next(
-            (rule for key, rule in self.issuer_normalization.items() if key.strip().casefold() == wanted),
-            self.normalization,
-        )
+# --- FHIR access ----------------------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -255,87 +158,7 @@ class IdentityMatch:
         return self.outcome is Outcome.MATCHED
 
 
-# --- names, dates, sex ----------------------------------------------------------------------------------------
-
-
-def normalize_name(text: str) -> str:
-    """Lower-case ASCII letters and digits separated by single spaces (accents and punctuation removed)."""
-    decomposed = unicodedata.normalize("NFKD", text)
-    letters = "".join(ch for ch in decomposed if not unicodedata.combining(ch)).casefold()
-    return " ".join(re.sub(r"[^0-9a-z]+", " ", letters).split())
-
-
-def pacs_name_parts(person_name: str) -> tuple[str, str]:
-    """(family, given) of a DICOM PN, normalized; given includes middle names. Only the alphabetic group counts."""
-    alphabetic = person_name.split("=", 1)[0]
-    components = [*alphabetic.split("^"), "", ""]
-    family, given, middle = components[0], components[1], components[2]
-    return normalize_name(family), normalize_name(f"{given} {middle}")
-
-
-def _fhir_names(patient: PatientResource) -> list[tuple[str, str, str]]:
-    """(family, given, text) per HumanName of a Patient, normalized; every name counts (an old name may match)."""
-    names = []
-    for name in patient.get("name") or []:
-        if not isinstance(name, Mapping):
-            continue
-        family = normalize_name(str(name.get("family") or ""))
-        given = normalize_name(" ".join(str(part) for part in name.get("given") or []))
-        names.append((family, given, normalize_name(str(name.get("text") or ""))))
-    return names
-
-
-def _jaro_winkler(left: str, right: str) -> float:
-    return float(JaroWinkler.normalized_similarity(left, right))
-
-
-def _part_similarity(left: str, right: str) -> float:
-    """Similarity of two normalized name parts (family or given), token by token.
-
-    Jaro-Winkler on whole multi-word names is lenient: its common-prefix bonus rates "synth echo" vs
-    "synth delta" 0.87. So each word of the shorter name is matched to its best word in the other name and the
-    weakest word counts. When the word counts differ (a dropped second surname or middle name, "de la cruz" vs
-    "delacruz") the names written without spaces are compared too and the better score counts.
-    """
-    left_words, right_words = left.split(), right.split()
-    shorter, longer = sorted((left_words, right_words), key=len)
-    by_word = min(max(_jaro_winkler(word, other) for other in longer) for word in shorter)
-    if len(left_words) == len(right_words):
-        return by_word
-    return max(by_word, _jaro_winkler("".join(left_words), "".join(right_words)))
-
-
-def name_similarity(person_name: str, patient: PatientResource) -> float | None:
-    """How similar a DICOM PN is to the best of a Patient's names, 0..1; None when either side has no name.
-
-    Family and given names are compared separately (Jaro-Winkler word by word, see :func:`_part_similarity`) and
-    the lower score counts, so both must be close; family and given swapped is tried too (a common registration
-    error). A FHIR name with only ``text`` is compared as a whole, order-insensitively (rapidfuzz
-    token_sort_ratio). A side without a given name is compared on the family name only.
-    """
-    family, given = pacs_name_parts(person_name)
-    if not family and not given:
-        return None
-    best: float | None = None
-    for fhir_family, fhir_given, text in _fhir_names(patient):
-        if fhir_family or fhir_given:
-            scores = []
-            for this_family, this_given in ((family, given), (given, family)):
-                if not this_family or not fhir_family:
-                    continue
-                family_score = _part_similarity(this_family, fhir_family)
-                if this_given and fhir_given:
-                    scores.append(min(family_score, _part_similarity(this_given, fhir_given)))
-                else:
-                    scores.append(family_score)
-            score = max(scores) if scores else None
-        elif text:
-            score = fuzz.token_sort_ratio(f"{family} {given}", text) / 100.0
-        else:
-            score = None
-        if score is not None and (best is None or score > best):
-            best = score
-    return best
+# --- dates, sex -----------------------------------------------------------------------------------------------
 
 
 def _pacs_birth_date(value: str | None) -> date | None:

@@ -20,6 +20,10 @@ How a unit is read:
 Parsing costs about a millisecond, so each :class:`Conversion` is cached per (unit, target unit, analyte) in the
 :class:`UnitTable`; a cached lookup is a dict access. :func:`default_table` loads the package's tables once;
 :func:`load_table` adds a site's own table file. docs/units.md documents the table format and every policy.
+
+The table files (their format, validation and :class:`UnitTableError`) are read by
+:mod:`riskbridge.harmonize.unit_table`, and UCUM text is parsed by :mod:`riskbridge.harmonize.ucum`; this module
+converts and normalizes values.
 """
 
 from __future__ import annotations
@@ -30,15 +34,21 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, replace
 from enum import StrEnum
 from functools import lru_cache
-from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
+from riskbridge.harmonize.ucum import arbitrary_units, parse_ucum_unit, ucum_quantity
+from riskbridge.harmonize.unit_table import (
+    Analyte,
+    LoincUnit,
+    RewriteRule,
+    UnitTableError,
+    parse_table_documents,
+    read_table_documents,
+)
 
 UCUM_SYSTEM = "http://unitsofmeasure.org"
 LOINC_SYSTEM = "http://loinc.org"
-PACKAGE_TABLES = ("loinc_units.yaml", "unit_rewrites.yaml")
 
 # FHIR R4 Quantity.comparator values that mean "the true value lies beyond this limit".
 CENSORING_COMPARATORS = frozenset({"<", "<=", ">", ">="})
@@ -46,9 +56,6 @@ CENSORING_COMPARATORS = frozenset({"<", "<=", ">", ">="})
 # A decimal comma is not accepted: "1,200" could be 1.2 or 1200, and a value is never guessed.
 VALUE_STRING = re.compile(r"^\s*(<=|>=|<|>|\u2264|\u2265)?\s*([+-]?(?:\d+(?:\.\d+)?|\.\d+))(?![\d.,])\s*(.*?)\s*$")
 UNICODE_COMPARATORS = {"\u2264": "<=", "\u2265": ">="}
-# pint units that are pure numbers: a factor, not a kind of thing. Every other dimensionless unit ([IU], [arb'U])
-# is an arbitrary unit that converts only into itself. (Annotations such as {cells} never reach pint.)
-PURE_NUMBER_UNITS = frozenset({"_10", "percent", "dimensionless"})
 # Relative difference under which two readings of one value's unit (UCUM code vs display text) agree.
 FACTOR_TOLERANCE = 1e-9
 # Bound on cached conversions per table: feeds use a few dozen spellings, but a broken one could send free text.
@@ -67,55 +74,6 @@ class ExclusionReason(StrEnum):
     UNIT_CONFLICT = "unit_conflict"  # the UCUM code and the unit text say different things
     COMPARATOR = "comparator"  # a censored value ("<5") under the exclude policy, or the comparator "ad"
     IMPLAUSIBLE = "implausible"  # outside the code's plausibility range in the canonical unit
-
-
-class UnitTableError(ValueError):
-    """A unit table file is malformed: names the file and the entry."""
-
-
-@dataclass(frozen=True, slots=True)
-class Analyte:
-    """What is measured, shared by all LOINC codes of it: the constants that bridge dimensions."""
-
-    name: str
-    molar_mass: float | None = None  # g/mol: mass <-> amount of substance
-    valence: int | None = None  # charge per particle: equivalents <-> moles
-    dimensionless_units: frozenset[str] = frozenset()  # UCUM units of this analyte that convert into each other
-    unit_aliases: tuple[tuple[str, str], ...] = ()  # (spelling, UCUM) rewritten for this analyte only
-
-    def alias(self, unit: str) -> str | None:
-        """The analyte's own rewrite of ``unit``, or None."""
-        for spelling, ucum in self.unit_aliases:
-            if spelling == unit:
-                return ucum
-        return None
-
-
-@dataclass(frozen=True, slots=True)
-class LoincUnit:
-    """One LOINC code's entry: its analyte, canonical UCUM unit and plausibility range (in that unit)."""
-
-    loinc: str
-    analyte: Analyte
-    unit: str
-    plausible_low: float | None = None
-    plausible_high: float | None = None
-    unit_when_missing: str | None = None
-    display: str = ""
-
-    def is_plausible(self, canonical_value: float) -> bool:
-        """Whether a value in the canonical unit lies inside the inclusive plausibility range."""
-        if self.plausible_low is not None and canonical_value < self.plausible_low:
-            return False
-        return not (self.plausible_high is not None and canonical_value > self.plausible_high)
-
-
-@dataclass(frozen=True, slots=True)
-class RewriteRule:
-    """A regular-expression rewrite of unit text (``re.sub`` over the whole text)."""
-
-    pattern: re.Pattern[str]
-    replacement: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -184,78 +142,6 @@ class NormalizePolicy:
 DEFAULT_POLICY = NormalizePolicy()
 
 
-# --- UCUM parsing (one registry and one parser per process) -------------------------------------------------
-
-
-@lru_cache(maxsize=1)
-def _ucum_machinery() -> tuple[Any, Any, Any]:
-    """(pint registry, ucumvert parser, ucumvert transformer), built once: the grammar alone costs ~40 ms.
-
-    The registry is our own, not pint's application registry (ucumvert's ``PintUcumRegistry.from_ucum`` would
-    return quantities of the application registry, which must not be mixed with another registry's). It loads
-    ucumvert's UCUM definitions with one change: equivalents get their own base dimension, so ``meq/L`` cannot
-    silently become ``mmol/L`` (correct only for valence 1); the valence bridges them.
-    """
-    import pint
-    import ucumvert
-    from ucumvert import UcumToPintTransformer, get_ucum_parser
-
-    definitions = (Path(ucumvert.__file__).parent / "pint_ucum_defs.txt").read_text(encoding="utf-8")
-    ucumvert_equivalents = "equivalents = mol = eq"
-    if ucumvert_equivalents not in definitions:
-        # A ucumvert release that changed this line needs a look: refusing beats converting mEq wrongly.
-        raise RuntimeError(f"ucumvert's pint definitions no longer contain {ucumvert_equivalents!r}")
-    definitions = definitions.replace(ucumvert_equivalents, "equivalents = [equivalents] = eq")
-
-    class _UcumRegistry(pint.UnitRegistry):
-        def _after_init(self) -> None:
-            super()._after_init()
-            self._build_cache(self.load_definitions(definitions.splitlines()))
-
-    registry = _UcumRegistry()
-    return registry, get_ucum_parser(), UcumToPintTransformer(ureg=registry)
-
-
-@lru_cache(maxsize=4096)
-def _parse_ucum(ucum: str) -> Any:
-    """The pint quantity (magnitude 1 x unit) of a strict UCUM string, or the error text when it is not UCUM."""
-    from lark.exceptions import LarkError
-    from pint.errors import PintError
-    from ucumvert import parse_ucum
-
-    registry, parser, transformer = _ucum_machinery()
-    try:
-        quantity = transformer.transform(parse_ucum(ucum, parser))
-    except (LarkError, PintError, ValueError, TypeError) as error:
-        first_line = str(error).splitlines()[0] if str(error) else type(error).__name__
-        return f"not UCUM: {first_line}"
-    if not isinstance(quantity, registry.Quantity):
-        # An annotation alone ("{INR}") or a bare number is a pure number: the annotation names what is counted.
-        quantity = registry.Quantity(1, "dimensionless")
-    return quantity
-
-
-def parse_ucum_unit(ucum: str) -> Any:
-    """Parse a strict UCUM unit into a pint quantity of riskbridge's registry (magnitude 1).
-
-    Raises ValueError when ``ucum`` is not UCUM. No rewriting happens here: ``K/uL`` is kelvin per microliter.
-    """
-    parsed = _parse_ucum(ucum)
-    if isinstance(parsed, str):
-        raise ValueError(f"{ucum!r}: {parsed}")
-    return parsed
-
-
-def _arbitrary_units(quantity: Any) -> dict[str, float]:
-    """The arbitrary (dimensionless but not pure-number) units of a quantity with their exponents: [IU], ..."""
-    registry = quantity._REGISTRY
-    found: dict[str, float] = {}
-    for name, exponent in quantity.unit_items():
-        if name not in PURE_NUMBER_UNITS and not registry.get_dimensionality(name):
-            found[name] = exponent
-    return found
-
-
 # --- the table ----------------------------------------------------------------------------------------------
 
 
@@ -291,47 +177,12 @@ class UnitTable:
         ``include_defaults`` the package's tables come first, so a site file holds only what it adds or
         changes. A later file's patterns run before earlier files' patterns (the site's rules win).
         """
-        documents: list[tuple[str, Any]] = []
-        if include_defaults:
-            package = resources.files("riskbridge.harmonize") / "data"
-            for name in PACKAGE_TABLES:
-                documents.append(
-                    (f"riskbridge.harmonize/data/{name}", yaml.safe_load(package.joinpath(name).read_text("utf-8")))
-                )
-        for path in paths:
-            documents.append((str(path), yaml.safe_load(Path(path).read_text(encoding="utf-8"))))
-        return cls._from_documents(documents)
+        return cls._from_documents(read_table_documents(paths, include_defaults=include_defaults))
 
     @classmethod
     def _from_documents(cls, documents: list[tuple[str, Any]]) -> UnitTable:
-        analyte_specs: dict[str, tuple[str, dict[str, Any]]] = {}
-        code_specs: dict[str, tuple[str, dict[str, Any]]] = {}
-        exact: dict[str, str] = {}
-        patterns: list[RewriteRule] = []
-        for source, document in documents:
-            if document is None:
-                continue
-            if not isinstance(document, dict):
-                raise UnitTableError(f"{source}: a unit table is a mapping, got {type(document).__name__}")
-            unknown = set(document) - {"version", "analytes", "codes", "exact", "patterns"}
-            if unknown:
-                raise UnitTableError(f"{source}: unknown top-level keys {sorted(unknown)}")
-            for name, spec in (document.get("analytes") or {}).items():
-                analyte_specs[str(name)] = (source, spec or {})
-            for loinc, spec in (document.get("codes") or {}).items():
-                code_specs[str(loinc)] = (source, spec or {})
-            for spelling, ucum in (document.get("exact") or {}).items():
-                exact[str(spelling).strip()] = str(ucum)
-            own_patterns = []
-            for number, rule in enumerate(document.get("patterns") or [], start=1):
-                try:
-                    own_patterns.append(RewriteRule(re.compile(rule["match"]), str(rule["replace"])))
-                except (KeyError, TypeError, re.error) as error:
-                    raise UnitTableError(f"{source}: pattern {number}: {error}") from error
-            patterns = own_patterns + patterns
-        analytes = {name: _analyte(name, source, spec) for name, (source, spec) in analyte_specs.items()}
-        codes = {loinc: _code_entry(loinc, source, spec, analytes) for loinc, (source, spec) in code_specs.items()}
-        return cls(codes, exact, patterns, sources=[source for source, _ in documents])
+        contents = parse_table_documents(documents)
+        return cls(contents.codes, contents.exact_rewrites, contents.pattern_rewrites, sources=contents.sources)
 
     # -- lookups -----------------------------------------------------------------------------------------
 
@@ -371,11 +222,11 @@ class UnitTable:
 
     def _compute_conversion(self, unit: str, target: str, analyte: Analyte) -> Conversion | Exclusion:
         ucum = self.rewrite(unit, analyte)
-        source_quantity = _parse_ucum(ucum)
+        source_quantity = ucum_quantity(ucum)
         if isinstance(source_quantity, str):
             shown = f"{unit!r}" if ucum == unit else f"{unit!r} (rewritten {ucum!r})"
             return Exclusion(ExclusionReason.UNIT_UNKNOWN, f"{shown} is {source_quantity}", raw_unit=unit)
-        target_quantity = _parse_ucum(target)
+        target_quantity = ucum_quantity(target)
         if isinstance(target_quantity, str):
             return Exclusion(ExclusionReason.UNIT_UNKNOWN, f"target unit {target!r} is {target_quantity}")
 
@@ -388,7 +239,7 @@ class UnitTable:
 
         if not (source_quantity._is_multiplicative and target_quantity._is_multiplicative):
             return incompatible("offset units (temperatures) are not supported")
-        if _arbitrary_units(source_quantity) != _arbitrary_units(target_quantity):
+        if arbitrary_units(source_quantity) != arbitrary_units(target_quantity):
             return incompatible("arbitrary units convert only into themselves")
         if target_quantity.dimensionless and ucum != target:
             allowed = analyte.dimensionless_units
@@ -601,72 +452,6 @@ def _as_substance(quantity: Any, analyte: Analyte) -> tuple[Any, set[str]]:
         quantity = quantity * (registry.Quantity(1.0 / analyte.valence, "mol/eq") ** equivalents_exponent)
         used.add("valence")
     return quantity, used
-
-
-def _analyte(name: str, source: str, spec: Any) -> Analyte:
-    if not isinstance(spec, dict):
-        raise UnitTableError(f"{source}: analyte {name}: expected a mapping")
-    unknown = set(spec) - {"molar_mass", "valence", "dimensionless_units", "unit_aliases", "note"}
-    if unknown:
-        raise UnitTableError(f"{source}: analyte {name}: unknown keys {sorted(unknown)}")
-    molar_mass = spec.get("molar_mass")
-    if molar_mass is not None and (not isinstance(molar_mass, int | float) or molar_mass <= 0):
-        raise UnitTableError(f"{source}: analyte {name}: molar_mass must be a positive number (g/mol)")
-    valence = spec.get("valence")
-    if valence is not None and (not isinstance(valence, int) or isinstance(valence, bool) or valence <= 0):
-        raise UnitTableError(f"{source}: analyte {name}: valence must be a positive integer (charge magnitude)")
-    dimensionless = frozenset(str(unit) for unit in spec.get("dimensionless_units") or ())
-    for unit in dimensionless:
-        _require_ucum(unit, f"{source}: analyte {name}: dimensionless unit")
-    aliases = tuple((str(spelling).strip(), str(ucum)) for spelling, ucum in (spec.get("unit_aliases") or {}).items())
-    for _, ucum in aliases:
-        _require_ucum(ucum, f"{source}: analyte {name}: alias target")
-    return Analyte(name, float(molar_mass) if molar_mass is not None else None, valence, dimensionless, aliases)
-
-
-def _code_entry(loinc: str, source: str, spec: Any, analytes: Mapping[str, Analyte]) -> LoincUnit:
-    where = f"{source}: LOINC {loinc}"
-    if not isinstance(spec, dict):
-        raise UnitTableError(f"{where}: expected a mapping")
-    unknown = set(spec) - {"analyte", "unit", "plausible", "unit_when_missing", "display"}
-    if unknown:
-        raise UnitTableError(f"{where}: unknown keys {sorted(unknown)}")
-    if spec.get("analyte") not in analytes:
-        raise UnitTableError(f"{where}: analyte {spec.get('analyte')!r} is not defined under analytes")
-    if "unit" not in spec:
-        raise UnitTableError(f"{where}: no canonical unit")
-    unit = str(spec["unit"])
-    _require_ucum(unit, f"{where}: canonical unit")
-    low = high = None
-    if spec.get("plausible") is not None:
-        bounds = spec["plausible"]
-        if (
-            not isinstance(bounds, list)
-            or len(bounds) != 2
-            or not all(isinstance(bound, int | float) for bound in bounds)
-            or bounds[0] > bounds[1]
-        ):
-            raise UnitTableError(f"{where}: plausible must be [low, high] with low <= high")
-        low, high = float(bounds[0]), float(bounds[1])
-    when_missing = spec.get("unit_when_missing")
-    if when_missing is not None:
-        _require_ucum(str(when_missing), f"{where}: unit_when_missing")
-    return LoincUnit(
-        loinc,
-        analytes[spec["analyte"]],
-        unit,
-        low,
-        high,
-        str(when_missing) if when_missing is not None else None,
-        str(spec.get("display", "")),
-    )
-
-
-def _require_ucum(unit: str, where: str) -> None:
-    """Table units are strict UCUM (no rewriting): a typo fails when the table loads, not on the first value."""
-    parsed = _parse_ucum(unit)
-    if isinstance(parsed, str):
-        raise UnitTableError(f"{where} {unit!r} is {parsed}")
 
 
 # --- reading Observation dicts ------------------------------------------------------------------------------

@@ -1,10 +1,16 @@
-"""Series to volume: build one CT volume (a MONAI MetaTensor in Hounsfield units) from a staged DICOM series.
+"""Series to volume: build one CT volume (a MONAI MetaTensor in Hounsfield units) from a series' read datasets.
 
-The input is a staged series directory (``<staging>/<StudyUID>/<SeriesUID>/<SOPInstanceUID>.dcm``, see
-:mod:`riskbridge.connectors.staging`) or a list of files. Classic single-frame series and Enhanced CT multi-frame
-files (geometry and rescale from the per-frame / shared functional groups) are both accepted; every transfer syntax
-pydicom has a decoder for is read (native little/big endian, RLE, JPEG baseline/lossless, JPEG-LS, JPEG 2000 via the
-installed pylibjpeg and GDCM plugins).
+Pure decisions, no I/O: :func:`build_volume` takes the series' pydicom datasets, already read completely (header
+and pixel data), checks that they make one trustworthy volume and assembles it. Reading a staged series directory
+(``<staging>/<StudyUID>/<SeriesUID>/<SOPInstanceUID>.dcm``, see :mod:`riskbridge.connectors.staging`) is
+:func:`riskbridge.model.volume_io.load_series_volume`'s job. Classic single-frame series and Enhanced CT
+multi-frame instances (geometry and rescale from the per-frame / shared functional groups) are both accepted; the
+pixel data of every transfer syntax pydicom has a decoder for is decoded in memory (native little/big endian, RLE,
+JPEG baseline/lossless, JPEG-LS, JPEG 2000 via the installed pylibjpeg and GDCM plugins).
+
+The slice description and consistency checks (:class:`VolumeSlice`, :func:`describe_slices`,
+:func:`check_consistent` and the attribute parsers) are public so that readers of the same series (the SEG reader,
+:mod:`riskbridge.model.seg`) order and check slices exactly as the volume does.
 
 Conventions (see docs/volume.md):
 
@@ -27,21 +33,19 @@ message naming the hashed series UID and the offending instance (hashed), never 
 from __future__ import annotations
 
 import math
-import os
 from collections import Counter
 from collections.abc import Callable, Hashable, Iterable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
-import pydicom
 import torch
 from monai.data import MetaTensor
 from monai.utils import MetaKeys, SpaceKeys
 from pydicom.dataset import Dataset
 from pydicom.pixels import get_decoder
 
+from riskbridge.errors import DataError
 from riskbridge.records import uid_hash
 
 # Every code VolumeError can carry, with what it means; docs/volume.md lists the same table.
@@ -71,8 +75,10 @@ DUPLICATE_DISTANCE_MM = 0.01
 ORIENTATION_TOLERANCE = 1e-4
 
 
-class VolumeError(Exception):
+class VolumeError(DataError):
     """A series that cannot become a trustworthy volume; ``code`` is one of :data:`ERROR_CODES`.
+
+    A :class:`~riskbridge.errors.DataError`: the pipeline quarantines the study and goes on.
 
     ``series`` and ``instance`` are hashed UIDs (:func:`riskbridge.records.uid_hash`), safe to log.
     """
@@ -101,7 +107,7 @@ class VolumeOptions:
 
 
 @dataclass
-class _Slice:
+class VolumeSlice:
     """One 2-D image of the series: where it is, how to rescale it, and where its pixels come from."""
 
     source: int  # index into the list of datasets
@@ -115,69 +121,59 @@ class _Slice:
     intercept: float
 
 
-def series_files(source: Path | str | Iterable[Path | str]) -> list[Path]:
-    """Return the files of a series: a staged series directory's ``*.dcm`` files (sorted by name), or the given list.
-
-    Hidden files are skipped, so the staging area's ``.incoming-*.part`` temporaries never count.
-    """
-    if isinstance(source, str | os.PathLike):
-        directory = Path(source)
-        if directory.is_dir():
-            return sorted(path for path in directory.glob("*.dcm") if not path.name.startswith("."))
-        return [directory]
-    return [Path(path) for path in source]
-
-
-def load_series_volume(
-    source: Path | str | Iterable[Path | str],
+def build_volume(
+    datasets: Iterable[Dataset],
     options: VolumeOptions | None = None,
     *,
     series_uid: str | None = None,
+    series: str | None = None,
+    names: Sequence[str] | None = None,
 ) -> MetaTensor:
-    """Build the HU volume of one series; return a float32 MetaTensor shaped ``(1, X, Y, Z)`` with its affine.
+    """Build the HU volume of one series from its read datasets; return a float32 ``(1, X, Y, Z)`` MetaTensor.
 
-    ``source`` is a staged series directory or the series' files. ``series_uid``, when given, is the series the
-    files must belong to (``mixed_series`` otherwise); it also names the series in errors raised before any file
-    could be read, where a staged directory's name (the SeriesInstanceUID) stands in for it. Every file is read once.
+    ``datasets`` are the series' instances, complete (header and pixel data), in any order. ``series_uid``, when
+    given, is the series they must belong to (``mixed_series`` otherwise). ``series`` is the hashed label errors
+    use until the datasets' own SeriesInstanceUID is known (default: the hash of ``series_uid``, else
+    ``"unknown"``); ``names`` (one per dataset, e.g. the file stems) name an instance without a SOPInstanceUID.
     Raises :class:`VolumeError` for anything that would make the volume wrong.
+
+    The datasets are collected into a list of this function's own, whose entries are dropped as each is decoded:
+    a caller that passes an iterator (as :func:`riskbridge.model.volume_io.load_series_volume` does) and keeps no
+    other reference lets each file's encoded bytes be freed as soon as its pixels are in the volume.
     """
     options = options or VolumeOptions()
-    paths = series_files(source)
-    staged_dir = Path(source) if isinstance(source, str | os.PathLike) and Path(source).is_dir() else None
-    expected_uid = series_uid or (staged_dir.name if staged_dir else None)
-    series = uid_hash(expected_uid) if expected_uid else "unknown"
-    if not paths:
+    series = series or (uid_hash(series_uid) if series_uid else "unknown")
+    read = list(datasets)
+    if not read:
         raise VolumeError("empty", "no DICOM files", series=series)
-
-    datasets = [_read(path, series) for path in paths]
-    uid = _series_uid(datasets, paths, series)
+    uid = single_series_uid(read, names if names is not None else [str(index) for index in range(len(read))], series)
     if series_uid and uid != series_uid:
         raise VolumeError("mixed_series", f"the files belong to series {uid_hash(uid)}", series=series)
     series = uid_hash(uid)
-    slices = [item for index, ds in enumerate(datasets) for item in _slices_of(ds, index, series)]
+    slices = [item for index, ds in enumerate(read) for item in describe_slices(ds, index, series)]
     if len(slices) < options.min_slices:
         raise VolumeError(
             "too_few_slices", f"{len(slices)} slice(s), at least {options.min_slices} required", series=series
         )
-    _check_consistent(slices, series)
+    check_consistent(slices, series)
 
-    row_dir, col_dir, normal = _directions(slices[0].orientation)
+    row_dir, col_dir, normal = slice_directions(slices[0].orientation)
     slices.sort(key=lambda item: float(normal @ item.position))
     distances = np.array([float(normal @ item.position) for item in slices])
-    step = _slice_step(slices, distances, normal, datasets, options, series)
+    step = _slice_step(slices, distances, normal, read, options, series)
 
-    first = datasets[slices[0].source]
+    first = read[slices[0].source]
     modality = str(first.get("Modality", ""))
     header_meta: dict[str, Any] = {
         "study_uid": str(first.get("StudyInstanceUID", "")),
         "modality": modality,
         "rescale_type": str(first.get("RescaleType", "HU" if modality == "CT" else "")),
         # one string, not a list: MONAI's collate stacks meta values and fails on lists of different lengths
-        "transfer_syntaxes": ",".join(sorted({str(ds.file_meta.get("TransferSyntaxUID", "")) for ds in datasets})),
+        "transfer_syntaxes": ",".join(sorted({str(ds.file_meta.get("TransferSyntaxUID", "")) for ds in read})),
     }
     volume = np.empty((len(slices), *slices[0].shape), dtype=np.float32)
-    pending: list[Dataset | None] = list(datasets)
-    del datasets, first  # _fill releases each file's encoded bytes once decoded
+    pending: list[Dataset | None] = list(read)
+    del read, first  # _fill releases each file's encoded bytes once decoded
     _fill(volume, slices, pending, series)
 
     row_spacing, column_spacing = slices[0].pixel_spacing
@@ -210,34 +206,25 @@ def load_series_volume(
     return MetaTensor(tensor, affine=torch.as_tensor(affine, dtype=torch.float64), meta=meta)
 
 
-def _read(path: Path, series: str) -> Dataset:
-    """Read one file completely (header and pixel bytes: one pass over the file)."""
-    try:
-        return pydicom.dcmread(path)
-    except Exception as error:  # pydicom raises many types for damaged files; all mean "unreadable"
-        # The lower library's message may quote file contents, so only its type is kept; `from None` keeps its
-        # traceback out of logs too.
-        raise VolumeError(
-            "unreadable", f"cannot parse ({type(error).__name__})", series=series, instance=uid_hash(path.stem)
-        ) from None
+def single_series_uid(datasets: Sequence[Dataset], names: Sequence[str], series: str) -> str:
+    """Return the one SeriesInstanceUID of the datasets; mixing series is an error.
 
-
-def _series_uid(datasets: Sequence[Dataset], paths: Sequence[Path], series: str) -> str:
-    """Return the one SeriesInstanceUID of the files; mixing series is an error."""
+    ``names`` (one per dataset, e.g. the file stems) stand in for a missing SOPInstanceUID in the error.
+    """
     first = str(datasets[0].get("SeriesInstanceUID", ""))
-    for ds, path in zip(datasets, paths, strict=True):
+    for ds, name in zip(datasets, names, strict=True):
         uid = str(ds.get("SeriesInstanceUID", ""))
         if uid != first:
             raise VolumeError(
                 "mixed_series",
                 f"files of series {uid_hash(first)} and {uid_hash(uid)}",
                 series=series,
-                instance=uid_hash(str(ds.get("SOPInstanceUID", path.stem))),
+                instance=uid_hash(str(ds.get("SOPInstanceUID", name))),
             )
     return first
 
 
-def _slices_of(ds: Dataset, source: int, series: str) -> list[_Slice]:
+def describe_slices(ds: Dataset, source: int, series: str) -> list[VolumeSlice]:
     """Describe the slices of one file: one for a classic image, one per frame for an Enhanced multi-frame image."""
     instance = uid_hash(str(ds.get("SOPInstanceUID", "")))
     if "PixelData" not in ds and "FloatPixelData" not in ds and "DoubleFloatPixelData" not in ds:
@@ -265,13 +252,13 @@ def _slices_of(ds: Dataset, source: int, series: str) -> list[_Slice]:
             if keyword not in ds:
                 raise VolumeError("missing_geometry", f"no {keyword}", series=series, instance=instance)
         return [
-            _Slice(
+            VolumeSlice(
                 source=source,
                 frame=None,
                 instance=instance,
-                position=_vector(ds.ImagePositionPatient, 3),
-                orientation=_vector(ds.ImageOrientationPatient, 6),
-                pixel_spacing=_pixel_spacing(ds.PixelSpacing),
+                position=parse_vector(ds.ImagePositionPatient, 3),
+                orientation=parse_vector(ds.ImageOrientationPatient, 6),
+                pixel_spacing=parse_pixel_spacing(ds.PixelSpacing),
                 shape=shape,
                 slope=_number(ds, "RescaleSlope", 1.0),
                 intercept=_number(ds, "RescaleIntercept", 0.0),
@@ -288,7 +275,7 @@ def _slices_of(ds: Dataset, source: int, series: str) -> list[_Slice]:
         ) from None
 
 
-def _functional_group(ds: Dataset, frame: int, sequence: str) -> Dataset | None:
+def functional_group(ds: Dataset, frame: int, sequence: str) -> Dataset | None:
     """Return one functional group macro for a frame: the per-frame one if present, else the shared one."""
     per_frame = ds.PerFrameFunctionalGroupsSequence[frame]
     if sequence in per_frame and len(per_frame[sequence].value):
@@ -301,7 +288,7 @@ def _functional_group(ds: Dataset, frame: int, sequence: str) -> Dataset | None:
 
 def _enhanced_frame(
     ds: Dataset, source: int, frame: int, frames: int, shape: tuple[int, int], instance: str, series: str
-) -> _Slice:
+) -> VolumeSlice:
     """Describe one frame of an Enhanced multi-frame image from its functional groups."""
     if len(ds.PerFrameFunctionalGroupsSequence) != frames:
         raise VolumeError(
@@ -311,22 +298,22 @@ def _enhanced_frame(
             instance=instance,
         )
     where = f"{instance} frame {frame + 1}"
-    position = _functional_group(ds, frame, "PlanePositionSequence")
-    orientation = _functional_group(ds, frame, "PlaneOrientationSequence")
-    measures = _functional_group(ds, frame, "PixelMeasuresSequence")
+    position = functional_group(ds, frame, "PlanePositionSequence")
+    orientation = functional_group(ds, frame, "PlaneOrientationSequence")
+    measures = functional_group(ds, frame, "PixelMeasuresSequence")
     if position is None or orientation is None or measures is None or "PixelSpacing" not in measures:
         raise VolumeError(
             "missing_geometry", "plane position, orientation or pixel measures missing", series=series, instance=where
         )
-    transformation = _functional_group(ds, frame, "PixelValueTransformationSequence")
+    transformation = functional_group(ds, frame, "PixelValueTransformationSequence")
     rescale = transformation if transformation is not None else ds  # some writers keep rescale at the top level
-    return _Slice(
+    return VolumeSlice(
         source=source,
         frame=frame,
         instance=where,
-        position=_vector(position.ImagePositionPatient, 3),
-        orientation=_vector(orientation.ImageOrientationPatient, 6),
-        pixel_spacing=_pixel_spacing(measures.PixelSpacing),
+        position=parse_vector(position.ImagePositionPatient, 3),
+        orientation=parse_vector(orientation.ImageOrientationPatient, 6),
+        pixel_spacing=parse_pixel_spacing(measures.PixelSpacing),
         shape=shape,
         slope=_number(rescale, "RescaleSlope", 1.0),
         intercept=_number(rescale, "RescaleIntercept", 0.0),
@@ -339,7 +326,7 @@ def _number(ds: Dataset, keyword: str, default: float) -> float:
     return default if value is None or value == "" else float(value)
 
 
-def _vector(value: Any, length: int) -> np.ndarray:
+def parse_vector(value: Any, length: int) -> np.ndarray:
     """Convert a multi-valued DS element to a float vector of the expected length."""
     vector = np.array([float(item) for item in value], dtype=np.float64)
     if vector.shape != (length,) or not np.all(np.isfinite(vector)):
@@ -347,30 +334,30 @@ def _vector(value: Any, length: int) -> np.ndarray:
     return vector
 
 
-def _pixel_spacing(value: Any) -> tuple[float, float]:
+def parse_pixel_spacing(value: Any) -> tuple[float, float]:
     """Return PixelSpacing as (between rows, between columns), both positive."""
-    row_spacing, column_spacing = _vector(value, 2)
+    row_spacing, column_spacing = parse_vector(value, 2)
     if row_spacing <= 0 or column_spacing <= 0:
         raise ValueError("PixelSpacing must be positive")
     return float(row_spacing), float(column_spacing)
 
 
-def _directions(orientation: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def slice_directions(orientation: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Return the row direction, the column direction and the slice normal (their cross product)."""
     row_dir, col_dir = orientation[:3], orientation[3:]
     return row_dir, col_dir, np.cross(row_dir, col_dir)
 
 
-def _most_common(slices: Sequence[_Slice], key: Callable[[_Slice], Hashable]) -> _Slice:
+def _most_common(slices: Sequence[VolumeSlice], key: Callable[[VolumeSlice], Hashable]) -> VolumeSlice:
     """Return a slice with the most common value of ``key`` (the first on a tie), so the stray slice gets named."""
     value = Counter(key(item) for item in slices).most_common(1)[0][0]
     return next(item for item in slices if key(item) == value)
 
 
-def _check_consistent(slices: Sequence[_Slice], series: str) -> None:
+def check_consistent(slices: Sequence[VolumeSlice], series: str) -> None:
     """Every slice must share the series' (most common) orientation, size and pixel spacing, and it must be valid."""
     typical = _most_common(slices, lambda item: tuple(np.round(item.orientation, 4)))
-    row_dir, col_dir, _ = _directions(typical.orientation)
+    row_dir, col_dir, _ = slice_directions(typical.orientation)
     if (
         abs(np.linalg.norm(row_dir) - 1) > 1e-3
         or abs(np.linalg.norm(col_dir) - 1) > 1e-3
@@ -402,7 +389,7 @@ def _check_consistent(slices: Sequence[_Slice], series: str) -> None:
 
 
 def _slice_step(
-    slices: Sequence[_Slice],
+    slices: Sequence[VolumeSlice],
     distances: np.ndarray,
     normal: np.ndarray,
     datasets: Sequence[Dataset],
@@ -462,7 +449,7 @@ def _slice_step(
     return step_vector
 
 
-def _fill(volume: np.ndarray, slices: Sequence[_Slice], datasets: list[Dataset | None], series: str) -> None:
+def _fill(volume: np.ndarray, slices: Sequence[VolumeSlice], datasets: list[Dataset | None], series: str) -> None:
     """Decode every file once and write each of its frames, rescaled to float32, into its sorted slot."""
     slot_of = {(item.source, item.frame): (index, item) for index, item in enumerate(slices)}
     frames_of: dict[int, list[int | None]] = {}

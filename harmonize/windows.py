@@ -36,12 +36,13 @@ from riskbridge.dicomtime import (
     parse_dicom_offset,
     parse_dicom_time,
 )
+from riskbridge.errors import DataError
 from riskbridge.records import StudyRef
 
 ObservationResource = Mapping[str, Any]
 
 
-class IndexTimeError(ValueError):
+class IndexTimeError(DataError, ValueError):
     """No usable index time: the DICOM attributes hold no acquisition or study date with a time."""
 
 

@@ -9,20 +9,19 @@ A training table is a directory::
 
 ``mask`` (optional) is a training-only dense label: 1 where a nodule touches the voxel. An all-zero mask says "no
 nodule" (a radiologist looked); a null mask says nothing, and the row takes no part in the segmenter's training.
-The synthetic builder renders it from the truth's nodules (:func:`riskbridge.synth.phantom.nodule_occupancy`); a
-site derives it from its radiologists' DICOM SEG objects (:func:`series_row` with :mod:`riskbridge.model.seg`).
-Both go through :meth:`Preprocessor.mask_from_volume`, the image's own spatial transforms.
+A site derives it from its radiologists' DICOM SEG objects (:func:`series_row` with :mod:`riskbridge.model.seg`);
+the synthetic builder renders it from the truth's nodules. Both go through :meth:`Preprocessor.mask_from_volume`,
+the image's own spatial transforms.
 
 ``image_target`` (optional, null when unknown) is a number the image alone should predict, used as auxiliary
-supervision of the image stage: the synthetic builder writes the truth's image term (the nodule burden
-``1.1 ln(1 + sum of diameters / 5) - 1.2``); a clinical cohort could carry a radiologist's nodule measurements.
+supervision of the image stage: the synthetic builder writes the truth's image term (the nodule burden); a
+clinical cohort could carry a radiologist's nodule measurements.
 
 ``values``/``observed`` are a :class:`~riskbridge.harmonize.features.FeatureVector`'s (imputed values and the
 missingness mask), so any cohort the pipeline exports (feature vectors and preprocessed volumes from its ledger)
-trains the same way as the synthetic cohort. :func:`build_synthetic_table` writes the synthetic cohort's table
-without DICOM files: it renders each index study's thin lung-kernel series with :mod:`riskbridge.synth.phantom`
-and takes labs and note flags as the pipeline reproduces them (the truth's windowed labs and note comorbidities,
-missing staying missing). Patients the truth quarantines (identity, no usable series) are left out.
+trains the same way as the synthetic cohort. The synthetic cohort's table (what trained the reference model) is
+written by :func:`riskbridge.dev.training_table.build_synthetic_table`, a development tool: this module, like the
+rest of the model package, never imports the synthetic-data generator.
 """
 
 from __future__ import annotations
@@ -31,16 +30,15 @@ import json
 import math
 import os
 import tempfile
-from collections import Counter
-from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import ProcessPoolExecutor
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from riskbridge.harmonize.features import FeatureSpec, FeatureVector, build_vector
+from riskbridge.errors import DataError
+from riskbridge.harmonize.features import FeatureSpec, FeatureVector
 from riskbridge.model.package import tabular_tensors
 from riskbridge.model.preprocess import PreprocessConfig, Preprocessor
 
@@ -52,10 +50,9 @@ TABLE_VERSION = 1
 # What the reference model sees: 288 x 216 x 84 mm around the scan centre at 3 mm (both lungs fit in x and y; a
 # 3 mm nodule still lights a voxel, which at 5 mm it mostly did not).
 DEFAULT_PREPROCESS = PreprocessConfig(spacing_mm=(3.0, 3.0, 3.0), size=(96, 72, 28), hu_window=(-1000.0, 400.0))
-DEFAULT_TRAINING_SEED = 20240501  # not the demo cohort's seed: the reference model never saw the sandbox patients
 
 
-class TrainingTableError(ValueError):
+class TrainingTableError(DataError, ValueError):
     """A training table is missing, malformed or built for another feature spec / preprocessing."""
 
 
@@ -333,8 +330,8 @@ def series_row(
     Without a SEG the row has no mask (not "no nodule"). Raises the volume module's ``VolumeError`` for a series
     that is no trustworthy volume and :class:`~riskbridge.model.seg.SegmentationError` for a SEG that does not fit it.
     """
-    from riskbridge.harmonize.volume import load_series_volume
     from riskbridge.model.seg import seg_occupancy
+    from riskbridge.model.volume_io import load_series_volume
 
     volume = load_series_volume(series_dir)
     affine = np.asarray(volume.affine, dtype=np.float64)
@@ -344,110 +341,3 @@ def series_row(
         occupancy = seg_occupancy(segmentation, series_dir, segments)
         mask = preprocessor.mask_from_volume(occupancy, affine, space="RAS")
     return TableRow(key, label, vector, image, None, mask)
-
-
-# --- the synthetic cohort --------------------------------------------------------------------------------------
-
-
-def synthetic_lung_volume(patient: Any, preprocess: PreprocessConfig) -> tuple[np.ndarray, np.ndarray]:
-    """The preprocessed thin lung-kernel volume of a synthetic patient's index study (as its DICOM would give),
-    and its dense nodule mask on the same grid.
-
-    The phantom's array is ``(z, y, x)`` on the study's thin grid; the affine maps it to DICOM patient
-    coordinates (LPS) exactly as the generated ImagePositionPatient/PixelSpacing do.
-    """
-    from riskbridge.synth.phantom import nodule_occupancy, render_study
-
-    study = patient.index_study
-    geometry = study.geometry
-    hu = render_study(study, patient.nodules).thin_lung
-    affine = np.array(
-        [
-            [0.0, 0.0, geometry.pixel_mm, geometry.origin_xy],
-            [0.0, geometry.pixel_mm, 0.0, geometry.origin_xy],
-            [-geometry.thin_mm, 0.0, 0.0, geometry.z_top],
-            [0.0, 0.0, 0.0, 1.0],
-        ]
-    )
-    preprocessor = Preprocessor(preprocess)
-    mask = preprocessor.mask_from_volume(nodule_occupancy(study, patient.nodules), affine, space="LPS")
-    return preprocessor.from_volume(hu, affine, space="LPS"), mask
-
-
-def synthetic_row(patient: Any, spec: FeatureSpec, preprocess: PreprocessConfig) -> TableRow:
-    """A synthetic patient's table row: the truth's labs and note flags, age and sex, the rendered volume."""
-    from riskbridge.synth.cohort import expected_comorbidities, expected_labs
-
-    wanted = {lab.name for lab in spec.labs}
-    labs = {name: (entry or {}).get("value") for name, entry in expected_labs(patient).items() if name in wanted}
-    flags = expected_comorbidities(patient)
-    if flags is not None:
-        flags = {name: value for name, value in flags.items() if name in spec.flags}
-    demographics = {"age_years": float(patient.age_years), "sex_male": 1.0 if patient.sex == "M" else 0.0}
-    demographics = {k: v for k, v in demographics.items() if k in {d.name for d in spec.demographics}}
-    vector = build_vector(spec, labs, flags, demographics)
-    volume, mask = synthetic_lung_volume(patient, preprocess)
-    # the truth's image term (nodule burden): optional auxiliary supervision of the image stage
-    image_term = float(patient.logit_components["image"])
-    return TableRow(patient.key, int(patient.label), vector, volume, image_term, mask)
-
-
-def _rows_worker(args: tuple[Sequence[Any], FeatureSpec, PreprocessConfig]) -> list[TableRow]:
-    patients, spec, preprocess = args
-    import torch
-
-    torch.set_num_threads(1)
-    return [synthetic_row(patient, spec, preprocess) for patient in patients]
-
-
-def _chunks(items: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
-    for start in range(0, len(items), size):
-        yield items[start : start + size]
-
-
-def build_synthetic_table(
-    out_dir: Path,
-    spec: FeatureSpec,
-    patients: int = 3000,
-    seed: int = DEFAULT_TRAINING_SEED,
-    preprocess: PreprocessConfig = DEFAULT_PREPROCESS,
-    size: str = "small",
-    workers: int = 1,
-    progress: Callable[[int, int], None] | None = None,
-) -> Path:
-    """Write the training table of the synthetic cohort ``(seed, patients, size)``; returns ``out_dir``.
-
-    ``workers`` > 1 renders and preprocesses in that many processes (rows stay in patient order).
-    """
-    from riskbridge.synth.cohort import GENERATOR_VERSION, build_cohort, expected_quarantine
-
-    cohort = build_cohort(seed, patients, size)
-    usable = [p for p in cohort.patients if expected_quarantine(p) is None]
-    excluded = Counter(str(expected_quarantine(p)) for p in cohort.patients if expected_quarantine(p) is not None)
-    source = {
-        "kind": "synthetic",
-        "generator_version": GENERATOR_VERSION,
-        "cohort_id": cohort.cohort_id,
-        "seed": seed,
-        "patients": patients,
-        "size": size,
-    }
-    writer = TableWriter(out_dir, spec, preprocess, source)
-    done = 0
-    batches = [(chunk, spec, preprocess) for chunk in _chunks(usable, 16)]
-    if workers > 1:
-        with ProcessPoolExecutor(max_workers=workers) as pool:
-            for rows in pool.map(_rows_worker, batches):
-                for row in rows:
-                    writer.add(row)
-                done += len(rows)
-                if progress:
-                    progress(done, len(usable))
-    else:
-        for batch in batches:
-            for patient in batch[0]:
-                writer.add(synthetic_row(patient, spec, preprocess))
-                done += 1
-                if progress:
-                    progress(done, len(usable))
-    return writer.close(dict(excluded))

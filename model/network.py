@@ -35,8 +35,8 @@ from riskbridge.records import MODALITIES
 IMAGE_ENCODERS = ("resnet", "detector")
 # What the detector encoder reads off its nodule probability map, per volume (see burden_features).
 BURDEN_FEATURES = ("burden", "count", "volume", "largest", "peak")
-STRATEGIES = ("image", "tabular", "early", "late", "hybrid")
 Strategy = Literal["image", "tabular", "early", "late", "hybrid"]
+STRATEGIES: tuple[Strategy, ...] = ("image", "tabular", "early", "late", "hybrid")
 # Which modalities each strategy reads; the others are ignored (and get zero attention).
 STRATEGY_MODALITIES: dict[str, tuple[bool, bool, bool]] = {
     "image": (True, False, False),
@@ -53,7 +53,7 @@ class ModelConfig:
     """Everything needed to rebuild a network and feed it: strategy, feature layout, preprocessing, sizes.
 
     ``lab_center``/``lab_scale``/``lab_log`` standardize the labs modality's values (``log`` first where set);
-    they are fitted on the training split by :func:`riskbridge.model.train.fit_tabular_scaling`.
+    they are fitted on the training split by :func:`riskbridge.model.fitting.fit_tabular_scaling`.
     """
 
     name: str

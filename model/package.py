@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from riskbridge.errors import ModelError
 from riskbridge.harmonize.features import PATTERNS, FeatureSpec, FeatureVector, present_modalities
 
 if TYPE_CHECKING:
@@ -45,7 +46,7 @@ PACKAGE_FILES = ("config.json", "weights.pt", "calibration.json", "metrics.json"
 CHECKSUMS = "SHA256SUMS"
 
 
-class ModelPackageError(ValueError):
+class ModelPackageError(ModelError, ValueError):
     """A model package is missing, incomplete, altered, or does not fit the feature spec it is used with."""
 
 

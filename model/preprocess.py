@@ -2,7 +2,7 @@
 
 One MONAI pipeline, applied lazily (``Compose(..., lazy=True)``) so that orientation to RAS, resampling to the
 configured spacing and the centre crop/pad fold into a single resample of the volume; the HU window is applied
-last, on the small output. The series is read by :func:`riskbridge.harmonize.volume.load_series_volume` (slice
+last, on the small output. The series is read by :func:`riskbridge.model.volume_io.load_series_volume` (slice
 order along the normal, per-slice rescale, gantry tilt in the affine), so its errors (:class:`VolumeError`, with
 a stable ``code``) are the errors of this module too.
 
@@ -33,7 +33,8 @@ from monai.transforms import Compose, Orientation, ResizeWithPadOrCrop, ScaleInt
 from monai.utils import MetaKeys, SpaceKeys
 from scipy import ndimage
 
-from riskbridge.harmonize.volume import VolumeError, load_series_volume, series_files
+from riskbridge.harmonize.volume import VolumeError
+from riskbridge.model.volume_io import load_series_volume, series_files
 from riskbridge.records import uid_hash
 
 log = logging.getLogger(__name__)

@@ -28,6 +28,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from riskbridge.errors import ModelError
 from riskbridge.harmonize.features import FeatureSpec, FeatureVector
 from riskbridge.harmonize.volume import VolumeError
 from riskbridge.model.network import MODALITIES, FusionNet
@@ -44,7 +45,7 @@ CPU_BATCH_SIZE = 8
 CUDA_PROBE_BATCH_SIZE = 64
 
 
-class ScoringError(RuntimeError):
+class ScoringError(ModelError, RuntimeError):
     """Some requests could not be scored; ``failures`` maps each one's key to its reason."""
 
     def __init__(self, failures: Mapping[str, str]) -> None:

@@ -2,7 +2,7 @@
 
 Sites keep such labels (nodule segmentations) as DICOM Segmentation objects in the PACS and export them next to
 the series they segment. :func:`seg_occupancy` reads one SEG (BINARY, FRACTIONAL or LABELMAP) and returns the
-selected segments on the grid of :func:`riskbridge.harmonize.volume.load_series_volume`'s volume of the source
+selected segments on the grid of :func:`riskbridge.model.volume_io.load_series_volume`'s volume of the source
 series: the same ``(1, X, Y, Z)`` shape and voxel order (X along a row, Y down the columns, Z along the slices
 sorted by position along the normal), so the mask goes through the same MONAI transforms as the image with the
 volume's affine. :func:`find_segmentations` lists the SEG files under a directory by the series they reference.
@@ -29,20 +29,21 @@ from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 from pydicom.uid import UID, SegmentationStorage
 
+from riskbridge.errors import DataError
 from riskbridge.harmonize.volume import (
     DUPLICATE_DISTANCE_MM,
     ORIENTATION_TOLERANCE,
     VolumeError,
-    _check_consistent,
-    _directions,
-    _functional_group,
-    _pixel_spacing,
-    _series_uid,
-    _Slice,
-    _slices_of,
-    _vector,
-    series_files,
+    VolumeSlice,
+    check_consistent,
+    describe_slices,
+    functional_group,
+    parse_pixel_spacing,
+    parse_vector,
+    single_series_uid,
+    slice_directions,
 )
+from riskbridge.model.volume_io import series_files
 from riskbridge.records import uid_hash
 
 # Every code SegmentationError can carry, with what it means; docs/model.md lists the same table.
@@ -76,7 +77,7 @@ PIXEL_SPACING_TOLERANCE = 1e-4
 _HEADER_ONLY = "64 KB"
 
 
-class SegmentationError(ValueError):
+class SegmentationError(DataError, ValueError):
     """A DICOM SEG that cannot be placed on its source series' volume; ``code`` is one of :data:`ERROR_CODES`.
 
     ``seg`` is the hashed stem of the SEG's file name (staged files are named by SOPInstanceUID, so it is the hashed
@@ -105,7 +106,7 @@ class _SourceGrid:
     series_uid: str
     series: str  # hashed series_uid
     frame_of_reference: str
-    slices: list[_Slice]  # sorted along the normal: index = Z of the volume
+    slices: list[VolumeSlice]  # sorted along the normal: index = Z of the volume
     keys: dict[tuple[str, int | None], int]  # (SOPInstanceUID, 1-based frame or None) -> Z
     normal: np.ndarray
     distances: np.ndarray  # each slice's position along the normal (mm), ascending
@@ -222,11 +223,11 @@ def _source_grid(series_dir: Path) -> _SourceGrid:
             raise VolumeError(
                 "unreadable", f"cannot parse ({type(error).__name__})", series=series, instance=uid_hash(path.stem)
             ) from None
-    series_uid = _series_uid(datasets, paths, series)
+    series_uid = single_series_uid(datasets, [path.stem for path in paths], series)
     series = uid_hash(series_uid)
-    slices = [item for index, ds in enumerate(datasets) for item in _slices_of(ds, index, series)]
-    _check_consistent(slices, series)
-    _, _, normal = _directions(slices[0].orientation)
+    slices = [item for index, ds in enumerate(datasets) for item in describe_slices(ds, index, series)]
+    check_consistent(slices, series)
+    _, _, normal = slice_directions(slices[0].orientation)
     slices.sort(key=lambda item: float(normal @ item.position))
     distances = np.array([float(normal @ item.position) for item in slices])
     for index in np.flatnonzero(np.diff(distances) < DUPLICATE_DISTANCE_MM):
@@ -349,20 +350,23 @@ def _place_frames(ds: Dataset, grid: _SourceGrid, kind: str, fail: _Fail) -> lis
     for frame in range(count):
         where = f"frame {frame + 1}"
         try:
-            orientation = _functional_group(ds, frame, "PlaneOrientationSequence")
-            measures = _functional_group(ds, frame, "PixelMeasuresSequence")
+            orientation = functional_group(ds, frame, "PlaneOrientationSequence")
+            measures = functional_group(ds, frame, "PixelMeasuresSequence")
             if orientation is None or measures is None or "PixelSpacing" not in measures:
                 raise fail("invalid", f"{where} has no plane orientation or pixel spacing")
             if not np.allclose(
-                _vector(orientation.ImageOrientationPatient, 6), source.orientation, atol=ORIENTATION_TOLERANCE, rtol=0
+                parse_vector(orientation.ImageOrientationPatient, 6),
+                source.orientation,
+                atol=ORIENTATION_TOLERANCE,
+                rtol=0,
             ):
                 raise fail("orientation", f"{where}'s ImageOrientationPatient differs from the series'")
             if not np.allclose(
-                _pixel_spacing(measures.PixelSpacing), source.pixel_spacing, rtol=PIXEL_SPACING_TOLERANCE, atol=0
+                parse_pixel_spacing(measures.PixelSpacing), source.pixel_spacing, rtol=PIXEL_SPACING_TOLERANCE, atol=0
             ):
                 raise fail("pixel_spacing", f"{where}'s PixelSpacing differs from the series'")
-            plane = _functional_group(ds, frame, "PlanePositionSequence")
-            position = None if plane is None else _vector(plane.ImagePositionPatient, 3)
+            plane = functional_group(ds, frame, "PlanePositionSequence")
+            position = None if plane is None else parse_vector(plane.ImagePositionPatient, 3)
             segment = None if kind == "LABELMAP" else _frame_segment(ds, frame, fail)
         except SegmentationError:
             raise
@@ -374,7 +378,7 @@ def _place_frames(ds: Dataset, grid: _SourceGrid, kind: str, fail: _Fail) -> lis
 
 def _frame_segment(ds: Dataset, frame: int, fail: _Fail) -> int:
     """The SegmentNumber a BINARY or FRACTIONAL frame carries."""
-    identification = _functional_group(ds, frame, "SegmentIdentificationSequence")
+    identification = functional_group(ds, frame, "SegmentIdentificationSequence")
     if identification is None or "ReferencedSegmentNumber" not in identification:
         raise fail("invalid", f"frame {frame + 1} has no segment identification")
     return int(identification.ReferencedSegmentNumber)

@@ -6,75 +6,28 @@ and exit status 2, never a stack trace.
 
 from __future__ import annotations
 
-import os
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Mapping
 from datetime import date
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, cast
 
 import typer
-from rich.console import Console, ConsoleDimensions
-from rich.markup import escape
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    SpinnerColumn,
-    TextColumn,
-    TimeElapsedColumn,
-)
 from rich.table import Table
 
 from riskbridge import __version__
-from riskbridge.settings import Settings, SettingsError, load_settings
+from riskbridge.console import CliState as _State
+from riskbridge.console import cli_settings as _settings
+from riskbridge.console import console
+from riskbridge.console import count_progress as _count_progress
+from riskbridge.console import fail as _fail
+from riskbridge.dev.cli import demo, sandbox_app, synth
+from riskbridge.errors import RiskbridgeError
+from riskbridge.settings import Settings
 
 app = typer.Typer(help="riskbridge: nightly imaging + EHR risk scoring.", no_args_is_help=True)
-sandbox_app = typer.Typer(help="Loopback Orthanc, HAPI FHIR and PostgreSQL servers for tests and demos.")
 app.add_typer(sandbox_app, name="sandbox")
 imaging_app = typer.Typer(help="Query the PACS, select each study's series by the rules, retrieve it verified.")
 app.add_typer(imaging_app, name="imaging")
-
-# Off a terminal (a pipe, a log file, a test runner) rich would hard-wrap at 80 columns, breaking paths and
-# messages at places that depend on their length; there, lines are written whole and tables take their own width.
-UNWRAPPED_WIDTH = 10_000
-
-
-class _Console(Console):
-    """A rich Console that never wraps when its output is not a terminal (unless COLUMNS says otherwise)."""
-
-    @property
-    def size(self) -> ConsoleDimensions:
-        """The terminal's size; off a terminal, a width no line reaches."""
-        size = super().size
-        if self.is_terminal or os.environ.get("COLUMNS"):
-            return size
-        return ConsoleDimensions(UNWRAPPED_WIDTH, size.height)
-
-    @size.setter
-    def size(self, new_size: tuple[int, int]) -> None:
-        Console.size.fset(self, new_size)  # type: ignore[attr-defined]
-
-
-console = _Console(soft_wrap=True)
-err_console = _Console(stderr=True, soft_wrap=True)
-
-
-class _State:
-    config: Path | None = None
-
-
-def _fail(message: str) -> typer.Exit:
-    # escape(): messages quote settings sections such as "[identity]", which rich would take for markup and drop.
-    err_console.print(f"[bold red]error:[/] {escape(message)}", highlight=False)
-    return typer.Exit(code=2)
-
-
-def _settings() -> Settings:
-    try:
-        return load_settings(_State.config)
-    except SettingsError as exc:
-        raise _fail(str(exc)) from None
 
 
 @app.callback()
@@ -91,76 +44,6 @@ def main(
 def version() -> None:
     """Print the riskbridge version."""
     console.print(f"riskbridge {__version__}")
-
-
-@contextmanager
-def _part_progress() -> Iterator[Callable[[str, str], None]]:
-    """Yield a sandbox progress callback that shows one spinner line per server."""
-    columns = (SpinnerColumn(), TextColumn("[bold]{task.fields[part]:<10}"), TextColumn("{task.description}"))
-    with Progress(*columns, TimeElapsedColumn(), console=console, transient=False) as progress:
-        tasks: dict[str, Any] = {}
-
-        def report(part: str, message: str) -> None:
-            if part not in tasks:
-                tasks[part] = progress.add_task(message, total=1, part=part)
-            done = message in ("ready", "stopped", "already running")
-            progress.update(tasks[part], description=message, completed=1 if done else 0)
-
-        yield report
-
-
-def _status_table(statuses: list[Any]) -> Table:
-    table = Table(title="riskbridge sandbox")
-    for column in ("part", "state", "pid", "endpoints"):
-        table.add_column(column)
-    colours = {"ready": "green", "starting": "yellow"}
-    for status in statuses:
-        colour = colours.get(status.state, "red")
-        table.add_row(status.name, f"[{colour}]{status.state}[/]", str(status.pid or "-"), "\n".join(status.endpoints))
-    return table
-
-
-@sandbox_app.command("up")
-def sandbox_up(
-    only: list[str] | None = typer.Option(
-        None, "--only", help="Start only this part (orthanc, hapi-fhir, postgres); repeatable."
-    ),
-) -> None:
-    """Start Orthanc, HAPI FHIR and PostgreSQL on 127.0.0.1 (idempotent) and wait until they answer."""
-    from riskbridge.sandbox import Sandbox, SandboxError
-
-    settings = _settings()
-    sandbox = Sandbox(settings)
-    try:
-        with _part_progress() as report:
-            statuses = sandbox.up(report, only=only or None)
-    except SandboxError as exc:
-        raise _fail(str(exc)) from None
-    console.print(_status_table(statuses))
-    console.print(f"state and logs: {sandbox.root}")
-
-
-@sandbox_app.command("down")
-def sandbox_down() -> None:
-    """Stop exactly the processes 'sandbox up' started."""
-    from riskbridge.sandbox import Sandbox, SandboxError
-
-    try:
-        stopped = Sandbox(_settings()).down()
-    except SandboxError as exc:
-        raise _fail(str(exc)) from None
-    console.print(f"stopped: {', '.join(stopped)}" if stopped else "nothing was running")
-
-
-@sandbox_app.command("status")
-def sandbox_status() -> None:
-    """Report each sandbox server; exit 1 unless all are ready."""
-    from riskbridge.sandbox import Sandbox
-
-    statuses = Sandbox(_settings()).status()
-    console.print(_status_table(statuses))
-    if any(status.state != "ready" for status in statuses):
-        raise typer.Exit(code=1)
 
 
 @app.command()
@@ -187,13 +70,13 @@ app.add_typer(fhir_app, name="fhir")
 @fhir_app.command("install-definitions")
 def fhir_install_definitions() -> None:
     """Load riskbridge's extension definitions into the FHIR server (idempotent); docs/writeback.md."""
-    from riskbridge.connectors.fhir import FhirClient, FhirError
-    from riskbridge.writeback import WritebackError, install_definitions
+    from riskbridge.connectors.fhir import FhirClient
+    from riskbridge.stages.write_back import install_definitions
 
     try:
         with FhirClient(_settings().fhir) as client:
             statuses = install_definitions(client)
-    except (FhirError, WritebackError) as exc:
+    except RiskbridgeError as exc:
         raise _fail(str(exc)) from None
     for url, status in statuses.items():
         console.print(f"{'created' if status == 201 else 'up to date'}: {url}")
@@ -214,7 +97,7 @@ def airflow_init(
     """Migrate Airflow's metadata database, create the pools and the Connections from riskbridge's settings."""
     from dataclasses import replace
 
-    from riskbridge.airflow.local import AirflowCommandError, LocalAirflow
+    from riskbridge.airflow.local import LocalAirflow
 
     settings = _settings()
     local = LocalAirflow.from_settings(settings, home, metadata_url)
@@ -223,9 +106,9 @@ def airflow_init(
     try:
         with console.status("airflow db migrate"):
             local.migrate()
-        pools = local.set_pools(settings)
+        pools = local.set_pools(settings.airflow)
         connections = local.set_connections(settings)
-    except (AirflowCommandError, ValueError, OSError) as exc:
+    except (RiskbridgeError, ValueError, OSError) as exc:
         raise _fail(str(exc)) from None
     console.print(f"metadata database: {local.database_url.split('@')[-1]}")
     console.print("pools: " + ", ".join(f"{name} ({slots} slots)" for name, slots in pools.items()))
@@ -233,50 +116,7 @@ def airflow_init(
     console.print(f"DAG folder: {local.dags_folder}\nuse it with: export AIRFLOW_HOME={local.home}")
 
 
-@contextmanager
-def _count_progress() -> Iterator[Callable[[str, int, int], None]]:
-    """Yield a ``progress(stage, done, total)`` callback that shows one bar per stage."""
-    columns = (TextColumn("{task.description:<22}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-    with Progress(*columns, console=console) as progress:
-        tasks: dict[str, Any] = {}
-
-        def report(stage: str, done: int, total: int) -> None:
-            if stage not in tasks:
-                tasks[stage] = progress.add_task(stage, total=total)
-            progress.update(tasks[stage], completed=done, total=total)
-
-        yield report
-
-
-@app.command()
-def synth(
-    patients: int = typer.Option(30, "--patients", "-n", min=1, help="Number of patients."),
-    seed: int = typer.Option(7, "--seed", "-s", help="Random seed; the same seed gives the same cohort."),
-    out: Path = typer.Option(Path(".riskbridge/cohort"), "--out", "-o", help="Output directory."),
-    size: str = typer.Option("small", "--size", help="small (128x128 slices) or full (512x512)."),
-    load: bool = typer.Option(False, "--load", help="Upload to the configured Orthanc and FHIR server."),
-) -> None:
-    """Generate a deterministic synthetic cohort with ground truth (and optionally load it)."""
-    from riskbridge import synth as synthetic
-
-    if size not in ("small", "full"):
-        raise _fail(f"--size must be 'small' or 'full', not {size!r}")
-    settings = _settings()
-    try:
-        with _count_progress() as report:
-            summary = synthetic.generate(out, patients=patients, seed=seed, size=size, progress=report)
-    except synthetic.CohortError as exc:
-        raise _fail(str(exc)) from None
-    console.print(summary.describe())
-    if not load:
-        return
-    orthanc_url = f"http://127.0.0.1:{settings.sandbox.orthanc_http_port}"
-    try:
-        with _count_progress() as report:
-            loaded = synthetic.load(out, orthanc_url=orthanc_url, fhir_base_url=settings.fhir.base_url, progress=report)
-    except synthetic.LoadError as exc:
-        raise _fail(str(exc)) from None
-    console.print(loaded.describe())
+app.command()(synth)
 
 
 @app.command()
@@ -306,10 +146,9 @@ def train(
     threads: int = typer.Option(1, "--threads", min=1, max=64, help="torch threads for training."),
 ) -> None:
     """Train the fusion model (stratified k-fold metrics, calibration) and write a checksummed model package."""
-    from riskbridge.harmonize.features import FeatureSpecError, resolve_feature_spec
-    from riskbridge.model import data as training_data
-    from riskbridge.model.network import STRATEGIES
-    from riskbridge.model.package import ModelPackageError
+    from riskbridge.harmonize.features import resolve_feature_spec
+    from riskbridge.model.data import load_table
+    from riskbridge.model.network import STRATEGIES, Strategy
     from riskbridge.model.train import TrainOptions, train_package
 
     if strategy not in STRATEGIES:
@@ -320,30 +159,32 @@ def train(
         raise _fail(f"--image-encoder must be detector or resnet, not {image_encoder!r}")
     try:
         spec = resolve_feature_spec(_settings().feature_spec)
-    except FeatureSpecError as exc:
+    except RiskbridgeError as exc:
         raise _fail(str(exc)) from None
     options = TrainOptions(
-        image_encoder=image_encoder,
+        image_encoder=cast(Literal["resnet", "detector"], image_encoder),  # checked above
         dense_iterations=dense_iterations,
         image_epochs=epochs,
         fusion_epochs=fusion_epochs,
         seed=train_seed,
-        calibration=calibration,
+        calibration=cast(Literal["temperature", "platt", "none"], calibration),  # checked above
         threads=threads,
     )
     try:
         with _count_progress() as report:
             if not (table / "manifest.json").is_file():
-                training_data.build_synthetic_table(
+                from riskbridge.dev.training_table import build_synthetic_table
+
+                build_synthetic_table(
                     table, spec, patients=patients, seed=seed, workers=workers,
                     progress=lambda done, total: report("table", done, total),
                 )  # fmt: skip
-            rows = training_data.load_table(table, spec)
+            rows = load_table(table, spec)
             sha256, metrics = train_package(
-                spec, rows, out, strategy, options, folds=folds, version=version,
+                spec, rows, out, cast(Strategy, strategy), options, folds=folds, version=version,
                 progress=report,
             )  # fmt: skip
-    except (training_data.TrainingTableError, ModelPackageError, ValueError) as exc:
+    except (RiskbridgeError, ValueError) as exc:
         raise _fail(str(exc)) from None
     result = Table(title=f"{strategy} model {version}")
     result.add_column("metric")
@@ -380,10 +221,10 @@ def score(
     """
     import json
 
-    from riskbridge.harmonize.features import FeatureSpecError, resolve_feature_spec
-    from riskbridge.model.package import ModelPackageError, reference_package_path
+    from riskbridge.harmonize.features import resolve_feature_spec
+    from riskbridge.model.package import reference_package_path
     from riskbridge.model.scoring import Scorer, ScoreRequest, default_workers
-    from riskbridge.writeback import qualitative_risk
+    from riskbridge.stages.write_back import qualitative_risk
 
     settings = _settings()
     requests: list[ScoreRequest] = []
@@ -410,14 +251,12 @@ def score(
         )
         with _count_progress() as report:
             results, failures = scorer.score_with_failures(requests, lambda done, total: report("scored", done, total))
-    except (ModelPackageError, FeatureSpecError) as exc:
-        raise _fail(str(exc)) from None
-    except ValueError as exc:  # bad --device, duplicate keys
+    except (RiskbridgeError, ValueError) as exc:  # ValueError: bad --device, duplicate keys
         raise _fail(str(exc)) from None
     thresholds = (settings.writeback.low_below, settings.writeback.high_from)
     model = {"model": scorer.model_name, "model_version": scorer.model_version, "package_sha256": scorer.sha256}
     by_key = {result.key: result for result in results}
-    lines = []
+    lines: list[dict[str, Any]] = []
     for request in requests:
         result = by_key.get(request.key)
         if result is None:
@@ -455,7 +294,7 @@ def imaging_studies(
     modality: str = typer.Option("CT", "--modality", help="ModalitiesInStudy to match; '' for any."),
 ) -> None:
     """List the PACS's studies in a date range (STUDY-level C-FIND); identifiers shown are UIDs only."""
-    from riskbridge.connectors import dicom, query
+    from riskbridge.connectors import query
 
     settings = _settings()
     study_date = (_parse_day(date_from, "--from"), _parse_day(date_to, "--to"))
@@ -465,18 +304,17 @@ def imaging_studies(
             when = study.study_datetime.isoformat(sep=" ") if study.study_datetime else "-"
             count = str(study.instance_count) if study.instance_count is not None else "-"
             table.add_row(study.study_uid, when, "/".join(study.modalities), study.description, count)
-    except dicom.DicomError as exc:
+    except RiskbridgeError as exc:
         raise _fail(str(exc)) from None
     console.print(table)
 
 
 def _rule_set(settings: Settings, rules: str | None) -> Any:
-    from riskbridge.harmonize.series import RuleFileError
-    from riskbridge.imaging import load_rule_set
+    from riskbridge.stages.select import load_rule_set
 
     try:
         return load_rule_set(rules or settings.series_rules)
-    except RuleFileError as exc:
+    except RiskbridgeError as exc:
         raise _fail(str(exc)) from None
 
 
@@ -502,15 +340,14 @@ def imaging_select(
     rules: str | None = typer.Option(None, "--rules", help="Rule set name or YAML file (default: series_rules)."),
 ) -> None:
     """Decide each study's series by the rules and show every decision with its reason; nothing is retrieved."""
-    from riskbridge.connectors import dicom
-    from riskbridge.imaging import select_study
+    from riskbridge.stages.select import select_study
 
     settings = _settings()
     rule_set = _rule_set(settings, rules)
     for study_uid in study_uids:
         try:
-            console.print(_decision_table(select_study(settings, study_uid, rule_set)))
-        except dicom.DicomError as exc:
+            console.print(_decision_table(select_study(settings.pacs, study_uid, rule_set)[0]))
+        except RiskbridgeError as exc:
             raise _fail(str(exc)) from None
 
 
@@ -525,10 +362,9 @@ def imaging_retrieve(
 
     Exit status 1 when a chosen series could not be retrieved completely (each failure is listed with its reason).
     """
-    from riskbridge.connectors import dicom
-    from riskbridge.imaging import select_and_retrieve
+    from riskbridge.connectors.retrieval import RetrievalFailure, resolve_transport
     from riskbridge.records import RetrievedSeries
-    from riskbridge.retrieve import RetrievalFailure, resolve_transport
+    from riskbridge.stages.retrieve import select_and_retrieve
 
     settings = _settings()
     if transport is not None and transport not in ("auto", "c-move", "c-get", "dicomweb"):
@@ -539,12 +375,13 @@ def imaging_retrieve(
         settings = settings.model_copy(update={"pacs": settings.pacs.model_copy(update={"transport": transport})})
     rule_set = _rule_set(settings, rules)
     try:
-        chosen_transport = resolve_transport(settings)
+        chosen_transport = resolve_transport(settings.pacs)
         with _count_progress() as report:
             outcomes = select_and_retrieve(
-                settings, study_uids, rule_set, chosen_transport, lambda done, total: report("series", done, total)
-            )
-    except dicom.DicomError as exc:
+                settings.pacs, settings.staging_dir, study_uids, rule_set, chosen_transport,
+                lambda done, total: report("series", done, total),
+            )  # fmt: skip
+    except RiskbridgeError as exc:
         raise _fail(str(exc)) from None
     table = Table("study UID", "series UID", "outcome", "instances", "MB", "seconds", "attempts",
                   title=f"retrieval over {chosen_transport} into {settings.staging_dir}")  # fmt: skip
@@ -575,15 +412,15 @@ app.add_typer(db_app, name="db")
 @db_app.command("upgrade")
 def db_upgrade() -> None:
     """Apply the ledger's SQL migrations that are not applied yet, in order (idempotent)."""
-    from riskbridge.connectors.db import DatabaseError, safe_dsn
-    from riskbridge.ledger import Ledger, LedgerError
+    from riskbridge.connectors.db import safe_dsn
+    from riskbridge.ledger import Ledger
 
     settings = _settings()
     try:
         with Ledger.connect(settings.database) as ledger:
             applied = ledger.upgrade()
             version = max(ledger.applied_migrations(), default=0)
-    except (DatabaseError, LedgerError) as exc:
+    except RiskbridgeError as exc:
         raise _fail(str(exc)) from None
     for migration in applied:
         console.print(f"applied {migration.version:04d}_{migration.name}.sql")
@@ -592,7 +429,7 @@ def db_upgrade() -> None:
 
 
 def _run_window(window: str, zone: str | None) -> tuple[Any, Any]:
-    from riskbridge.pipeline import PipelineError, window_of_days
+    from riskbridge.pipeline import window_of_days
 
     first, sep, last = window.partition("..")
     if not sep:
@@ -603,11 +440,11 @@ def _run_window(window: str, zone: str | None) -> tuple[Any, Any]:
     assert start is not None and end is not None
     try:
         return window_of_days(start, end, zone)
-    except PipelineError as exc:
+    except RiskbridgeError as exc:
         raise _fail(str(exc)) from None
 
 
-def _run_table(counts: dict[str, dict[str, int]], seconds: dict[str, float], title: str) -> Table:
+def _run_table(counts: Mapping[str, Mapping[str, int]], seconds: Mapping[str, float], title: str) -> Table:
     table = Table("stage", "done", "skipped", "quarantined", "failed", "seconds", title=title)
     for stage, row in counts.items():
         table.add_row(stage, *(str(row[k]) for k in ("done", "skipped", "quarantined", "failed")),
@@ -615,34 +452,7 @@ def _run_table(counts: dict[str, dict[str, int]], seconds: dict[str, float], tit
     return table
 
 
-@app.command()
-def demo(
-    patients: int = typer.Option(30, "--patients", "-n", min=10, help="Synthetic cohort size."),
-    seed: int = typer.Option(7, "--seed", "-s", help="Synthetic cohort seed."),
-    work_dir: Path = typer.Option(Path(".riskbridge/demo"), "--dir", help="Where the cohort and logs go."),
-) -> None:
-    """Set up everything (sandbox, synthetic cohort, ledger, Airflow) and run the nightly DAG once."""
-    from riskbridge.airflow.local import AirflowCommandError
-    from riskbridge.demo import DemoError, run_demo
-    from riskbridge.sandbox import SandboxError
-    from riskbridge.synth import CohortError, LoadError
-
-    def step(message: str) -> None:
-        console.print(f"[bold]>[/] {message}")
-
-    try:
-        with _count_progress() as report:
-            result = run_demo(_State.config, patients, seed, work_dir, step=step, progress=report)
-    except (DemoError, SandboxError, CohortError, LoadError, AirflowCommandError, SettingsError) as exc:
-        raise _fail(str(exc)) from None
-    quarantined = ", ".join(f"{reason} {count}" for reason, count in sorted(result.quarantined.items())) or "none"
-    console.print(
-        f"\nnightly DAG: ledger run {result.ledger_run}, {result.scored} studies scored in {result.dag_seconds:.0f} s; "
-        f"quarantined: {quarantined}"
-    )
-    console.print(f"RiskAssessments: {result.risk_assessments_url}")
-    console.print(f"run report:      {result.report.as_uri()}")
-    console.print(f"Airflow home:    {result.airflow_home} (export AIRFLOW_HOME=... to look at the run)")
+app.command()(demo)
 
 
 @app.command("run")
@@ -658,15 +468,12 @@ def run_pipeline(
     write back, report. The same window (or --run-key) resumes the same run and redoes nothing."""
     import hashlib
 
-    from riskbridge.connectors.db import DatabaseError
-    from riskbridge.connectors.dicom import DicomError
-    from riskbridge.connectors.fhir import FhirError
-    from riskbridge.ledger import STAGES, LedgerError
-    from riskbridge.pipeline import Pipeline, PipelineError
+    from riskbridge.pipeline import Pipeline
+    from riskbridge.stages import STAGE_NAMES
 
     settings = _settings()
-    if until is not None and until not in STAGES:
-        raise _fail(f"--until must be one of {', '.join(STAGES)}, not {until!r}")
+    if until is not None and until not in STAGE_NAMES:
+        raise _fail(f"--until must be one of {', '.join(STAGE_NAMES)}, not {until!r}")
     if (window is None) == (not accessions and not patients):
         raise _fail("give either --window or --accession/--patient")
     bounds = _run_window(window, settings.site.timezone) if window is not None else None
@@ -677,7 +484,7 @@ def run_pipeline(
         else:
             listed = "\n".join([*sorted(accessions or []), "--", *sorted(patients or [])])
             run_key = f"cli:{kind}:{hashlib.sha256(listed.encode()).hexdigest()[:16]}"
-    expected_errors = (DatabaseError, DicomError, FhirError, LedgerError, PipelineError, OSError, ValueError)
+    expected_errors = (RiskbridgeError, OSError, ValueError)
     with Pipeline.from_settings(settings) as pipeline:
         try:
             run_id = pipeline.start_run(kind, run_key, bounds, accessions or (), patients or ())
@@ -691,16 +498,15 @@ def run_pipeline(
             pipeline.finish_run(run_id, "failed")
             message = f"run {run_id} failed ({type(exc).__name__}): {exc}; rerun the same command to resume"
             raise _fail(message) from None
-        summary = pipeline.ledger.run_summary(run_id)
-        console.print(_run_table(dict(summary.stage_counts), dict(summary.stage_seconds), f"run {run_id}"))
+        summary = pipeline.summary(run_id)
+        console.print(_run_table(summary.stage_counts, summary.stage_seconds, f"run {run_id}"))
         if summary.quarantine:
             console.print("quarantined: " + ", ".join(f"{reason} {n}" for reason, n in summary.quarantine.items()))
         if until is not None:
             console.print(f"stopped after {until}; rerun the same command to resume")
             return
         failed = sum(row["failed"] for row in summary.stage_counts.values())
-        alert = pipeline.quarantine_alert(run_id, summary)
-        pipeline.finish_run(run_id, "failed" if alert else "success")
+        alert = pipeline.finish(run_id, summary)
         console.print(f"report: {pipeline.report(run_id)}")
     if alert:
         raise _fail(alert)

@@ -9,7 +9,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from riskbridge.connectors import db, dicom, fhir
-from riskbridge.settings import Settings
+from riskbridge.errors import RiskbridgeError
+from riskbridge.settings import DatabaseSettings, FhirSettings, PacsSettings, Settings
 
 
 @dataclass(frozen=True)
@@ -22,35 +23,42 @@ class CheckResult:
     detail: str
 
 
-def _check_pacs(settings: Settings) -> str:
-    seconds = dicom.echo(settings.pacs)
-    return f"C-ECHO from {settings.pacs.calling_ae} answered Success in {seconds * 1000:.0f} ms"
+def check_pacs(pacs: PacsSettings) -> str:
+    """C-ECHO the PACS; the answer's time."""
+    seconds = dicom.echo(pacs)
+    return f"C-ECHO from {pacs.calling_ae} answered Success in {seconds * 1000:.0f} ms"
 
 
-def _check_fhir(settings: Settings) -> str:
-    info = fhir.capability(settings.fhir)
+def check_fhir(fhir_settings: FhirSettings) -> str:
+    """Read the FHIR server's CapabilityStatement; its name, version and FHIR version."""
+    info = fhir.capability(fhir_settings)
     return f"{info.name} {info.version}, FHIR {info.fhir_version}"
 
 
-def _check_database(settings: Settings) -> str:
-    return f"PostgreSQL {db.server_version(settings.database)}"
+def check_database(database: DatabaseSettings) -> str:
+    """Connect to the ledger database; its server version."""
+    return f"PostgreSQL {db.server_version(database)}"
 
 
-CHECKS: tuple[tuple[str, Callable[[Settings], str], Callable[[Settings], str]], ...] = (
-    ("PACS (DICOM)", _check_pacs, lambda s: dicom.peer_name(s.pacs)),
-    ("FHIR server", _check_fhir, lambda s: s.fhir.base_url),
-    ("Ledger database", _check_database, lambda s: db.safe_dsn(s.database.dsn.get_secret_value())),
-)
+def _checks(settings: Settings) -> list[tuple[str, Callable[[], str], str]]:
+    """(name, check, target) of every check: each check reads only its own settings section."""
+    return [
+        ("PACS (DICOM)", lambda: check_pacs(settings.pacs), dicom.peer_name(settings.pacs)),
+        ("FHIR server", lambda: check_fhir(settings.fhir), settings.fhir.base_url),
+        ("Ledger database", lambda: check_database(settings.database),
+         db.safe_dsn(settings.database.dsn.get_secret_value())),
+    ]  # fmt: skip
 
-EXPECTED_ERRORS = (dicom.DicomError, fhir.FhirError, db.DatabaseError, OSError)
+
+EXPECTED_ERRORS = (RiskbridgeError, OSError)
 
 
 def run_checks(settings: Settings) -> list[CheckResult]:
     """Run every check and return one result each, in a fixed order."""
     results = []
-    for name, check, target in CHECKS:
+    for name, check, target in _checks(settings):
         try:
-            results.append(CheckResult(name, target(settings), True, check(settings)))
+            results.append(CheckResult(name, target, True, check()))
         except EXPECTED_ERRORS as exc:
-            results.append(CheckResult(name, target(settings), False, str(exc)))
+            results.append(CheckResult(name, target, False, str(exc)))
     return results

@@ -113,7 +113,7 @@ class RetrievedSeries:
 class WriteBack:
     """A RiskAssessment in the write-back outbox: its identifier value, the server's id once known, and its state."""
 
-    key: str  # riskbridge.writeback.assessment_key(model version, patient, study)
+    key: str  # riskbridge.stages.write_back.assessment_key(model version, patient, study)
     study_uid: str
     status: str  # pending, created, exists or failed
     attempts: int = 0

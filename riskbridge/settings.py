@@ -26,6 +26,8 @@ from pydantic import (
 )
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
+from riskbridge.errors import ConfigurationError
+
 ENV_PREFIX = "RISKBRIDGE_"
 CONFIG_ENV = "RISKBRIDGE_CONFIG"
 DEFAULT_CONFIG_FILE = Path("riskbridge.toml")
@@ -33,7 +35,7 @@ DEFAULT_CONFIG_FILE = Path("riskbridge.toml")
 _AE_TITLE_CHARS = set("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_-. ")
 
 
-class SettingsError(Exception):
+class SettingsError(ConfigurationError):
     """Raised when settings cannot be loaded; the message names every offending key."""
 
 

@@ -14,7 +14,7 @@ import pytest
 from pydantic import SecretStr
 
 from riskbridge.connectors import db
-from riskbridge.sandbox import Sandbox
+from riskbridge.dev.sandbox import Sandbox
 from riskbridge.settings import DatabaseSettings, Settings, load_settings
 
 

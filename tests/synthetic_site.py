@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from riskbridge.dev.synth.cohort import MRN_SYSTEM, PACS_ISSUER, SITE_TIMEZONE
 from riskbridge.settings import DatabaseSettings, IdentitySettings, RunSettings, Settings, SiteSettings
-from riskbridge.synth.cohort import MRN_SYSTEM, PACS_ISSUER, SITE_TIMEZONE
 
 
 def synthetic_site_settings(

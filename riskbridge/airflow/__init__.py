@@ -3,3 +3,5 @@ shared by the DAG files in dags/, and a local Airflow home for tests and the dem
 
 Nothing here imports torch or MONAI at module level: the DAG processor imports these modules on every parse.
 """
+
+__all__ = ["dagkit", "hooks", "local", "provider"]

@@ -1,8 +1,10 @@
 """The wiring the three DAG files in dags/ share: one Airflow task per pipeline stage, thin over riskbridge.pipeline.
 
-start_run -> discover -> match -> select -> plan_retrieve -> retrieve (mapped over series chunks, pool
-``pacs_associations``) -> plan_clinical -> clinical (mapped over study chunks) -> harmonize -> score (pool ``gpu``)
--> write_back -> report -> finish_run.
+The tasks come from the stage list (:data:`riskbridge.stages.STAGES`): start_run, then one task per stage, a chunked
+stage as a ``plan_<stage>`` task and the stage's task mapped over its chunks, then report and finish_run. Today:
+start_run -> discover -> match -> select -> plan_retrieve -> retrieve (mapped over series chunks) -> plan_clinical
+-> clinical (mapped over study chunks) -> harmonize -> score -> write_back -> report -> finish_run. Stages that hold
+PACS associations run in the pool ``pacs_associations``, scoring in the pool ``gpu`` (and ``[airflow] score_queue``).
 
 The ledger run is keyed ``airflow:<dag_id>:<run_id>``, so a retried task or a cleared DAG run resumes the same
 ledger run, and every stage only does what the ledger says is left. XCom carries the ledger run id, the UID chunks
@@ -22,6 +24,7 @@ from datetime import UTC, date, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
 from riskbridge.settings import Settings, load_settings
+from riskbridge.stages import STAGE_NAMES, STAGES, Stage
 
 if TYPE_CHECKING:
     from airflow.sdk import DAG
@@ -36,8 +39,6 @@ ON_DEMAND_DAG_ID = "riskbridge_on_demand"
 # Airflow creates no task for a logical date before a task's start_date: early, so past windows can run by hand
 # (airflow dags test, a cleared old run). catchup is off, so the scheduler never fills the years in between.
 START_DATE = datetime(2000, 1, 1, tzinfo=UTC)
-# Stage tasks whose counts the report task sums up, in pipeline order.
-STAGE_TASKS = ("discover", "match", "select", "retrieve", "clinical", "harmonize", "score", "write_back")
 
 
 def run_key(dag_id: str, airflow_run_id: str) -> str:
@@ -90,10 +91,11 @@ def _log_counts(counts: Mapping[str, Any], run_id: int) -> None:
     )
 
 
-def run_stage(stage: str, run_id: int, *args: Any) -> dict[str, Any]:
-    """Run one pipeline stage for the ledger run, log its counts and return them (the task's XCom)."""
+def run_stage(stage: str, run_id: int, items: Sequence[str] | None = None) -> dict[str, Any]:
+    """Run one pipeline stage (a chunk of it: ``items``) for the ledger run, log its counts and return them (the
+    task's XCom)."""
     with open_pipeline() as pipeline:
-        result = getattr(pipeline, stage)(run_id, *args, progress=_progress_logger(stage))
+        result = pipeline.run_stage(stage, run_id, items, progress=_progress_logger(stage))
     counts: dict[str, Any] = result.to_dict()
     _log_counts(counts, run_id)
     return counts
@@ -161,13 +163,10 @@ def start_ledger_run(kind: str, context: Mapping[str, Any]) -> int:
 
 
 def plan_chunks(stage: str, run_id: int) -> list[list[str]]:
-    """Return the UID chunks still to do for ``retrieve`` or ``clinical``; each chunk becomes one mapped task."""
-    settings = task_settings()
-    with open_pipeline(settings) as pipeline:
-        if stage == "retrieve":
-            chunks = pipeline.retrieve_chunks(run_id, settings.run.retrieve_chunk_size)
-        else:
-            chunks = pipeline.clinical_chunks(run_id, settings.run.clinical_chunk_size)
+    """Return the UID chunks a chunked stage (``retrieve``, ``clinical``) still has to do; each chunk becomes one
+    mapped task."""
+    with open_pipeline() as pipeline:
+        chunks = pipeline.chunks(stage, run_id)
     log.info("%s: %d item(s) left in %d chunk(s) (ledger run %d)", stage, sum(map(len, chunks)), len(chunks), run_id)
     return chunks
 
@@ -186,7 +185,7 @@ def write_report(run_id: int, context: Mapping[str, Any]) -> str:
     task_instance = context["ti"]
     header = f"{'stage':<11}{'tasks':>6}{'done':>8}{'skipped':>9}{'quarantined':>13}{'failed':>8}{'seconds':>9}"
     lines = [header]
-    for stage in STAGE_TASKS:
+    for stage in STAGE_NAMES:
         results = _stage_results(task_instance.xcom_pull(task_ids=stage))
         totals = {
             name: sum(result[name] for result in results) for name in ("done", "skipped", "quarantined", "failed")
@@ -209,11 +208,10 @@ def finish_ledger_run(run_id: int) -> None:
     from airflow.sdk.exceptions import AirflowFailException
 
     with open_pipeline() as pipeline:
-        alert = pipeline.quarantine_alert(run_id)
-        if alert is not None:
-            log.error("%s", alert)
-            raise AirflowFailException(alert)
-        pipeline.finish_run(run_id, status="success")
+        alert = pipeline.finish(run_id)
+    if alert is not None:
+        log.error("%s", alert)
+        raise AirflowFailException(alert)
     log.info("ledger run %d finished", run_id)
 
 
@@ -255,6 +253,49 @@ def default_args(settings: Settings) -> dict[str, Any]:
     }
 
 
+def _placement(stage: Stage, settings: Settings) -> dict[str, Any]:
+    """Where a stage's task runs: PACS stages in the PACS pool, scoring in the GPU pool (and queue), chunked FHIR
+    stages at most ``clinical_parallelism`` at once per DAG run (the FHIR server's load)."""
+    config = settings.airflow
+    if stage.resource == "pacs":
+        return {"pool": config.pacs_pool}
+    if stage.resource == "gpu":
+        return {"pool": config.gpu_pool, **({"queue": config.score_queue} if config.score_queue else {})}
+    if stage.resource == "fhir" and stage.chunked:
+        return {"max_active_tis_per_dagrun": config.clinical_parallelism}
+    return {}
+
+
+def _stage_task(task: Any, stage: Stage, settings: Settings, trigger_rule: Any) -> Any:
+    """The Airflow task of one stage: takes the ledger run (and, when chunked, the chunk's ``items``)."""
+    name = stage.name
+    options = {"task_id": name, "trigger_rule": trigger_rule, **_placement(stage, settings)}
+    if stage.chunked:
+
+        @task(**options)
+        def run_chunk(ledger_run: int, items: list[str]) -> dict[str, Any]:
+            return run_stage(name, ledger_run, items)
+
+        return run_chunk
+
+    @task(**options)
+    def run_whole(ledger_run: int) -> dict[str, Any]:
+        return run_stage(name, ledger_run)
+
+    return run_whole
+
+
+def _plan_task(task: Any, name: str, trigger_rule: Any) -> Any:
+    """The task that lists a chunked stage's chunks (UIDs: kept out of the task log; XCom and the mapped tasks'
+    inputs still carry them)."""
+
+    @task(task_id=f"plan_{name}", show_return_value_in_logs=False, trigger_rule=trigger_rule)
+    def plan(ledger_run: int) -> list[list[str]]:
+        return plan_chunks(name, ledger_run)
+
+    return plan
+
+
 def build_pipeline_dag(
     dag_id: str,
     kind: str,
@@ -267,11 +308,6 @@ def build_pipeline_dag(
 ) -> DAG:
     """Return a DAG running the pipeline stages of one ledger run of ``kind`` (nightly, backfill, on_demand)."""
     from airflow.sdk import DAG, TriggerRule, chain, get_current_context, task
-
-    config = settings.airflow
-    score_placement: dict[str, Any] = {"pool": config.gpu_pool}
-    if config.score_queue:
-        score_placement["queue"] = config.score_queue
 
     with DAG(
         dag_id=dag_id,
@@ -290,48 +326,6 @@ def build_pipeline_dag(
         def start_run() -> int:
             return start_ledger_run(kind, get_current_context())
 
-        @task(task_id="discover")
-        def discover(ledger_run: int) -> dict[str, Any]:
-            return run_stage("discover", ledger_run)
-
-        @task(task_id="match")
-        def match(ledger_run: int) -> dict[str, Any]:
-            return run_stage("match", ledger_run)
-
-        @task(task_id="select")
-        def select(ledger_run: int) -> dict[str, Any]:
-            return run_stage("select", ledger_run)
-
-        # The chunks are UIDs: kept out of the task log (XCom and the mapped tasks' inputs still carry them).
-        @task(task_id="plan_retrieve", show_return_value_in_logs=False)
-        def plan_retrieve(ledger_run: int) -> list[list[str]]:
-            return plan_chunks("retrieve", ledger_run)
-
-        @task(task_id="retrieve", pool=config.pacs_pool)
-        def retrieve(ledger_run: int, series_uids: list[str]) -> dict[str, Any]:
-            return run_stage("retrieve", ledger_run, series_uids)
-
-        # Runs when retrieve was skipped because nothing was left to retrieve (a resumed run).
-        @task(task_id="plan_clinical", show_return_value_in_logs=False, trigger_rule=TriggerRule.NONE_FAILED)
-        def plan_clinical(ledger_run: int) -> list[list[str]]:
-            return plan_chunks("clinical", ledger_run)
-
-        @task(task_id="clinical", max_active_tis_per_dagrun=config.clinical_parallelism)
-        def clinical(ledger_run: int, study_uids: list[str]) -> dict[str, Any]:
-            return run_stage("clinical", ledger_run, study_uids)
-
-        @task(task_id="harmonize", trigger_rule=TriggerRule.NONE_FAILED)
-        def harmonize(ledger_run: int) -> dict[str, Any]:
-            return run_stage("harmonize", ledger_run)
-
-        @task(task_id="score", **score_placement)
-        def score(ledger_run: int) -> dict[str, Any]:
-            return run_stage("score", ledger_run)
-
-        @task(task_id="write_back")
-        def write_back(ledger_run: int) -> dict[str, Any]:
-            return run_stage("write_back", ledger_run)
-
         @task(task_id="report")
         def report(ledger_run: int) -> str:
             return write_report(ledger_run, get_current_context())
@@ -342,23 +336,19 @@ def build_pipeline_dag(
 
         # The ledger run id as an XComArg (Airflow's own run_id names the DAG run); Any: the tasks declare int.
         ledger_run: Any = start_run()
-        retrieve_chunks = plan_retrieve(ledger_run)
-        clinical_chunks = plan_clinical(ledger_run)
-        chain(
-            ledger_run,
-            discover(ledger_run),
-            match(ledger_run),
-            select(ledger_run),
-            retrieve_chunks,
-            retrieve.partial(ledger_run=ledger_run).expand(series_uids=retrieve_chunks),
-            clinical_chunks,
-            clinical.partial(ledger_run=ledger_run).expand(study_uids=clinical_chunks),
-            harmonize(ledger_run),
-            score(ledger_run),
-            write_back(ledger_run),
-            report(ledger_run),
-            finish_run(ledger_run),
-        )
+        steps: list[Any] = [ledger_run]
+        after_mapped = False  # a mapped task with no chunks is skipped: the task after it must still run
+        for stage in STAGES:
+            trigger = TriggerRule.NONE_FAILED if after_mapped else TriggerRule.ALL_SUCCESS
+            if stage.chunked:
+                plan = _plan_task(task, stage.name, trigger)(ledger_run)
+                mapped = _stage_task(task, stage, settings, TriggerRule.ALL_SUCCESS)
+                steps += [plan, mapped.partial(ledger_run=ledger_run).expand(items=plan)]
+            else:
+                steps.append(_stage_task(task, stage, settings, trigger)(ledger_run))
+            after_mapped = stage.chunked
+        steps += [report(ledger_run), finish_run(ledger_run)]
+        chain(*steps)
     return dag
 
 

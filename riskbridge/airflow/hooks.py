@@ -30,6 +30,7 @@ from airflow.sdk import BaseHook
 from airflow.sdk.exceptions import AirflowNotFoundException
 from pydantic import BaseModel, ValidationError
 
+from riskbridge.errors import ConfigurationError
 from riskbridge.settings import DatabaseSettings, FhirSettings, PacsSettings, Settings
 
 PACS_CONN_TYPE = "riskbridge_pacs"
@@ -62,7 +63,7 @@ _FHIR_AUTH_EXTRAS = ("auth_type", "token_url", "scope", "private_key_file", "key
 _FHIR_URL_EXTRAS = ("scheme", "path")
 
 
-class ConnectionSettingsError(ValueError):
+class ConnectionSettingsError(ConfigurationError, ValueError):
     """An Airflow Connection is missing or cannot become riskbridge settings; the message names it and the field."""
 
 

@@ -21,13 +21,14 @@ from datetime import date, datetime
 from pathlib import Path
 from typing import Any
 
-from riskbridge.settings import Settings
+from riskbridge.errors import RiskbridgeError
+from riskbridge.settings import AirflowSettings, Settings
 
 # The repository's dags/ folder (an editable install or a source checkout); a site passes its own.
 DAGS_FOLDER = Path(__file__).resolve().parents[2] / "dags"
 
 
-class AirflowCommandError(RuntimeError):
+class AirflowCommandError(RiskbridgeError, RuntimeError):
     """An ``airflow`` command failed; the message has the command and the end of its output."""
 
 
@@ -119,13 +120,13 @@ class LocalAirflow:
             text = _set_option(text, section, key, value)
         path.write_text(text)
 
-    def set_pools(self, settings: Settings) -> dict[str, int]:
+    def set_pools(self, config: AirflowSettings) -> dict[str, int]:
         """Create or resize the pools the DAGs use ([airflow] pacs_pool and gpu_pool); return name -> slots."""
-        config = settings.airflow
         pools: dict[str, dict[str, Any]] = {
             config.pacs_pool: {
                 "slots": config.pacs_pool_slots,
-                "description": "riskbridge retrieve tasks at once (each opens up to pacs.workers associations)",
+                "description": "riskbridge PACS tasks at once (discover and select hold one association, "
+                "retrieve up to pacs.workers)",
             },
             config.gpu_pool: {"slots": config.gpu_pool_slots, "description": "riskbridge scoring tasks per GPU"},
         }
@@ -158,7 +159,7 @@ class LocalAirflow:
     def init(self, settings: Settings) -> None:
         """Prepare this home for riskbridge: metadata database, airflow.cfg, pools and Connections."""
         self.migrate()
-        self.set_pools(settings)
+        self.set_pools(settings.airflow)
         self.set_connections(settings)
 
     def dags_test(

@@ -10,15 +10,15 @@ from typing import Any
 
 import pytest
 
-from riskbridge.clinical import ClinicalStage, PatientIndex
 from riskbridge.connectors.fhir import FhirClient
+from riskbridge.dev.synth import LoadReport, generate, read_manifest, read_truth
+from riskbridge.dev.synth.cohort import SITE_TZ
+from riskbridge.dev.synth.load import load_fhir
 from riskbridge.harmonize.features import load_default_feature_spec
 from riskbridge.harmonize.windows import WindowReason
 from riskbridge.settings import Settings
-from riskbridge.synth import LoadReport, generate, read_manifest, read_truth
-from riskbridge.synth.cohort import SITE_TZ
-from riskbridge.synth.load import load_fhir
-from riskbridge.writeback import Score, WritebackConfig, assessment_key, write_assessments
+from riskbridge.stages.clinical import ClinicalHarmonizer, PatientIndex
+from riskbridge.stages.write_back import Score, WritebackConfig, assessment_key, write_assessments
 
 pytestmark = pytest.mark.integration
 
@@ -42,7 +42,7 @@ def results(sandbox: Settings, truth: list[dict[str, Any]]) -> dict[str, Any]:
         if record["identity"]["outcome"] == "matched"
     ]
     with FhirClient(sandbox.fhir) as client:
-        return ClinicalStage(client, SPEC, SITE_TZ).run(patients)
+        return ClinicalHarmonizer(client, SPEC, SITE_TZ).run(patients)
 
 
 def _matched(truth: list[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -14,9 +14,9 @@ import pytest
 
 from riskbridge.connectors import staging
 from riskbridge.connectors.dicomweb import DicomwebClient, DicomwebError
+from riskbridge.dev.synth import generate, load
 from riskbridge.records import uid_hash
 from riskbridge.settings import Settings
-from riskbridge.synth import generate, load
 
 pytestmark = pytest.mark.integration
 

@@ -41,9 +41,9 @@ from riskbridge.connectors.fhir import (
     subject_patient_id,
     transaction_entry,
 )
+from riskbridge.dev.synth import generate, load, read_truth
+from riskbridge.dev.synth.cohort import ANCHOR, LABS
 from riskbridge.settings import FhirAuth, FhirRetry, FhirSettings, Settings
-from riskbridge.synth import generate, load, read_truth
-from riskbridge.synth.cohort import ANCHOR, LABS
 
 pytestmark = pytest.mark.integration
 
@@ -535,8 +535,11 @@ def test_smart_backend_services_against_a_verifying_token_endpoint(
     assert len(token_endpoint.issued) == 1 and token_endpoint.refused == []
 
     # A key the endpoint does not know for this kid is refused with the endpoint's reason.
-    other = rsa.generate_private_key(public_exponent=65537, key_size=2048) if algorithm == "RS384" else None
-    other = other or ec.generate_private_key(ec.SECP384R1())
+    other: rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey = (
+        rsa.generate_private_key(public_exponent=65537, key_size=2048)
+        if algorithm == "RS384"
+        else ec.generate_private_key(ec.SECP384R1())
+    )
     key_file.write_bytes(
         other.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
     )

@@ -10,9 +10,9 @@ import pytest
 from typer.testing import CliRunner
 
 from riskbridge.cli import app
+from riskbridge.dev.synth import EdgeCaseRates, LoadReport, generate, read_manifest, read_truth
+from riskbridge.dev.synth.load import load_dicom
 from riskbridge.settings import Settings
-from riskbridge.synth import EdgeCaseRates, LoadReport, generate, read_manifest, read_truth
-from riskbridge.synth.load import load_dicom
 
 pytestmark = pytest.mark.integration
 runner = CliRunner()

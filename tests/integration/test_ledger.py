@@ -13,18 +13,28 @@ from pathlib import Path
 
 import pytest
 
-from riskbridge.clinical import ClinicalResult, NoteDisposition
 from riskbridge.harmonize.features import FeatureVector
 from riskbridge.harmonize.series import SelectionResult
 from riskbridge.harmonize.windows import Disposition, WindowReason, WindowSelection
 from riskbridge.ledger import Ledger, LedgerError, Migration, load_migrations
 from riskbridge.records import PacsPatient, RetrievedSeries, SeriesDecision, StudyRef
 from riskbridge.settings import DatabaseSettings
+from riskbridge.stages import clinical as clinical_stage
+from riskbridge.stages import discover as discover_stage
+from riskbridge.stages import harmonize as harmonize_stage
+from riskbridge.stages import match as match_stage
+from riskbridge.stages import report as report_stage
+from riskbridge.stages import retrieve as retrieve_stage
+from riskbridge.stages import score as score_stage
+from riskbridge.stages import select as select_stage
+from riskbridge.stages import write_back as write_back_stage
+from riskbridge.stages.clinical import ClinicalResult, NoteDisposition
 
 pytestmark = pytest.mark.integration
 
 WINDOW = (datetime(2024, 1, 1, 5, tzinfo=UTC), datetime(2024, 1, 15, 5, tzinfo=UTC))
 T = datetime(2024, 1, 10, 14, 30, tzinfo=UTC)
+KEY = write_back_stage.assessment_key("1.0", "pat-1", "1.2.3.1")
 
 
 @pytest.fixture
@@ -142,81 +152,81 @@ def _clinical(patient_id: str) -> ClinicalResult:
 def test_every_stage_row_is_written_once_and_the_pending_lists_shrink(ledger: Ledger, tmp_path: Path) -> None:
     run_id = ledger.start_run("nightly", "cli:flow", WINDOW)
     studies = [_study("1.2.3.1", "P1"), _study("1.2.3.2", "P2"), _study("1.2.3.3", "P3")]
-    assert ledger.add_studies(run_id, studies) == 3
-    assert ledger.add_studies(run_id, studies) == 0
-    pending = ledger.pending_match(run_id)
+    assert discover_stage.add_studies(ledger, run_id, studies) == 3
+    assert discover_stage.add_studies(ledger, run_id, studies) == 0
+    pending = match_stage.pending(ledger, run_id)
     assert [s.patient for s in pending] == [s.patient for s in studies]  # matching gets the PACS patient back
     assert pending[0].study_datetime == studies[0].study_datetime
     for _ in range(2):
-        ledger.record_identity(run_id, "1.2.3.1", "matched", "pat-1", ["identifier_match"])
-        ledger.record_identity(run_id, "1.2.3.2", "matched", "pat-2", ["identifier_match"])
-        ledger.record_identity(run_id, "1.2.3.3", "conflict", None, ["identifier_multiple_patients"], ["a", "b"],
+        match_stage.record(ledger, run_id, "1.2.3.1", "matched", "pat-1", ["identifier_match"])
+        match_stage.record(ledger, run_id, "1.2.3.2", "matched", "pat-2", ["identifier_match"])
+        match_stage.record(ledger, run_id, "1.2.3.3", "conflict", None, ["identifier_multiple_patients"], ["a", "b"],
                                quarantine_reason="identity_conflict")  # fmt: skip
-    assert ledger.pending_match(run_id) == []
+    assert match_stage.pending(ledger, run_id) == []
     with ledger.connection, ledger.connection.cursor() as cursor:  # PHI gone once matching is done
         cursor.execute("SELECT count(*) FROM studies WHERE patient_name IS NOT NULL OR patient_birth_date IS NOT NULL")
         assert cursor.fetchone() == (0,)
 
-    assert ledger.pending_select(run_id) == ["1.2.3.1", "1.2.3.2"]
+    assert select_stage.pending(ledger, run_id) == ["1.2.3.1", "1.2.3.2"]
     for _ in range(2):
-        ledger.record_selection(run_id, _selection("1.2.3.1", True), 120)
-        ledger.record_selection(run_id, _selection("1.2.3.2", False), None)
-    assert ledger.pending_select(run_id) == []
+        select_stage.record(ledger, run_id, _selection("1.2.3.1", True), 120)
+        select_stage.record(ledger, run_id, _selection("1.2.3.2", False), None)
+    assert select_stage.pending(ledger, run_id) == []
     assert _count(ledger, "series_decisions") == 3
     assert {uid: q[1] for uid, q in ledger.quarantined(run_id).items()} == {
         "1.2.3.2": "no_usable_series",
         "1.2.3.3": "identity_conflict",
     }
 
-    [task] = ledger.pending_retrieval(run_id)
+    [task] = retrieve_stage.pending(ledger, run_id)
     assert (task.study_uid, task.series_uid, task.expected) == ("1.2.3.1", "1.2.3.1.1", 120)
-    ledger.record_retrieval_failure(run_id, task.study_uid, task.series_uid, "incomplete", "118 of 120", 2)
+    retrieve_stage.record_failure(ledger, run_id, task.study_uid, task.series_uid, "incomplete", "118 of 120", 2)
     assert ledger.quarantined(run_id)["1.2.3.1"][:2] == ("retrieve", "incomplete")
-    assert [t.series_uid for t in ledger.pending_retrieval(run_id)] == ["1.2.3.1.1"]  # a rerun tries again
+    assert [t.series_uid for t in retrieve_stage.pending(ledger, run_id)] == ["1.2.3.1.1"]  # a rerun tries again
     staged = RetrievedSeries("1.2.3.1", "1.2.3.1.1", tmp_path, 120, 120, "c-get", 1.5, 1000)
     for _ in range(2):
-        ledger.record_retrieval(run_id, staged, T, "AcquisitionDateTime")
-    assert ledger.pending_retrieval(run_id) == []
+        retrieve_stage.record(ledger, run_id, staged, T, "AcquisitionDateTime")
+    assert retrieve_stage.pending(ledger, run_id) == []
     assert "1.2.3.1" not in ledger.quarantined(run_id)
 
-    [clinical] = ledger.pending_clinical(run_id)
+    [clinical] = clinical_stage.pending(ledger, run_id)
     assert (clinical.fhir_patient_id, clinical.index_time) == ("pat-1", T)
-    assert ledger.record_clinical(run_id, "1.2.3.1", "pat-1", _clinical("pat-1"), {"crp": "mg/L"})
-    assert not ledger.record_clinical(run_id, "1.2.3.1", "pat-1", _clinical("pat-1"), {"crp": "mg/L"})
-    assert ledger.pending_clinical(run_id) == []
+    assert clinical_stage.record(ledger, run_id, "1.2.3.1", _clinical("pat-1"), {"crp": "mg/L"})
+    assert not clinical_stage.record(ledger, run_id, "1.2.3.1", _clinical("pat-1"), {"crp": "mg/L"})
+    assert clinical_stage.pending(ledger, run_id) == []
     with ledger.connection, ledger.connection.cursor() as cursor:
         cursor.execute("SELECT observation_id, code, value, unit FROM clinical_values ORDER BY observation_id")
         assert cursor.fetchall() == [("obs-1", "used", 12.0, "mg/L"), ("obs-2", "entered_in_error", None, None)]
     assert _count(ledger, "note_dispositions") == 1
 
-    [vector] = ledger.pending_decision(run_id)
-    assert vector.values == (12.0, 0.0) and vector.observed == (True, False)
-    ledger.record_decision(run_id, "1.2.3.1", True, [])
-    ledger.record_decision(run_id, "1.2.3.1", False, ["no_image"])  # decided already: ignored
-    [to_score] = ledger.pending_score(run_id)
+    [vector] = harmonize_stage.pending(ledger, run_id)
+    assert vector.vector.values == (12.0, 0.0) and vector.vector.observed == (True, False)
+    harmonize_stage.record(ledger, run_id, "1.2.3.1", True, [])
+    harmonize_stage.record(ledger, run_id, "1.2.3.1", False, ["no_image"])  # decided already: ignored
+    [to_score] = score_stage.pending(ledger, run_id)
     assert to_score.series_dir == tmp_path and to_score.index_time == T
     for _ in range(2):
-        ledger.record_score(run_id, "1.2.3.1", "pat-1", ("fusion", "1.0", "ab" * 32), 0.42, 0.40, "high",
-                            {"image": 0.5, "labs": 0.3, "notes": 0.2}, "rb-key-1", T)  # fmt: skip
-    assert ledger.pending_score(run_id) == []
+        score_stage.record(ledger, run_id, "1.2.3.1", "pat-1", ("fusion", "1.0", "ab" * 32), 0.42, 0.40, "high",
+                            {"image": 0.5, "labs": 0.3, "notes": 0.2}, KEY, T)  # fmt: skip
+    assert score_stage.pending(ledger, run_id) == []
 
     assert ledger.enqueue_writebacks(run_id) == 1
     assert ledger.enqueue_writebacks(run_id) == 0
-    [open_score] = ledger.open_writebacks(run_id)
-    assert (open_score.assessment_key, open_score.occurrence, open_score.observation_ids) == ("rb-key-1", T, ("obs-1",))
-    ledger.mark_writeback("rb-key-1", "failed", error="HAPI-0000: refused")
+    [open_score] = write_back_stage.open_scores(ledger, run_id)
+    assert (open_score.study_uid, open_score.occurrence, open_score.observation_ids) == ("1.2.3.1", T, ("obs-1",))
+    ledger.mark_writeback(KEY, "failed", error="HAPI-0000: refused")
     assert [w.status for w in ledger.writebacks(run_id)] == ["failed"]
-    ledger.mark_writeback("rb-key-1", "created", "ra-77")
-    ledger.mark_writeback("rb-key-1", "exists", "ra-78")  # already final: not overwritten
+    ledger.mark_writeback(KEY, "created", "ra-77")
+    ledger.mark_writeback(KEY, "exists", "ra-78")  # already final: not overwritten
     [writeback] = ledger.writebacks(run_id)
     assert (writeback.status, writeback.attempts, writeback.fhir_id) == ("created", 2, "ra-77")
-    assert ledger.open_writebacks(run_id) == []
+    assert write_back_stage.open_scores(ledger, run_id) == []
 
     ledger.record_timing(run_id, "retrieve", "chunk-a", 2.0, {"done": 1})
     ledger.record_timing(run_id, "retrieve", "chunk-a", 0.5, {})
     ledger.set_model(run_id, "fusion 1.0 abababababab")
     ledger.finish_run(run_id)
-    summary = ledger.run_summary(run_id, (0.1, 0.3))
+    summary = report_stage.run_summary(ledger, run_id, (0.1, 0.3))
     assert summary.stage_counts["discover"]["done"] == 3
     assert summary.stage_counts["match"] == {"done": 2, "skipped": 0, "quarantined": 1, "failed": 0}
     assert summary.stage_counts["select"] == {"done": 1, "skipped": 0, "quarantined": 1, "failed": 0}
@@ -230,16 +240,23 @@ def test_every_stage_row_is_written_once_and_the_pending_lists_shrink(ledger: Le
 
 def test_a_minimum_data_skip_is_quarantined_with_its_reason_code(ledger: Ledger, tmp_path: Path) -> None:
     run_id = ledger.start_run("backfill", "cli:skip", WINDOW)
-    ledger.add_studies(run_id, [_study("1.2.4.1", "P1")])
-    ledger.record_identity(run_id, "1.2.4.1", "matched", "pat-1", [])
-    ledger.record_selection(run_id, _selection("1.2.4.1", True), 10)
-    ledger.record_retrieval(run_id, RetrievedSeries("1.2.4.1", "1.2.4.1.1", tmp_path, 10, 10, "c-get", 1.0), T, "x")
-    ledger.record_clinical(run_id, "1.2.4.1", "pat-1", _clinical("pat-1"), {})
-    ledger.record_decision(run_id, "1.2.4.1", False, ["missing_required:crp", "too_much_missing:0.60>0.50"])
+    discover_stage.add_studies(ledger, run_id, [_study("1.2.4.1", "P1")])
+    match_stage.record(ledger, run_id, "1.2.4.1", "matched", "pat-1", [])
+    select_stage.record(ledger, run_id, _selection("1.2.4.1", True), 10)
+    retrieve_stage.record(
+        ledger, run_id, RetrievedSeries("1.2.4.1", "1.2.4.1.1", tmp_path, 10, 10, "c-get", 1.0), T, "x"
+    )
+    clinical_stage.record(ledger, run_id, "1.2.4.1", _clinical("pat-1"), {})
+    harmonize_stage.record(ledger, run_id, "1.2.4.1", False, ["missing_required:crp", "too_much_missing:0.60>0.50"])
     assert ledger.quarantined(run_id)["1.2.4.1"] == (
         "harmonize",
         "missing_required",
         "missing_required:crp; too_much_missing:0.60>0.50",
     )
-    assert ledger.pending_score(run_id) == []
-    assert ledger.stage_counts(run_id)["harmonize"] == {"done": 0, "skipped": 1, "quarantined": 0, "failed": 0}
+    assert score_stage.pending(ledger, run_id) == []
+    assert report_stage.stage_counts(ledger, run_id)["harmonize"] == {
+        "done": 0,
+        "skipped": 1,
+        "quarantined": 0,
+        "failed": 0,
+    }

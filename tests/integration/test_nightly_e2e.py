@@ -38,13 +38,13 @@ from riskbridge.airflow.hooks import fhir_connection
 from riskbridge.airflow.local import LocalAirflow, _json_output
 from riskbridge.connectors import db
 from riskbridge.connectors.fhir import FhirClient
+from riskbridge.dev.synth import generate, load, read_truth, site_environment
 from riskbridge.harmonize.features import load_default_feature_spec
 from riskbridge.ledger import Ledger
 from riskbridge.model.package import REFERENCE_VERSION, read_package_info, reference_package_path
 from riskbridge.records import pattern_name
 from riskbridge.settings import Settings
-from riskbridge.synth import generate, load, read_truth, site_environment
-from riskbridge.writeback import assessment_key
+from riskbridge.stages.write_back import assessment_key
 
 pytestmark = pytest.mark.integration
 

@@ -21,12 +21,13 @@ from synthetic_site import synthetic_site_settings
 from tiny_model import ALL_VALIDATED, tiny_package
 
 from riskbridge.connectors.fhir import FhirClient
+from riskbridge.dev.synth import EdgeCaseRates, generate, load, read_truth
 from riskbridge.harmonize.features import load_default_feature_spec
 from riskbridge.ledger import Ledger
 from riskbridge.pipeline import Pipeline
 from riskbridge.settings import DatabaseSettings, RunSettings, Settings
-from riskbridge.synth import EdgeCaseRates, generate, load, read_truth
-from riskbridge.writeback import MODALITY_PATTERN_URL, assessment_key
+from riskbridge.stages import report as report_stage
+from riskbridge.stages.write_back import MODALITY_PATTERN_URL, assessment_key
 
 pytestmark = pytest.mark.integration
 
@@ -112,7 +113,7 @@ def test_a_ct_with_labs_and_no_note_is_scored_under_the_shipped_spec(
     expected = _patterns(truth)
     assert {uid: decisions[uid][:3] for uid in expected} == {uid: ("score", p, 0.9) for uid, p in expected.items()}
     with Ledger.connect(settings.database) as ledger:
-        summary = ledger.run_summary(run_id)
+        summary = report_stage.run_summary(ledger, run_id)
         assert not ledger.quarantined(run_id)
     assert {uid for uid, _, _ in summary.scores} == set(expected)  # the two without a note among them
     assert summary.model is not None and summary.model.startswith("tiny 0.0.1 ")
@@ -149,7 +150,7 @@ def test_a_pattern_below_the_floor_is_quarantined_with_the_pattern_named(
     without_notes = {uid for uid, pattern in expected.items() if pattern == "image+labs"}
     with Ledger.connect(settings.database) as ledger:
         quarantined = ledger.quarantined(run_id)
-        summary = ledger.run_summary(run_id)
+        summary = report_stage.run_summary(ledger, run_id)
     for uid in without_notes:
         assert decisions[uid] == ("skip", "image+labs", 0.62, ["pattern_below_floor:image+labs:0.620<0.700"])
         assert quarantined[uid] == ("harmonize", "pattern_below_floor", "pattern_below_floor:image+labs:0.620<0.700")
@@ -164,5 +165,5 @@ def test_a_pattern_below_the_floor_is_quarantined_with_the_pattern_named(
 
     # A rerun of the harmonize stage decides nothing again (and needs no package read).
     with Pipeline.from_settings(settings) as pipeline:
-        assert pipeline.harmonize(run_id).total == 0
+        assert pipeline.run_stage("harmonize", run_id).total == 0
     assert _decisions(settings, run_id) == decisions

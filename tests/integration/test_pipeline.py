@@ -21,10 +21,12 @@ from tiny_model import tiny_package
 from typer.testing import CliRunner
 
 from riskbridge.connectors.fhir import FhirClient
+from riskbridge.dev.synth import EdgeCaseRates, generate, load, read_truth
 from riskbridge.ledger import Ledger
 from riskbridge.pipeline import Pipeline, StageResult, window_of_days
 from riskbridge.settings import DatabaseSettings, IdentitySettings, RunSettings, Settings
-from riskbridge.synth import EdgeCaseRates, generate, load, read_truth
+from riskbridge.stages import discover as discover_stage
+from riskbridge.stages import report as report_stage
 
 pytestmark = pytest.mark.integration
 
@@ -112,7 +114,7 @@ def _check_against_truth(settings: Settings, run_id: int, truth: list[dict[str, 
     mine = _mine(truth)
     with Ledger.connect(settings.database) as ledger:
         quarantined = ledger.quarantined(run_id)
-        summary = ledger.run_summary(run_id)
+        summary = report_stage.run_summary(ledger, run_id)
         writebacks = {w.study_uid: w for w in ledger.writebacks(run_id)}
     assert set(mine) <= set(ledger_study_uids(settings, run_id))
     reasons = {record["quarantine"] for record in truth if record["quarantine"]}
@@ -141,7 +143,7 @@ def _check_against_truth(settings: Settings, run_id: int, truth: list[dict[str, 
 
 def ledger_study_uids(settings: Settings, run_id: int) -> list[str]:
     with Ledger.connect(settings.database) as ledger:
-        return ledger.study_uids(run_id)
+        return discover_stage.study_uids(ledger, run_id)
 
 
 def test_a_run_quarantines_the_truths_cases_writes_once_and_a_rerun_does_nothing(
@@ -177,7 +179,7 @@ def test_a_run_quarantines_the_truths_cases_writes_once_and_a_rerun_does_nothing
         other = pipeline.start_run("backfill", "test:pipeline:twice", window)
         second = pipeline.run_stages(other)
         assert next(r for r in second if r.stage == "write_back").total == 0
-        assert pipeline.ledger.run_summary(other).writebacks == {"created": rows["writebacks"]}
+        assert report_stage.run_summary(pipeline.ledger, other).writebacks == {"created": rows["writebacks"]}
     assert sum(len(v) for v in _assessments(settings).values()) == rows["writebacks"]
 
 
@@ -189,8 +191,8 @@ def test_a_run_interrupted_after_retrieve_resumes_to_the_same_result(
         run_id = pipeline.start_run("nightly", "test:pipeline:interrupted", window)
         partial = pipeline.run_stages(run_id, until="retrieve")
         assert [r.stage for r in partial][-1] == "retrieve"
-        assert pipeline.clinical_chunks(run_id, 100)  # clinical work is left
-        assert pipeline.retrieve_chunks(run_id, 100) == []
+        assert pipeline.chunks("clinical", run_id, 100)  # clinical work is left
+        assert pipeline.chunks("retrieve", run_id, 100) == []
     # The crash: the process is gone. A new one resumes the same run key from the ledger.
     with Pipeline.from_settings(settings) as pipeline:
         assert pipeline.start_run("nightly", "test:pipeline:interrupted", window) == run_id
@@ -212,7 +214,7 @@ def test_a_crash_between_send_and_mark_is_resolved_by_the_conditional_create(
         with pipeline.ledger.connection, pipeline.ledger.connection.cursor() as cursor:
             # As if the process died after the server answered and before the outbox was marked.
             cursor.execute("UPDATE writebacks SET status = 'pending', attempts = 0, fhir_id = NULL")
-        resent = pipeline.write_back(run_id)
+        resent = pipeline.run_stage("write_back", run_id)
     assert resent.failed == 0 and resent.done > 0
     with Ledger.connect(settings.database) as ledger:
         assert {w.status for w in ledger.writebacks(run_id)} == {"exists"}
@@ -269,7 +271,7 @@ def test_a_bundle_the_server_never_answers_stays_open_and_the_next_call_sends_it
         run_id = pipeline.start_run("nightly", "test:pipeline:fhir-down", window)
         pipeline.run_stages(run_id, until="score")
     with Pipeline.from_settings(settings.model_copy(update={"fhir": down})) as pipeline:
-        refused = pipeline.write_back(run_id)
+        refused = pipeline.run_stage("write_back", run_id)
         # The bundles in flight when the first one found the server unreachable failed; no later one was sent.
         size, workers = settings.writeback.bundle_size, settings.writeback.bundle_workers
         assert refused.done == 0 and refused.failed % size == 0 and size <= refused.failed <= size * workers
@@ -278,7 +280,7 @@ def test_a_bundle_the_server_never_answers_stays_open_and_the_next_call_sends_it
     assert len(failed) == refused.failed and {w.status for w in before.values()} == {"failed", "pending"}
     assert all(before[key].fhir_id is None for key in failed)
     with Pipeline.from_settings(settings) as pipeline:
-        sent = pipeline.write_back(run_id)
+        sent = pipeline.run_stage("write_back", run_id)
         assert sent.failed == 0 and sent.done == len(before)
         after = {w.key: w for w in pipeline.ledger.writebacks(run_id)}
     assert {w.status for w in after.values()} == {"created"}
@@ -300,9 +302,9 @@ def test_an_on_demand_run_discovers_exactly_its_accessions_and_patients(
             accessions=[by_accession["index_study"]["accession"]],
             patient_ids=[by_patient["pacs"]["patient_id"]],
         )
-        found = pipeline.discover(run_id)
-        assert found.done == len(expected) == len(set(pipeline.ledger.study_uids(run_id)) & expected)
-        assert set(pipeline.ledger.study_uids(run_id)) == expected
+        found = pipeline.run_stage("discover", run_id)
+        assert found.done == len(expected) == len(set(discover_stage.study_uids(pipeline.ledger, run_id)) & expected)
+        assert set(discover_stage.study_uids(pipeline.ledger, run_id)) == expected
 
 
 def test_a_run_whose_identity_map_matches_nothing_fails_with_the_quarantine_alert(
@@ -323,7 +325,7 @@ def test_a_run_whose_identity_map_matches_nothing_fails_with_the_quarantine_aler
     assert "identity_unmatched" in result.output and "[identity] issuer map" in " ".join(result.output.split())
     with Ledger.connect(settings.database) as ledger:
         run = ledger.run_by_key("cli:backfill:2024-01-01..2024-01-14")
-        summary = ledger.run_summary(run.run_id)
+        summary = report_stage.run_summary(ledger, run.run_id)
     assert run.status == "failed"
     discovered = summary.stage_counts["discover"]["done"]
     assert discovered >= wrong.run.quarantine_alert_min_studies

@@ -15,11 +15,11 @@ from pydicom.dataset import Dataset
 
 from riskbridge.connectors import dicom, query
 from riskbridge.connectors.query import complete_series, find_complete_series, find_instances, find_series, find_studies
+from riskbridge.dev.synth import EdgeCaseRates, LoadReport, generate, read_manifest, read_truth
+from riskbridge.dev.synth.load import load_dicom
 from riskbridge.harmonize.series import RuleSet, load_default_rules, select_series
 from riskbridge.records import SeriesRef
 from riskbridge.settings import PacsSettings, Settings
-from riskbridge.synth import EdgeCaseRates, LoadReport, generate, read_manifest, read_truth
-from riskbridge.synth.load import load_dicom
 
 pytestmark = pytest.mark.integration
 

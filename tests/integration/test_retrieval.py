@@ -12,9 +12,7 @@ from typing import Any
 import pydicom
 import pytest
 
-from riskbridge.connectors.storescp import InstanceSink, StorageSCP
-from riskbridge.records import RetrievedSeries
-from riskbridge.retrieve import (
+from riskbridge.connectors.retrieval import (
     RetrievalError,
     RetrievalFailure,
     Retriever,
@@ -22,8 +20,10 @@ from riskbridge.retrieve import (
     resolve_transport,
     retrieve_all,
 )
+from riskbridge.connectors.storescp import InstanceSink, StorageSCP
+from riskbridge.dev.synth import generate, load, read_truth
+from riskbridge.records import RetrievedSeries
 from riskbridge.settings import Settings
-from riskbridge.synth import generate, load, read_truth
 
 pytestmark = pytest.mark.integration
 
@@ -68,7 +68,7 @@ def test_series_arrives_complete_and_pixel_identical(
 ) -> None:
     settings = _settings(sandbox, tmp_path)
     study_uid, series_uid, count = _series(cohort)[0]
-    with Retriever(settings, transport) as retriever:
+    with Retriever(settings.pacs, settings.staging_dir, transport) as retriever:
         result = retriever.retrieve(study_uid, series_uid)
     assert isinstance(result, RetrievedSeries) and result.complete
     assert (result.expected, result.received, result.attempts) == (count, count, 1)
@@ -85,7 +85,7 @@ def test_an_instance_removed_from_staging_is_fetched_again_alone(
 ) -> None:
     settings = _settings(sandbox, tmp_path)
     study_uid, series_uid, count = _series(cohort)[1]
-    with Retriever(settings, "c-move") as retriever:
+    with Retriever(settings.pacs, settings.staging_dir, "c-move") as retriever:
         first = retriever.retrieve(study_uid, series_uid)
         files = sorted(first.path.glob("*.dcm"))
         removed = files[5]
@@ -115,7 +115,7 @@ def test_a_failed_sub_operation_is_made_good_by_fetching_only_the_missing(
 ) -> None:
     settings = _settings(sandbox, tmp_path)
     study_uid, series_uid, count = _series(cohort)[2]
-    with Retriever(settings, transport, sink_class=_FailsOnce) as retriever:
+    with Retriever(settings.pacs, settings.staging_dir, transport, sink_class=_FailsOnce) as retriever:
         result = retriever.retrieve(study_uid, series_uid)
     assert result.complete and result.received == count
     assert result.attempts == 2  # the first attempt came back short; the second asked for the missing only
@@ -127,7 +127,7 @@ def test_a_failed_write_is_a_missing_instance_not_a_lost_one(sandbox: Settings, 
     blocked = tmp_path / "staging" / study_uid / series_uid
     blocked.parent.mkdir(parents=True)
     blocked.write_text("a file where the series directory should be")
-    with Retriever(settings, "c-get") as retriever, pytest.raises(RetrievalError) as caught:
+    with Retriever(settings.pacs, settings.staging_dir, "c-get") as retriever, pytest.raises(RetrievalError) as caught:
         retriever.retrieve(study_uid, series_uid)
     assert caught.value.code == "retrieval_incomplete"
     assert f"0 of {count} instances" in str(caught.value)
@@ -136,7 +136,7 @@ def test_a_failed_write_is_a_missing_instance_not_a_lost_one(sandbox: Settings, 
 def test_nothing_to_do_when_the_series_is_already_staged(sandbox: Settings, cohort: Path, tmp_path: Path) -> None:
     settings = _settings(sandbox, tmp_path)
     study_uid, series_uid, count = _series(cohort)[0]
-    with Retriever(settings, "c-get") as retriever:
+    with Retriever(settings.pacs, settings.staging_dir, "c-get") as retriever:
         retriever.retrieve(study_uid, series_uid)
         again = retriever.retrieve(study_uid, series_uid)
     assert again.complete and again.attempts == 0 and again.received == count
@@ -147,7 +147,10 @@ def test_unknown_destination_fails_with_counts_not_with_status(sandbox: Settings
     settings = _settings(sandbox, tmp_path, max_attempts=2)
     study_uid, series_uid, count = _series(cohort)[0]
     unknown_destination = ("RISKBRIDGE_SCP7", 11199)
-    with Retriever(settings, "c-move", unknown_destination) as retriever, pytest.raises(RetrievalError) as caught:
+    with (
+        Retriever(settings.pacs, settings.staging_dir, "c-move", unknown_destination) as retriever,
+        pytest.raises(RetrievalError) as caught,
+    ):
         retriever.retrieve(study_uid, series_uid)
     assert caught.value.code == "retrieval_incomplete"
     assert f"0 of {count} instances after 2 c-move attempt(s)" in str(caught.value)
@@ -158,7 +161,7 @@ def test_unknown_destination_fails_with_counts_not_with_status(sandbox: Settings
 def test_parallel_workers_retrieve_every_series(sandbox: Settings, cohort: Path, tmp_path: Path) -> None:
     settings = _settings(sandbox, tmp_path, workers=2)
     wanted = [(study, series) for study, series, _ in _series(cohort)] + [("1.2.3.4", "1.2.3.4.5")]
-    results = retrieve_all(settings, wanted, transport="c-move")
+    results = retrieve_all(settings.pacs, settings.staging_dir, wanted, transport="c-move")
     assert [(r.study_uid, r.series_uid) for r in results] == wanted
     assert all(isinstance(r, RetrievedSeries) and r.complete for r in results[:-1])
     failure = results[-1]
@@ -167,14 +170,14 @@ def test_parallel_workers_retrieve_every_series(sandbox: Settings, cohort: Path,
 
 def test_auto_picks_the_fastest_transport_the_pacs_offers(sandbox: Settings) -> None:
     # The sandbox Orthanc serves DICOMweb; without a DICOMweb URL it still accepts C-GET from RISKBRIDGE.
-    assert resolve_transport(sandbox) == "dicomweb"
-    assert resolve_transport(_with_pacs(sandbox, dicomweb_url=None)) == "c-get"
-    assert resolve_transport(_with_pacs(sandbox, transport="c-move")) == "c-move"
+    assert resolve_transport(sandbox.pacs) == "dicomweb"
+    assert resolve_transport(_with_pacs(sandbox, dicomweb_url=None).pacs) == "c-get"
+    assert resolve_transport(_with_pacs(sandbox, transport="c-move").pacs) == "c-move"
 
 
 def test_expected_instances_come_from_image_level_c_find(sandbox: Settings, cohort: Path) -> None:
     study_uid, series_uid, _ = _series(cohort)[0]
-    assert expected_instances(sandbox, study_uid, series_uid) == set(_source_files(cohort, study_uid, series_uid))
+    assert expected_instances(sandbox.pacs, study_uid, series_uid) == set(_source_files(cohort, study_uid, series_uid))
 
 
 def _storescu(port: int, calling_ae: str, called_ae: str, path: Path) -> subprocess.CompletedProcess[str]:
@@ -208,7 +211,13 @@ def test_dicomweb_workers_are_threads_and_keep_the_order(sandbox: Settings, coho
     settings = _settings(sandbox, tmp_path, workers=3)
     wanted = [(study, series) for study, series, _ in _series(cohort)] + [("1.2.3.4", "1.2.3.4.5")]
     seen: list[int] = []
-    results = retrieve_all(settings, wanted, transport="dicomweb", progress=lambda done, total: seen.append(done))
+    results = retrieve_all(
+        settings.pacs,
+        settings.staging_dir,
+        wanted,
+        transport="dicomweb",
+        progress=lambda done, total: seen.append(done),
+    )
     assert [(r.study_uid, r.series_uid) for r in results] == wanted
     assert all(isinstance(r, RetrievedSeries) and r.complete and r.transport == "dicomweb" for r in results[:-1])
     assert isinstance(results[-1], RetrievalFailure) and results[-1].code == "series_empty"
@@ -219,15 +228,15 @@ def test_dicomweb_workers_are_threads_and_keep_the_order(sandbox: Settings, coho
 def test_with_a_known_count_no_instance_list_is_needed(
     sandbox: Settings, cohort: Path, tmp_path: Path, transport: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import riskbridge.retrieve
+    import riskbridge.connectors.retrieval
 
     def no_listing(*args: object) -> set[str]:
         raise AssertionError("the IMAGE-level C-FIND should not be needed")
 
-    monkeypatch.setattr(riskbridge.retrieve, "expected_instances", no_listing)
+    monkeypatch.setattr(riskbridge.connectors.retrieval, "expected_instances", no_listing)
     settings = _settings(sandbox, tmp_path)
     study_uid, series_uid, count = _series(cohort)[1]
-    with Retriever(settings, transport) as retriever:
+    with Retriever(settings.pacs, settings.staging_dir, transport) as retriever:
         result = retriever.retrieve(study_uid, series_uid, count)
         again = retriever.retrieve(study_uid, series_uid, count)
     assert (result.expected, result.received, result.attempts) == (count, count, 1)
@@ -241,7 +250,7 @@ def test_a_short_count_retrieval_lists_the_series_and_fetches_only_the_rest(
 ) -> None:
     settings = _settings(sandbox, tmp_path)
     study_uid, series_uid, count = _series(cohort)[2]
-    with Retriever(settings, transport, sink_class=_FailsOnce) as retriever:
+    with Retriever(settings.pacs, settings.staging_dir, transport, sink_class=_FailsOnce) as retriever:
         result = retriever.retrieve(study_uid, series_uid, count)
     assert result.complete and (result.expected, result.received, result.attempts) == (count, count, 2)
 
@@ -251,7 +260,7 @@ def test_a_partly_staged_series_with_a_known_count_fetches_only_what_is_missing(
 ) -> None:
     settings = _settings(sandbox, tmp_path)
     study_uid, series_uid, count = _series(cohort)[0]
-    with Retriever(settings, "c-move") as retriever:
+    with Retriever(settings.pacs, settings.staging_dir, "c-move") as retriever:
         first = retriever.retrieve(study_uid, series_uid, count)
         files = sorted(first.path.glob("*.dcm"))
         for path in files[:3]:

@@ -15,7 +15,7 @@ import pytest
 from typer.testing import CliRunner
 
 from riskbridge.cli import app
-from riskbridge.sandbox import Sandbox
+from riskbridge.dev.sandbox import Sandbox
 from riskbridge.settings import load_settings
 
 pytestmark = pytest.mark.integration

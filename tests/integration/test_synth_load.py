@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 import requests
 
+from riskbridge.dev.synth import LoadError, LoadReport, generate, load, read_manifest, read_truth
+from riskbridge.dev.synth.load import load_dicom, load_fhir
 from riskbridge.settings import Settings
-from riskbridge.synth import LoadError, LoadReport, generate, load, read_manifest, read_truth
-from riskbridge.synth.load import load_dicom, load_fhir
 
 pytestmark = pytest.mark.integration
 

@@ -25,7 +25,7 @@ from typer.testing import CliRunner
 from riskbridge.cli import app
 from riskbridge.connectors.fhir import FhirClient, transaction_entry
 from riskbridge.settings import Settings
-from riskbridge.writeback import (
+from riskbridge.stages.write_back import (
     AI_ASSERTED_CODE,
     MODALITIES,
     MODALITY_ATTENTION_URL,

@@ -113,7 +113,9 @@ def test_pools_mapping_and_trigger_rules(dagbag: DagBag) -> None:
     dag = dagbag.dags["riskbridge_nightly"]
     mapped = {task.task_id for task in dag.tasks if type(task).__name__ == "DecoratedMappedOperator"}
     assert mapped == {"retrieve", "clinical"}
-    assert dag.get_task("retrieve").pool == "pacs_associations"
+    # The stages that hold PACS associations share the PACS pool (riskbridge.stages.STAGES: resource "pacs").
+    in_pacs_pool = {task.task_id for task in dag.tasks if task.pool == "pacs_associations"}
+    assert in_pacs_pool == {"discover", "select", "retrieve"}
     assert dag.get_task("score").pool == "gpu"
     assert dag.get_task("clinical").max_active_tis_per_dagrun == Settings().airflow.clinical_parallelism
     # A resumed run may have nothing left to retrieve or fetch: the mapped task is skipped, the run goes on.

@@ -1,6 +1,6 @@
-"""The DICOMweb connector without a server: the incremental multipart/related parser on synthetic bodies cut into
-awkward chunks, the file-meta and dataset-UID readers, staging of parts, and the retry logic of
-``DicomwebClient.retrieve_series`` against an in-memory requests adapter."""
+"""The DICOMweb connector without a server: the incremental multipart/related parser (connectors/multipart.py) on
+synthetic bodies cut into awkward chunks, the file-meta and dataset-UID readers, staging of parts, and the retry
+logic of ``DicomwebClient.retrieve_series`` against an in-memory requests adapter."""
 
 from __future__ import annotations
 
@@ -23,14 +23,12 @@ from requests.adapters import BaseAdapter
 
 from riskbridge.connectors import staging
 from riskbridge.connectors.dicom import DicomError
-from riskbridge.connectors.dicomweb import (
-    DicomwebClient,
-    DicomwebError,
+from riskbridge.connectors.dicomweb import DicomwebClient, DicomwebError, redact
+from riskbridge.connectors.multipart import (
     MultipartError,
     RejectedPartError,
     boundary_from_content_type,
     iter_multipart,
-    redact,
     stage_multipart,
 )
 from riskbridge.connectors.part10 import Part10Error, dataset_uids, read_file_meta
@@ -266,7 +264,7 @@ def test_file_meta_and_dataset_uids_agree_with_pydicom(implicit: bool, sequence:
 
 
 def test_file_meta_of_the_synthetic_cohort(tmp_path: Path) -> None:
-    from riskbridge.synth import generate
+    from riskbridge.dev.synth import generate
 
     generate(tmp_path / "cohort", patients=1, seed=5, workers=1)
     files = sorted((tmp_path / "cohort" / "dicom").rglob("*.dcm"))

@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 import yaml
 
+from riskbridge.dev.synth.cohort import COMORBIDITIES, LAB_WINDOW, LABS, NOTE_LOOKBACK
 from riskbridge.harmonize.features import (
     PATTERNS,
     FeatureSpecError,
@@ -25,7 +26,6 @@ from riskbridge.harmonize.features import (
 from riskbridge.harmonize.windows import Policy
 from riskbridge.ledger import reason_code
 from riskbridge.records import pattern_name
-from riskbridge.synth.cohort import COMORBIDITIES, LAB_WINDOW, LABS, NOTE_LOOKBACK
 
 SPEC = load_default_feature_spec()
 ALL_VALIDATED = dict.fromkeys(PATTERNS, 0.9)

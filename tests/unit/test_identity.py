@@ -15,6 +15,7 @@ from typing import Any
 import pydicom
 import pytest
 
+from riskbridge.dev.synth import generate, read_truth
 from riskbridge.harmonize.identity import (
     DemographicPolicy,
     FallbackPolicy,
@@ -26,13 +27,9 @@ from riskbridge.harmonize.identity import (
     Reason,
     match_patient,
     match_studies,
-    name_similarity,
-    normalize_name,
-    pacs_name_parts,
     resolve_replacements,
 )
 from riskbridge.records import PacsPatient, StudyRef
-from riskbridge.synth import generate, read_truth
 
 MRN = "http://hospital.example/mrn"
 OTHER_SYSTEM = "http://clinic.example/id"
@@ -114,61 +111,6 @@ class Directory:
 def run(patient: PacsPatient, patients: Sequence[Mapping[str, Any]], config: IdentityConfig = CONFIG) -> IdentityMatch:
     """Match one PACS patient against an in-memory server holding ``patients``."""
     return match_patient(patient, Directory(patients).directory(), config)
-
-
-# --- normalization and names --------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize(
-    ("raw", "expected"),
-    [
-        ("1234567", "1234567"),
-        (" 12 34567 ", "1234567"),
-        ("0001234567", "1234567"),
-        ("H1-1234567", "1234567"),
-        ("h1-0001234567", "1234567"),
-        ("ab123", "AB123"),
-        ("0000", "0"),
-        ("H1-", ""),
-    ],
-)
-def test_default_normalization(raw: str, expected: str) -> None:
-    assert IdentifierNormalization().normalize(raw) == expected
-
-
-def test_normalization_steps_can_be_switched_off() -> None:
-    plain = IdentifierNormalization(uppercase=False, site_prefix_pattern=None, strip_leading_zeros=False)
-    assert plain.normalize(" h1-007 ") == "h1-007"
-    assert IdentifierNormalization(site_prefix_pattern=r"^MRN:").normalize("MRN:0042") == "42"
-    with pytest.raises(Exception, match=r"unterminated|missing"):
-        IdentifierNormalization(site_prefix_pattern="(")
-
-
-def test_normalize_name_and_pn_parts() -> None:
-    assert normalize_name("  Müller-Lüdenscheidt, Jr. ") == "muller ludenscheidt jr"
-    assert pacs_name_parts("SYNTH-ECHO^THREE") == ("synth echo", "three")
-    assert pacs_name_parts("DOE^JOHN^PAUL^DR^III=ideographic") == ("doe", "john paul")
-    assert pacs_name_parts("DOE") == ("doe", "")
-
-
-def test_name_similarity_rules() -> None:
-    def named(family: str, given: str) -> dict[str, Any]:
-        return {"name": [{"family": family, "given": [given]}]}
-
-    assert name_similarity("SYNTH-ECHO^THREE", named("Synth-Echo", "Three")) == 1.0
-    assert name_similarity("SMITH^JOHN", named("John", "Smith")) == 1.0  # swapped
-    assert name_similarity("DE LA CRUZ^MARIA", named("Delacruz", "Maria")) == 1.0  # written together
-    assert name_similarity("GARCIA LOPEZ^ANA", named("Garcia", "Ana")) == 1.0  # second surname dropped
-    assert name_similarity("SMITH^JOHN", {"name": [{"text": "John Smith"}]}) == 1.0
-    assert 0.85 < (name_similarity("SMITH^JOHN", named("Smyth", "John")) or 0) < 1.0  # a typo stays close
-    # A shared first word must not carry different names over the threshold (Jaro-Winkler's prefix bonus).
-    assert (name_similarity("SYNTH-ECHO^THREE", named("Synth-Delta", "Three")) or 1) < 0.7
-    assert (name_similarity("SYNTH-ECHO^THREE", named("Synth-Echo", "Two")) or 1) < 0.7
-    # The best of several names counts (a maiden name kept as an old name).
-    two_names = {"name": [{"family": "Other", "given": ["Ann"]}, {"use": "old", "family": "Echo", "given": ["Ann"]}]}
-    assert name_similarity("ECHO^ANN", two_names) == 1.0
-    assert name_similarity("", named("Echo", "Ann")) is None
-    assert name_similarity("ECHO^ANN", {"name": []}) is None
 
 
 # --- exact identifier ---------------------------------------------------------------------------------------
@@ -423,13 +365,6 @@ def test_fallback_needs_a_birth_date_and_a_search() -> None:
         match_patient(pacs(), Directory([]).directory(with_birth_date_search=False), FALLBACK)
     with pytest.raises(ValueError, match="review_threshold"):
         FallbackPolicy(enabled=True, link_threshold=0.8, review_threshold=0.9)
-
-
-def test_configuration_errors() -> None:
-    with pytest.raises(ValueError, match="default_issuer"):
-        IdentityConfig(issuer_systems={"A": MRN}, default_issuer="B")
-    with pytest.raises(ValueError, match="max_link_depth"):
-        IdentityConfig(issuer_systems={"A": MRN}, max_link_depth=-1)
 
 
 def test_match_studies_matches_each_patient_once() -> None:

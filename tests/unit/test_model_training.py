@@ -11,9 +11,10 @@ import numpy as np
 import pytest
 import torch
 
+from riskbridge.dev.training_table import build_synthetic_table
 from riskbridge.harmonize.features import load_default_feature_spec
 from riskbridge.model.calibration import Method, fit_calibrator
-from riskbridge.model.data import TrainingTableError, build_synthetic_table, load_table, read_manifest
+from riskbridge.model.data import TrainingTableError, load_table, read_manifest
 from riskbridge.model.metrics import bootstrap_metrics, expected_calibration_error, paired_difference
 from riskbridge.model.network import Strategy
 from riskbridge.model.package import load_package
@@ -41,7 +42,7 @@ def table_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_the_synthetic_table_holds_every_unquarantined_patient_with_truth_features(table_dir: Path) -> None:
-    from riskbridge.synth.cohort import build_cohort, expected_labs, expected_quarantine
+    from riskbridge.dev.synth.cohort import build_cohort, expected_labs, expected_quarantine
 
     manifest = read_manifest(table_dir)
     cohort = build_cohort(11, 60)
@@ -183,7 +184,7 @@ def test_the_synthetic_table_carries_a_dense_nodule_mask_per_row(table_dir: Path
     assert read_manifest(table_dir)["with_mask"] == len(table)
     assert table.masks is not None and table.has_mask is not None and table.has_mask.all()
     assert table.masks.shape == table.volumes.shape and set(np.unique(table.masks)) <= {0, 1}
-    from riskbridge.synth.cohort import build_cohort
+    from riskbridge.dev.synth.cohort import build_cohort
 
     patients = {p.key: p for p in build_cohort(11, 60).patients}
     labelled = table.masks.any(axis=(1, 2, 3, 4))
@@ -228,8 +229,8 @@ def test_the_package_carries_the_validated_auroc_of_every_pattern(table_dir: Pat
 def test_the_segmenter_learns_to_find_small_bright_spheres() -> None:
     from riskbridge.model.data import TrainingTable
     from riskbridge.model.dense import DenseOptions, train_segmenter
+    from riskbridge.model.fitting import model_config, seed_everything
     from riskbridge.model.network import FusionNet, NoduleBurdenEncoder
-    from riskbridge.model.train import model_config, seed_everything
 
     seed_everything(0, 2)
     rng = np.random.default_rng(0)

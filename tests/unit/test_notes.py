@@ -14,10 +14,10 @@ from typing import Any
 
 import pytest
 
+from riskbridge.dev.synth import generate, read_truth
 from riskbridge.harmonize.notes import (
     NOT_THIS_LABEL,
     Mention,
-    RuleFileError,
     build_pipeline,
     coded_evidence,
     extract_comorbidities,
@@ -25,13 +25,11 @@ from riskbridge.harmonize.notes import (
     load_rules,
     merge_flags,
     note_mentions,
-    parse_rules,
 )
-from riskbridge.synth import generate, read_truth
 
 SNOMED = "http://snomed.info/sct"
 ICD10CM = "http://hl7.org/fhir/sid/icd-10-cm"
-# The truth's note policy (riskbridge.synth.cohort.NOTE_LOOKBACK): notes within 365 days before the index CT.
+# The truth's note policy (riskbridge.dev.synth.cohort.NOTE_LOOKBACK): notes within 365 days before the index CT.
 NOTE_LOOKBACK = timedelta(days=365)
 COHORT_PATIENTS = 40
 COHORT_SEED = 20240115
@@ -404,45 +402,7 @@ def test_batch_rejects_a_note_id_shared_by_two_patients() -> None:
         extract_comorbidities_batch({"a": [("n1", "COPD.")], "b": [("n1", "COPD.")]})
 
 
-# --- rule file validation --------------------------------------------------------------------------------
-
-
-def minimal_rules(**overrides: Any) -> dict[str, Any]:
-    """A valid one-flag rule document, with top-level keys replaced by ``overrides``."""
-    document: dict[str, Any] = {
-        "version": 1,
-        "flags": {"copd": {"historical_counts": True, "targets": ["copd"]}},
-        "context_rules": [],
-    }
-    document.update(overrides)
-    return document
-
-
-@pytest.mark.parametrize(
-    ("overrides", "message"),
-    [
-        ({"version": 2}, "version 2"),
-        ({"flags": {}}, "at least one flag"),
-        ({"flags": {"copd": {"historical_counts": True}}}, "missing 'targets'"),
-        ({"flags": {"copd": {"historical_counts": True, "targets": ["copd"], "colour": 1}}}, "unknown keys"),
-        ({"context_rules": [{"literal": "x", "category": "MAYBE", "direction": "FORWARD"}]}, "category"),
-        ({"context_rules": [{"literal": "x", "category": "FAMILY", "direction": "SIDEWAYS"}]}, "direction"),
-        (
-            {"context_rules": [{"literal": "x", "category": "FAMILY", "direction": "FORWARD", "allowed_types": ["y"]}]},
-            "allowed_types",
-        ),
-    ],
-)
-def test_invalid_rule_documents_are_rejected(overrides: dict[str, Any], message: str) -> None:
-    with pytest.raises(RuleFileError, match=message):
-        parse_rules(minimal_rules(**overrides))
-
-
-def test_packaged_rules_cover_the_cohort_and_the_issue() -> None:
-    names = set(load_rules().flag_names)
-    issue_flags = {"diabetes", "copd", "heart_failure", "ckd", "smoking", "immunosuppression", "prior_malignancy"}
-    cohort_flags = {"hypertension", "prior_mi"}
-    assert issue_flags | cohort_flags <= names
+# --- a site rule file ----------------------------------------------------------------------------------
 
 
 @pytest.mark.filterwarnings("ignore:.*W036")  # a rule file with phrase rules only leaves the token matcher empty

@@ -15,10 +15,10 @@ import pytest
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
+from riskbridge.dev.synth.cohort import build_cohort
+from riskbridge.dev.synth.phantom import render_study
 from riskbridge.harmonize.volume import VolumeError
 from riskbridge.model.preprocess import PreprocessConfig, Preprocessor
-from riskbridge.synth.cohort import build_cohort
-from riskbridge.synth.phantom import render_study
 
 CONFIG = PreprocessConfig(spacing_mm=(4.0, 4.0, 4.0), size=(16, 16, 16), hu_window=(-1000.0, 400.0))
 # Input grid: 32 voxels of 2 mm per axis, so the output (16 voxels of 4 mm) covers the same 64 mm box and each

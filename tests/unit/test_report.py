@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from riskbridge.report import (
+from riskbridge.stages.report import (
     PatternCounts,
     ReportError,
     RunSummary,

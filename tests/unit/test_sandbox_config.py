@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from riskbridge.sandbox import Sandbox, SandboxError, _require_binary
+from riskbridge.dev.sandbox import Sandbox, SandboxError, _require_binary
 from riskbridge.settings import Settings
 
 
@@ -72,7 +72,7 @@ def test_status_of_a_never_started_sandbox(tmp_path: Path) -> None:
 
 
 def test_a_listener_is_attributed_to_the_process_that_holds_it() -> None:
-    from riskbridge.sandbox import _process_listens_on
+    from riskbridge.dev.sandbox import _process_listens_on
 
     with socket.socket() as listener:
         listener.bind(("127.0.0.1", 0))
@@ -116,8 +116,17 @@ def _stand_in_parts(box: Sandbox, monkeypatch: pytest.MonkeyPatch) -> list[str]:
         monkeypatch.setattr(part, "check_prerequisites", lambda: None)
         monkeypatch.setattr(part, "check_ports", lambda: None)
         monkeypatch.setattr(part, "prepare", lambda progress: None)
-        monkeypatch.setattr(part, "start", lambda name=part.name: calls.append(f"start {name}") or 1)
-        monkeypatch.setattr(part, "stop", lambda timeout_s=30.0, name=part.name: calls.append(f"stop {name}") or True)
+
+        def start(name: str = part.name) -> int:
+            calls.append(f"start {name}")
+            return 1
+
+        def stop(timeout_s: float = 30.0, name: str = part.name) -> bool:
+            calls.append(f"stop {name}")
+            return True
+
+        monkeypatch.setattr(part, "start", start)
+        monkeypatch.setattr(part, "stop", stop)
     return calls
 
 

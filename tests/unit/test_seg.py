@@ -21,8 +21,9 @@ from pydicom.sr.codedict import codes
 from pydicom.uid import generate_uid
 from test_volume import AXIAL, PATIENT_NAME, ct_dataset, enhanced_ct, stage
 
-from riskbridge.harmonize.volume import VolumeError, load_series_volume
+from riskbridge.harmonize.volume import VolumeError
 from riskbridge.model.seg import ERROR_CODES, SegmentationError, find_segmentations, seg_occupancy
+from riskbridge.model.volume_io import load_series_volume
 from riskbridge.records import uid_hash
 
 SIZE = 32
@@ -100,7 +101,7 @@ def make_seg(
     pixels: np.ndarray,
     kind: str = "BINARY",
     segments: int = 1,
-    **options: object,
+    fractional_type: str = "PROBABILITY",  # highdicom's default; used only by FRACTIONAL
 ) -> hd.seg.Segmentation:
     """A highdicom SEG of ``source`` (pixels in the order of ``source``, a last axis per segment if several)."""
     return hd.seg.Segmentation(
@@ -116,7 +117,7 @@ def make_seg(
         manufacturer_model_name="test_seg",
         software_versions="1",
         device_serial_number="0",
-        **options,
+        fractional_type=fractional_type,
     )
 
 

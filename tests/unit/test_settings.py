@@ -103,7 +103,7 @@ def test_tls_files_must_exist(tmp_path: Path) -> None:
 
 def test_site_identity_and_writeback_sections_build_their_configs(monkeypatch: pytest.MonkeyPatch) -> None:
     from riskbridge.harmonize.identity import IdentityConfig
-    from riskbridge.writeback import WritebackConfig
+    from riskbridge.stages.write_back import WritebackConfig
 
     monkeypatch.setenv("RISKBRIDGE_SITE__TIMEZONE", "America/New_York")
     monkeypatch.setenv("RISKBRIDGE_IDENTITY__ISSUER_SYSTEMS", '{"SYNTH_HOSP": "http://hospital.example/mrn"}')
@@ -133,9 +133,10 @@ def test_bad_site_identity_and_writeback_settings_name_the_key(
 
 
 def test_the_clinical_stage_needs_a_site_timezone() -> None:
-    from riskbridge.clinical import ClinicalStage
+    from riskbridge.errors import ConfigurationError
+    from riskbridge.stages.clinical import ClinicalHarmonizer
 
-    with pytest.raises(ValueError, match=r"site\.timezone"):
-        ClinicalStage.from_settings(None, Settings())  # type: ignore[arg-type]
-    stage = ClinicalStage.from_settings(None, Settings(site={"timezone": "Europe/Zurich"}))  # type: ignore[arg-type]
-    assert stage.spec.label == "chest_ct@1" and stage.zone == "Europe/Zurich"
+    with pytest.raises(ConfigurationError, match=r"site\.timezone"):
+        ClinicalHarmonizer.from_settings(None, Settings())  # type: ignore[arg-type]
+    harmonizer = ClinicalHarmonizer.from_settings(None, Settings(site={"timezone": "Europe/Zurich"}))  # type: ignore[arg-type]
+    assert harmonizer.spec.label == "chest_ct@1" and harmonizer.zone == "Europe/Zurich"

@@ -19,7 +19,7 @@ import pytest
 from fhir.resources.R4B.bundle import Bundle
 from pydicom.uid import ExplicitVRLittleEndian
 
-from riskbridge.synth import (
+from riskbridge.dev.synth import (
     EDGE_CASE_CODES,
     QUARANTINE_CODES,
     CohortError,
@@ -28,14 +28,14 @@ from riskbridge.synth import (
     read_manifest,
     read_truth,
 )
-from riskbridge.synth.cohort import ASSERTIONS, PHRASES, build_cohort, truth_record
-from riskbridge.synth.dicom import series_instances
-from riskbridge.synth.phantom import render_study
+from riskbridge.dev.synth.cohort import ASSERTIONS, PHRASES, build_cohort, truth_record
+from riskbridge.dev.synth.dicom import series_instances
+from riskbridge.dev.synth.phantom import render_study
 
 SEED = 7
 PATIENTS = 30
 
-# Independent of riskbridge.synth: unit factors to the canonical unit as a lab handbook states them
+# Independent of riskbridge.dev.synth: unit factors to the canonical unit as a lab handbook states them
 # (creatinine 88.4 umol/L per mg/dL, glucose 18.0 mg/dL per mmol/L), hence the 0.2 % tolerance below.
 FACTORS: dict[tuple[str, str], float] = {
     ("wbc", "10*3/uL"): 1.0, ("wbc", "K/uL"): 1.0, ("wbc", "x10^9/L"): 1.0, ("wbc", "10^3/uL"): 1.0,
@@ -215,7 +215,7 @@ def test_each_modality_carries_signal_and_together_more() -> None:
     labels = np.array([p.label for p in cohort.patients])
     parts = {name: np.array([p.logit_components[name] for p in cohort.patients]) for name in ("image", "labs", "notes")}
     aucs = {name: _auc(values, labels) for name, values in parts.items()}
-    combined = _auc(sum(parts.values()), labels)
+    combined = _auc(parts["image"] + parts["labs"] + parts["notes"], labels)
     assert all(auc > 0.6 for auc in aucs.values()), aucs
     assert combined > max(aucs.values()) + 0.03, (combined, aucs)
     assert 0.15 < labels.mean() < 0.45
@@ -498,8 +498,8 @@ def test_truth_comorbidities_follow_from_the_note_texts(
 
 
 def test_site_environment_configures_the_synthetic_hospital(monkeypatch: pytest.MonkeyPatch) -> None:
+    from riskbridge.dev.synth import site_environment
     from riskbridge.settings import load_settings
-    from riskbridge.synth import site_environment
 
     for key, value in site_environment().items():
         monkeypatch.setenv(key, value)

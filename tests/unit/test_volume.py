@@ -11,6 +11,7 @@ import math
 import shutil
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import pydicom
@@ -22,7 +23,8 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sequence import Sequence as DicomSequence
 from pydicom.uid import CTImageStorage, EnhancedCTImageStorage, ExplicitVRLittleEndian, RLELossless, generate_uid
 
-from riskbridge.harmonize.volume import ERROR_CODES, VolumeError, VolumeOptions, load_series_volume, series_files
+from riskbridge.harmonize.volume import ERROR_CODES, VolumeError, VolumeOptions, build_volume
+from riskbridge.model.volume_io import load_series_volume, series_files
 from riskbridge.records import uid_hash
 
 AXIAL = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0)
@@ -230,7 +232,7 @@ def test_files_of_another_series_than_expected_are_rejected(tmp_path: Path) -> N
 
 
 @pytest.mark.parametrize("space", ["RAS", "LPS"])
-def test_affine_maps_voxels_to_patient_coordinates_axial(tmp_path: Path, space: str) -> None:
+def test_affine_maps_voxels_to_patient_coordinates_axial(tmp_path: Path, space: Literal["RAS", "LPS"]) -> None:
     series = axial_series(3, origin=(-10.0, 20.0, 30.0), step=2.5)
     volume = load_series_volume(stage(tmp_path / "series", series), VolumeOptions(space=space))
     affine = volume.affine.numpy()
@@ -305,6 +307,24 @@ def test_a_series_directory_lists_only_complete_staged_files(tmp_path: Path) -> 
     assert len(series_files(directory)) == 3
     assert load_series_volume(directory).meta["slice_count"] == 3
     assert load_series_volume(series_files(directory)).meta["slice_count"] == 3  # a list of paths works too
+
+
+def test_the_pure_builder_makes_the_same_volume_from_datasets_in_memory(tmp_path: Path) -> None:
+    """harmonize.volume decides without I/O: datasets never written to disk give the volume the files give."""
+    series = axial_series(4)
+    from_files = load_series_volume(stage(tmp_path / "series", series))
+    from_memory = build_volume(list(reversed(series)))
+    assert torch.equal(from_memory.as_tensor(), from_files.as_tensor())
+    assert torch.equal(from_memory.affine, from_files.affine)
+    assert from_memory.meta["series_uid"] == series[0].SeriesInstanceUID
+
+    error = error_of_call(lambda: build_volume([]), "empty")
+    assert error.series == "unknown"
+    other = axial_series(1, origin=(0.0, 0.0, 100.0))
+    error = error_of_call(
+        lambda: build_volume([*series, *other], series_uid=series[0].SeriesInstanceUID), "mixed_series"
+    )
+    assert error.series == uid_hash(series[0].SeriesInstanceUID)
 
 
 # --- errors ----------------------------------------------------------------------------------------------------------

@@ -17,6 +17,8 @@ import pydicom
 import pytest
 from pydicom.dataset import Dataset
 
+from riskbridge.dev.synth import generate, read_truth
+from riskbridge.dev.synth.cohort import LABS
 from riskbridge.harmonize.windows import (
     FeatureWindow,
     IndexTimeError,
@@ -33,8 +35,6 @@ from riskbridge.harmonize.windows import (
     select_value,
 )
 from riskbridge.records import PacsPatient, StudyRef
-from riskbridge.synth import generate, read_truth
-from riskbridge.synth.cohort import LABS
 
 EST = timezone(timedelta(hours=-5))
 NEW_YORK = ZoneInfo("America/New_York")

@@ -15,7 +15,7 @@ from fhir.resources.R4B.bundle import Bundle
 
 from riskbridge.records import pattern_name
 from riskbridge.settings import WritebackSettings
-from riskbridge.writeback import (
+from riskbridge.stages.write_back import (
     FHIR_CANONICAL_BASE,
     MODALITIES,
     MODALITY_ATTENTION_URL,

@@ -1,0 +1,109 @@
+"""FHIR R4 server I/O: authentication and the REST interactions riskbridge uses, through the one HTTP layer.
+
+:class:`FhirClient` is what the pipeline uses: searches that follow ``link[next]`` to the end (restarting a search
+whose page expired), batched across patients with OR-lists, retries with backoff that honour ``Retry-After``
+(:mod:`riskbridge.connectors.http`), OAuth2 client credentials and SMART Backend Services tokens cached until they
+expire, transaction bundles and conditional creates for write-back, and note text from DocumentReference /
+DiagnosticReport attachments. Resources are read as plain dicts (validating them with fhir.resources costs ~100x
+more); resources sent to the server are built with ``fhir.resources.R4B`` models (the package's default models are
+R5) and serialized with :func:`resource_json`.
+
+The package is split by concern: :mod:`.client` (the client and ``/metadata``), :mod:`.auth` (static, OAuth2 and
+SMART credentials), :mod:`.search` (query strings, OR-lists, paging), :mod:`.bundles` (outgoing resources and
+transaction answers), :mod:`.notes` (attachment text) and :mod:`.errors`. Import from here:
+``from riskbridge.connectors.fhir import FhirClient, code_filter``.
+
+Errors are :class:`FhirError` (a :class:`riskbridge.errors.FhirServerError`) carrying the HTTP status and the
+OperationOutcome's diagnostics, so a message reads like ``GET /metadata: 503 HAPI-1234: ...``. Log lines and error
+messages name resource types, ids, counts and statuses only: never a query string (it can hold an MRN), a token or
+a secret.
+"""
+
+from __future__ import annotations
+
+from riskbridge.connectors.http import (
+    FORM_CONTENT_TYPE,
+    NOT_PROCESSED_STATUSES,
+    RETRY_STATUSES,
+    backoff_delay,
+    basic_authorization,
+    parse_retry_after,
+    transport_reason,
+)
+
+from .auth import (
+    CLIENT_ASSERTION_LIFETIME_S,
+    CLIENT_ASSERTION_TYPE,
+    DEFAULT_TOKEN_LIFETIME_S,
+    load_private_key,
+    smart_client_assertion,
+)
+from .bundles import EntryResult, resource_json, transaction_entry
+from .client import ClientStats, FhirClient, ServerInfo, capability, session_for
+from .errors import FHIR_JSON, FhirError, diagnostics
+from .notes import (
+    TEXT_MEDIA_TYPES,
+    NoteText,
+    attachment_text,
+    content_type_charset,
+    decode_text,
+    html_to_text,
+    media_type,
+)
+from .search import (
+    MAX_SEARCH_RESTARTS,
+    QUERY_SAFE,
+    SearchParams,
+    check_fhir_id,
+    code_filter,
+    date_filter,
+    encode_query,
+    or_list_chunks,
+    referenced_id,
+    search_pairs,
+    subject_patient_id,
+)
+
+__all__ = [
+    "CLIENT_ASSERTION_LIFETIME_S",
+    "CLIENT_ASSERTION_TYPE",
+    "DEFAULT_TOKEN_LIFETIME_S",
+    "FHIR_JSON",
+    "FORM_CONTENT_TYPE",
+    "MAX_SEARCH_RESTARTS",
+    "NOT_PROCESSED_STATUSES",
+    "QUERY_SAFE",
+    "RETRY_STATUSES",
+    "TEXT_MEDIA_TYPES",
+    "ClientStats",
+    "EntryResult",
+    "FhirClient",
+    "FhirError",
+    "NoteText",
+    "SearchParams",
+    "ServerInfo",
+    "attachment_text",
+    "backoff_delay",
+    "basic_authorization",
+    "capability",
+    "check_fhir_id",
+    "code_filter",
+    "content_type_charset",
+    "date_filter",
+    "decode_text",
+    "diagnostics",
+    "encode_query",
+    "html_to_text",
+    "load_private_key",
+    "media_type",
+    "or_list_chunks",
+    "parse_retry_after",
+    "referenced_id",
+    "resource_json",
+    "search_pairs",
+    "session_for",
+    "smart_client_assertion",
+    "subject_patient_id",
+    "transaction_entry",
+    "transport_reason",
+]

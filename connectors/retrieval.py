@@ -1,0 +1,377 @@
+"""Retrieve series into the staging area, verified complete, over C-MOVE, C-GET or DICOMweb.
+
+Completeness is decided by counting the SOP instances staged against the instance list of an IMAGE-level C-FIND,
+never by the retrieve status alone (Orthanc answers many different failures with 0xC000 and zero counters, and
+stops a whole C-MOVE when one sub-operation fails). A partial retrieval retries only the missing instances, a
+bounded number of times, then fails with an error naming the series (hashed) and the counts.
+
+Several series are retrieved in parallel. Over C-MOVE and C-GET the workers are processes, not threads:
+pynetdicom is bound by Python CPU (about 250 images/s per association), so each worker has its own association
+and, for C-MOVE, its own storage SCP and AE title (``PacsSettings.scp_endpoints``). Over DICOMweb they are
+threads: the work is socket reads and file writes, which release the GIL.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor, as_completed
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from riskbridge.connectors import dicom, query, staging
+from riskbridge.connectors.dicomweb import DicomwebClient, DicomwebError
+from riskbridge.connectors.storescp import CT_STORAGE_CLASSES, InstanceSink, StorageSCP
+from riskbridge.errors import PacsError
+from riskbridge.records import RetrievedSeries, uid_hash
+from riskbridge.settings import PacsSettings
+
+LOG = logging.getLogger(__name__)
+
+DIMSE_TRANSPORTS = ("c-move", "c-get")
+
+
+class RetrievalError(PacsError):
+    """A series could not be retrieved completely; ``code`` is the stable quarantine reason."""
+
+    def __init__(self, message: str, code: str, partial: RetrievedSeries | None = None) -> None:
+        super().__init__(message)
+        self.code = code
+        self.partial = partial
+
+
+@dataclass(frozen=True)
+class RetrievalFailure:
+    """A series of a batch that failed, with its reason; the rest of the batch goes on."""
+
+    study_uid: str
+    series_uid: str
+    code: str
+    reason: str
+
+
+def expected_instances(pacs: PacsSettings, study_uid: str, series_uid: str) -> set[str]:
+    """Return the SOPInstanceUIDs the PACS lists for a series (IMAGE-level C-FIND)."""
+    listed = query.find_instances(pacs, study_uid, series_uid, timeout_s=pacs.timeout_s)
+    return {instance.sop_instance_uid for instance in listed if instance.sop_instance_uid}
+
+
+def resolve_transport(pacs: PacsSettings) -> str:
+    """Return the configured transport, or for ``auto`` the fastest one this PACS supports.
+
+    Order for ``auto``: DICOMweb when a ``dicomweb_url`` is set and answers, then C-GET when the PACS accepts
+    the GET model, else C-MOVE (what most hospital PACS allow).
+    """
+    if pacs.transport != "auto":
+        return pacs.transport
+    if pacs.dicomweb_url:
+        with DicomwebClient.from_settings(pacs) as client:
+            if client.supports_dicomweb():
+                return "dicomweb"
+    try:
+        assoc = dicom.associate(
+            pacs, dicom.StudyRootQueryRetrieveInformationModelGet, "C-GET probe", min(pacs.timeout_s, 10.0)
+        )
+    except dicom.DicomError:
+        return "c-move"
+    try:
+        accepted = bool(assoc.accepted_contexts)
+    finally:
+        assoc.release()
+    return "c-get" if accepted else "c-move"
+
+
+class Retriever:
+    """Retrieves series one after another over one transport; a context manager (C-MOVE runs an SCP).
+
+    ``scp_endpoint`` is this retriever's own storage SCP (AE title, port) for C-MOVE; ``sink_class`` is the
+    :class:`InstanceSink` (sub)class that receives C-MOVE and C-GET instances.
+    """
+
+    def __init__(
+        self,
+        pacs: PacsSettings,
+        staging_dir: Path,
+        transport: str,
+        scp_endpoint: tuple[str, int] | None = None,
+        sink_class: type[InstanceSink] = InstanceSink,
+    ) -> None:
+        if transport not in (*DIMSE_TRANSPORTS, "dicomweb"):
+            raise ValueError(f"unknown transport {transport!r}")
+        self.pacs = pacs
+        self.transport = transport
+        self.staging_root = staging_dir
+        self.scp_ae, scp_port = scp_endpoint or pacs.scp_endpoints()[0]
+        allowed = frozenset({pacs.called_ae}) if transport == "c-move" else None
+        self.sink = sink_class(self.staging_root, allowed_calling_aes=allowed)
+        self._scp = (
+            StorageSCP(
+                self.scp_ae,
+                scp_port,
+                self.sink,
+                bind_address=pacs.scp_bind_address,
+                tls=pacs.tls,
+                timeout_s=pacs.timeout_s,
+            )
+            if transport == "c-move"
+            else None
+        )
+        self._web: DicomwebClient | None = None
+
+    def __enter__(self) -> Retriever:
+        if self._scp is not None:
+            self._scp.start()
+        if self.transport == "dicomweb":
+            self._web = DicomwebClient.from_settings(self.pacs)
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        if self._scp is not None:
+            self._scp.stop()
+        self.sink.close()
+        if self._web is not None:
+            self._web.close()
+            self._web = None
+
+    def _fetch(self, study_uid: str, series_uid: str, subset: list[str] | None) -> str:
+        pacs = self.pacs
+        if self.transport == "c-move":
+            return dicom.move(pacs, self.scp_ae, study_uid, series_uid, subset, pacs.timeout_s).meaning
+        return dicom.get(
+            pacs, study_uid, series_uid, self.sink.handle_store, CT_STORAGE_CLASSES, subset, pacs.timeout_s
+        ).meaning
+
+    def retrieve(self, study_uid: str, series_uid: str, expected: set[str] | int | None = None) -> RetrievedSeries:
+        """Retrieve one series until every expected instance is staged; raise :class:`RetrievalError` if not.
+
+        ``expected`` is the set of SOPInstanceUIDs the PACS lists for the series, or only their number
+        (NumberOfSeriesRelatedInstances, which selection's SERIES-level C-FIND already has), or None to list them
+        here (IMAGE-level C-FIND). With a number the first attempt asks for the whole series and accepts any of its
+        instances; the list is fetched only when fewer arrive, to ask for exactly the missing ones.
+        """
+        started = time.perf_counter()
+        tag = uid_hash(series_uid)
+        attempts_used = 0
+        if isinstance(expected, int):
+            counted = self._retrieve_counted(study_uid, series_uid, expected, started)
+            if isinstance(counted, RetrievedSeries):
+                return counted
+            attempts_used, expected = counted, None
+        if expected is None:
+            expected = expected_instances(self.pacs, study_uid, series_uid)
+        if not expected:
+            raise RetrievalError(f"series {tag}: the PACS lists no instances", "series_empty")
+        if self._web is not None:
+            record = self._web.retrieve_series(study_uid, series_uid, self.staging_root, expected)
+            record = replace(record, attempts=record.attempts + attempts_used, seconds=time.perf_counter() - started)
+            return self._checked(record, "")
+        directory = staging.series_dir(self.staging_root, study_uid, series_uid)
+        missing = expected - staging.staged_instances(self.staging_root, study_uid, series_uid)
+        attempts = attempts_used
+        status = "already staged" if not attempts_used else "the whole series came back short"
+        while missing and attempts < self.pacs.max_attempts:
+            if attempts:
+                time.sleep(min(0.5 * 2**attempts, 8.0))
+            attempts += 1
+            subset = None if missing == expected else sorted(missing)
+            self.sink.expect(study_uid, series_uid, missing)
+            try:
+                status = self._fetch(study_uid, series_uid, subset)
+            except dicom.DicomError as exc:
+                status = str(exc)
+                LOG.warning("series %s: %s attempt %d failed: %s", tag, self.transport, attempts, exc)
+            finally:
+                self.sink.flush()
+                self.sink.forget(missing)
+            missing = expected - staging.staged_instances(self.staging_root, study_uid, series_uid)
+            LOG.info(
+                "series %s: %s attempt %d: %d/%d staged (%s)",
+                tag, self.transport, attempts, len(expected) - len(missing), len(expected), status,
+            )  # fmt: skip
+        record = RetrievedSeries(
+            study_uid=study_uid,
+            series_uid=series_uid,
+            path=directory,
+            expected=len(expected),
+            received=len(expected) - len(missing),
+            transport=self.transport,
+            seconds=time.perf_counter() - started,
+            bytes=_directory_bytes(directory),
+            attempts=attempts,
+            missing=tuple(sorted(missing)),
+        )
+        return self._checked(record, f"; last answer: {status}")
+
+    def _retrieve_counted(self, study_uid: str, series_uid: str, count: int, started: float) -> RetrievedSeries | int:
+        """Stage the whole series, accepting instances by their series; return the record if ``count`` or more
+        are staged, else the number of attempts spent (the caller lists the instances and fetches the rest)."""
+        staged = staging.staged_instances(self.staging_root, study_uid, series_uid)
+        attempts = 0
+        if count > 0 and not staged:
+            attempts = 1
+            self._fetch_whole_series(study_uid, series_uid)
+            staged = staging.staged_instances(self.staging_root, study_uid, series_uid)
+        if count > 0 and len(staged) >= count:
+            directory = staging.series_dir(self.staging_root, study_uid, series_uid)
+            return RetrievedSeries(
+                study_uid=study_uid,
+                series_uid=series_uid,
+                path=directory,
+                expected=count,
+                received=len(staged),
+                transport=self.transport,
+                seconds=time.perf_counter() - started,
+                bytes=_directory_bytes(directory),
+                attempts=attempts,
+            )
+        LOG.info(
+            "series %s: %d of %d instances staged; listing the series to fetch what is missing",
+            uid_hash(series_uid), len(staged), count,
+        )  # fmt: skip
+        return attempts
+
+    def _fetch_whole_series(self, study_uid: str, series_uid: str) -> None:
+        tag = uid_hash(series_uid)
+        if self._web is not None:
+            try:
+                self._web.retrieve_instances(study_uid, series_uid, None, self.staging_root)
+            except DicomwebError as exc:
+                if not exc.transient:
+                    raise
+                LOG.warning("series %s: DICOMweb attempt failed: %s", tag, exc)
+            return
+        self.sink.expect_series(study_uid, series_uid)
+        try:
+            status = self._fetch(study_uid, series_uid, None)
+            LOG.info("series %s: %s of the whole series: %s", tag, self.transport, status)
+        except dicom.DicomError as exc:
+            LOG.warning("series %s: %s of the whole series failed: %s", tag, self.transport, exc)
+        finally:
+            self.sink.flush()
+            self.sink.forget_series(study_uid, series_uid)
+
+    def _checked(self, record: RetrievedSeries, detail: str) -> RetrievedSeries:
+        if record.missing:
+            raise RetrievalError(
+                f"series {uid_hash(record.series_uid)}: {record.received} of {record.expected} instances after "
+                f"{record.attempts} {self.transport} attempt(s){detail}",
+                "retrieval_incomplete",
+                record,
+            )
+        return record
+
+
+def _directory_bytes(directory: Path) -> int:
+    return sum(path.stat().st_size for path in directory.glob("*.dcm")) if directory.is_dir() else 0
+
+
+_WORKER: Retriever | None = None
+
+
+def _start_worker(pacs: PacsSettings, staging_dir: Path, transport: str, slots: Any) -> None:
+    global _WORKER
+    _WORKER = Retriever(pacs, staging_dir, transport, slots.get()).__enter__()
+
+
+def _retrieve_in_worker(study_uid: str, series_uid: str, expected: int | None) -> RetrievedSeries | RetrievalFailure:
+    assert _WORKER is not None
+    return _retrieve_or_failure(_WORKER, study_uid, series_uid, expected)
+
+
+def _retrieve_or_failure(
+    retriever: Retriever, study_uid: str, series_uid: str, expected: int | None = None
+) -> RetrievedSeries | RetrievalFailure:
+    try:
+        return retriever.retrieve(study_uid, series_uid, expected)
+    except RetrievalError as exc:
+        return RetrievalFailure(study_uid, series_uid, exc.code, str(exc))
+    except (dicom.DicomError, staging.StagingError, OSError) as exc:
+        return RetrievalFailure(study_uid, series_uid, "retrieval_error", str(exc))
+
+
+def retrieve_all(
+    pacs: PacsSettings,
+    staging_dir: Path,
+    series: Sequence[tuple[str, str]],
+    transport: str | None = None,
+    progress: Callable[[int, int], None] | None = None,
+    expected_counts: Mapping[str, int] | None = None,
+) -> list[RetrievedSeries | RetrievalFailure]:
+    """Retrieve ``(study_uid, series_uid)`` pairs into ``staging_dir``, ``pacs.workers`` at once; one result each, in
+    order.
+
+    ``expected_counts`` maps a SeriesInstanceUID to its instance count when the caller knows it (selection's
+    SERIES-level C-FIND): such a series is listed instance by instance only if it arrives short.
+
+    C-MOVE and C-GET workers are processes (pynetdicom is bound by Python CPU); DICOMweb workers are threads
+    (socket reads and file writes release the GIL, and no process start-up is paid). A failing series becomes a
+    :class:`RetrievalFailure` with its reason; it never stops the others.
+    """
+    transport = transport or resolve_transport(pacs)
+    counts = dict(expected_counts or {})
+    workers = min(pacs.workers, len(series))
+    if workers <= 1:
+        results: list[RetrievedSeries | RetrievalFailure] = []
+        with Retriever(pacs, staging_dir, transport) as retriever:
+            for study_uid, series_uid in series:
+                results.append(_retrieve_or_failure(retriever, study_uid, series_uid, counts.get(series_uid)))
+                if progress:
+                    progress(len(results), len(series))
+        return results
+    if transport == "dicomweb":
+        return _retrieve_in_threads(pacs, staging_dir, series, workers, progress, counts)
+    context = multiprocessing.get_context("spawn")  # no fork of a process that runs SCP threads
+    slots = context.Queue()  # handed to each worker at its start: one SCP endpoint per process
+    for endpoint in pacs.scp_endpoints()[:workers]:
+        slots.put(endpoint)
+    initargs = (pacs, staging_dir, transport, slots)
+    pool = ProcessPoolExecutor(workers, context, initializer=_start_worker, initargs=initargs)
+    with pool:
+        futures = [
+            pool.submit(_retrieve_in_worker, study_uid, series_uid, counts.get(series_uid))
+            for study_uid, series_uid in series
+        ]
+        return _in_order(series, futures, progress)
+
+
+def _retrieve_in_threads(
+    pacs: PacsSettings,
+    staging_dir: Path,
+    series: Sequence[tuple[str, str]],
+    workers: int,
+    progress: Callable[[int, int], None] | None,
+    counts: Mapping[str, int],
+) -> list[RetrievedSeries | RetrievalFailure]:
+    local = threading.local()
+    opened: list[Retriever] = []
+    lock = threading.Lock()
+
+    def work(study_uid: str, series_uid: str) -> RetrievedSeries | RetrievalFailure:
+        if not hasattr(local, "retriever"):
+            local.retriever = Retriever(pacs, staging_dir, "dicomweb").__enter__()
+            with lock:
+                opened.append(local.retriever)
+        return _retrieve_or_failure(local.retriever, study_uid, series_uid, counts.get(series_uid))
+
+    try:
+        with ThreadPoolExecutor(workers, thread_name_prefix="dicomweb") as pool:
+            futures = [pool.submit(work, study_uid, series_uid) for study_uid, series_uid in series]
+            return _in_order(series, futures, progress)
+    finally:
+        for retriever in opened:
+            retriever.__exit__(None, None, None)
+
+
+def _in_order(
+    series: Sequence[tuple[str, str]],
+    futures: Sequence[Future[RetrievedSeries | RetrievalFailure]],
+    progress: Callable[[int, int], None] | None,
+) -> list[RetrievedSeries | RetrievalFailure]:
+    for done, _ in enumerate(as_completed(futures), start=1):
+        if progress:
+            progress(done, len(series))
+    return [future.result() for future in futures]

@@ -1,0 +1,663 @@
+"""The loopback sandbox: real Orthanc, HAPI FHIR and PostgreSQL servers started from packages on 127.0.0.1.
+
+``riskbridge sandbox up`` runs each server as a plain child process with all of its state under one
+directory (``sandbox.dir``, default ``.riskbridge/sandbox``); ``down`` stops exactly the processes ``up``
+started, identified by PID and kernel start time (so a recycled PID is never signalled); ``status`` reports
+each part. No Docker engine is needed.
+
+- Orthanc (Debian ``orthanc`` + ``orthanc-dicomweb``) with a generated JSON config: DICOMweb plugin on,
+  remote HTTP access off, and strict DICOM AE authorization (only the AE titles in ``DicomModalities`` may
+  associate). Orthanc 1.10 binds its DICOM port on all interfaces whatever the config says; the AE check is
+  what keeps strangers out. Started with ``TCP_NODELAY=1`` (its DCMTK layer leaves Nagle on otherwise).
+- HAPI FHIR JPA (R4) from our own launcher under ``docker/hapi-fhir``, built with Maven on first use.
+- PostgreSQL from Debian: a cluster of its own (initdb) in the sandbox directory, on its own port.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pwd
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import psycopg2
+import psycopg2.extensions
+import requests
+
+from riskbridge.errors import RiskbridgeError
+from riskbridge.settings import Settings
+
+ProgressCallback = Callable[[str, str], None]
+"""Called as ``progress(part_name, message)`` while the sandbox changes state."""
+
+PROJECT_ROOT = Path(__file__).resolve().parents[2]  # riskbridge/dev/sandbox.py -> the checkout
+HAPI_SOURCE_DIR = PROJECT_ROOT / "docker" / "hapi-fhir"
+HAPI_JAR_NAME = "riskbridge-hapi-fhir.jar"
+POSTGRES_BIN_DIRS = sorted(Path("/usr/lib/postgresql").glob("*/bin"), reverse=True)
+ORTHANC_PLUGIN_CANDIDATES = (
+    Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so"),
+    Path("/usr/lib/orthanc/libOrthancDicomWeb.so"),
+)
+
+
+class SandboxError(RiskbridgeError):
+    """A sandbox problem a person can fix; the message is one line saying what and how."""
+
+
+@dataclass(frozen=True)
+class PartStatus:
+    """What ``status`` knows about one server."""
+
+    name: str
+    state: str  # "ready", "starting", "stopped" or "stale pid file"
+    pid: int | None
+    endpoints: tuple[str, ...]
+    detail: str = ""
+
+
+def _noop(part: str, message: str) -> None:
+    return None
+
+
+def _process_start_time(pid: int) -> str | None:
+    """Return the kernel start time of ``pid`` (clock ticks since boot), or None if it does not exist."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    # Field 22; the command name (field 2) may hold spaces, so count from the closing parenthesis.
+    fields = stat[stat.rindex(")") + 2 :].split()
+    if fields[0] == "Z":
+        return None
+    return fields[19]
+
+
+def _listening_inodes(port: int) -> set[str]:
+    """Return the socket inodes listening on TCP ``port`` (IPv4 or IPv6), from /proc/net."""
+    inodes = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            lines = Path(table).read_text().splitlines()[1:]
+        except FileNotFoundError:
+            continue
+        for line in lines:
+            fields = line.split()
+            if fields[3] == "0A" and int(fields[1].rsplit(":", 1)[1], 16) == port:  # 0A: LISTEN
+                inodes.add(fields[9])
+    return inodes
+
+
+def _process_listens_on(pid: int, port: int) -> bool:
+    """True when process ``pid`` itself holds a socket listening on ``port``."""
+    wanted = {f"socket:[{inode}]" for inode in _listening_inodes(port)}
+    if not wanted:
+        return False
+    try:
+        descriptors = list(Path(f"/proc/{pid}/fd").iterdir())
+    except (FileNotFoundError, PermissionError):
+        return False
+    for descriptor in descriptors:
+        try:
+            if os.readlink(descriptor) in wanted:
+                return True
+        except OSError:
+            continue
+    return False
+
+
+def _port_free(port: int, host: str) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+def _require_binary(name: str, package: str, search: Sequence[Path] = ()) -> Path:
+    for directory in search:
+        if (directory / name).is_file():
+            return directory / name
+    found = shutil.which(name)
+    if found is None:
+        raise SandboxError(f"'{name}' not found: install the Debian package '{package}' (apt-get install {package})")
+    return Path(found)
+
+
+class _Part(ABC):
+    """One sandbox server: its directory, its PID file, how to start it and how to tell it is ready."""
+
+    name = ""
+
+    def __init__(self, settings: Settings, root: Path) -> None:
+        self.settings = settings
+        self.dir = root / self.name
+        self.pid_file = self.dir / "pid"
+        self.log_file = self.dir / f"{self.name}.log"
+
+    # -- subclass interface -------------------------------------------------------------------------
+    @abstractmethod
+    def ports(self) -> list[tuple[int, str, str]]:
+        """Return ``(port, bind host, setting key)`` for every port this part listens on."""
+
+    @abstractmethod
+    def endpoints(self) -> tuple[str, ...]:
+        """Return the endpoints a person or a test connects to."""
+
+    @abstractmethod
+    def check_prerequisites(self) -> None:
+        """Raise :class:`SandboxError` if a binary this part needs is missing."""
+
+    @abstractmethod
+    def prepare(self, progress: ProgressCallback) -> None:
+        """Create configuration and on-disk state; safe to call again."""
+
+    @abstractmethod
+    def command(self) -> tuple[list[str], dict[str, str], str | None]:
+        """Return the argv, extra environment and the user to run as (None: the current user)."""
+
+    @abstractmethod
+    def ready(self) -> bool:
+        """Return True once the server answers its protocol."""
+
+    def after_ready(self, progress: ProgressCallback) -> None:  # noqa: B027 (an optional hook, not abstract)
+        """One-time work once the server answers (create the database, ...); most parts need none."""
+
+    def stop_signal(self) -> int:
+        """The signal that makes this server shut down cleanly and promptly."""
+        return signal.SIGTERM
+
+    # -- shared mechanics ---------------------------------------------------------------------------
+    def running_pid(self) -> int | None:
+        """Return the PID this sandbox started if that process is still alive, else None."""
+        try:
+            pid_text, started = self.pid_file.read_text().split()
+            pid = int(pid_text)
+        except (FileNotFoundError, ValueError):
+            return None
+        return pid if _process_start_time(pid) == started else None
+
+    def has_stale_pid_file(self) -> bool:
+        """True when a PID file exists but its process is gone (or the PID now belongs to another one)."""
+        return self.pid_file.exists() and self.running_pid() is None
+
+    def check_ports(self) -> None:
+        """Raise :class:`SandboxError` naming the first busy port and the setting that moves it."""
+        for port, host, key in self.ports():
+            if not _port_free(port, host):
+                env = "RISKBRIDGE_" + key.upper().replace(".", "__")
+                raise SandboxError(f"{self.name}: port {port} is already in use; free it or change '{key}' ({env}=...)")
+
+    def start(self) -> int:
+        """Start the server process detached from this one; return its PID."""
+        argv, extra_env, user = self.command()
+        env = {**os.environ, **extra_env}
+        with self.log_file.open("ab") as log:
+            process = subprocess.Popen(
+                argv,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                cwd=self.dir,
+                env=env,
+                user=user,
+                start_new_session=True,
+            )
+        started = _process_start_time(process.pid)
+        self.pid_file.write_text(f"{process.pid} {started}\n")
+        return process.pid
+
+    def exited_early(self) -> str | None:
+        """If the started process has died, return the tail of its log as the reason."""
+        if self.running_pid() is not None:
+            return None
+        tail = self.log_file.read_text(errors="replace").strip().splitlines()[-5:] if self.log_file.exists() else []
+        return " | ".join(tail) or "no log output"
+
+    def stop(self, timeout_s: float = 30.0) -> bool:
+        """Stop the process this sandbox started (TERM, then KILL after ``timeout_s``); True if one was running."""
+        pid = self.running_pid()
+        if pid is None:
+            self.pid_file.unlink(missing_ok=True)
+            return False
+        os.kill(pid, self.stop_signal())
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline and self.running_pid() is not None:
+            time.sleep(0.2)
+        if self.running_pid() is not None:
+            os.killpg(pid, signal.SIGKILL)
+            while self.running_pid() is not None:
+                time.sleep(0.1)
+        self.pid_file.unlink(missing_ok=True)
+        return True
+
+    def status(self) -> PartStatus:
+        """Report whether this part is stopped, starting or ready."""
+        pid = self.running_pid()
+        if pid is None:
+            state = "stale pid file" if self.has_stale_pid_file() else "stopped"
+            return PartStatus(self.name, state, None, self.endpoints())
+        return PartStatus(self.name, "ready" if self.serving() else "starting", pid, self.endpoints())
+
+    def serving(self) -> bool:
+        """True when the process this sandbox started listens on all its ports and answers its protocol.
+
+        Checking the listener's owner matters: another server on the same port would otherwise answer for it.
+        """
+        pid = self.running_pid()
+        if pid is None:
+            return False
+        return all(_process_listens_on(pid, port) for port, _, _ in self.ports()) and self.ready()
+
+
+def _http_ok(url: str, timeout: float = 2.0) -> bool:
+    try:
+        return requests.get(url, timeout=timeout).status_code == 200
+    except requests.RequestException:
+        return False
+
+
+class _Orthanc(_Part):
+    name = "orthanc"
+
+    @property
+    def http_url(self) -> str:
+        return f"http://127.0.0.1:{self.settings.sandbox.orthanc_http_port}"
+
+    def ports(self) -> list[tuple[int, str, str]]:
+        # Orthanc 1.10 binds DICOM on all interfaces, so that is where the port must be free.
+        return [
+            (self.settings.pacs.port, "0.0.0.0", "pacs.port"),
+            (self.settings.sandbox.orthanc_http_port, "127.0.0.1", "sandbox.orthanc_http_port"),
+        ]
+
+    def endpoints(self) -> tuple[str, ...]:
+        pacs = self.settings.pacs
+        return (
+            f"DICOM {pacs.called_ae}@127.0.0.1:{pacs.port}",
+            f"REST {self.http_url}",
+            f"DICOMweb {self.http_url}/dicom-web",
+        )
+
+    def plugin_path(self) -> Path:
+        for candidate in ORTHANC_PLUGIN_CANDIDATES:
+            if candidate.is_file():
+                return candidate
+        raise SandboxError(
+            "Orthanc DICOMweb plugin (libOrthancDicomWeb.so) not found: "
+            "install the Debian package 'orthanc-dicomweb' (apt-get install orthanc-dicomweb)"
+        )
+
+    def check_prerequisites(self) -> None:
+        _require_binary("Orthanc", "orthanc", [Path("/usr/sbin")])
+        self.plugin_path()
+
+    def config(self) -> dict[str, object]:
+        """The Orthanc JSON configuration this sandbox runs with."""
+        pacs = self.settings.pacs
+        allow_all = {
+            "AllowEcho": True,
+            "AllowFind": True,
+            "AllowMove": True,
+            "AllowGet": True,
+            "AllowStore": True,
+        }
+        modalities: dict[str, object] = {
+            "riskbridge": {"AET": pacs.calling_ae, "Host": "127.0.0.1", "Port": pacs.scp_port, **allow_all},
+        }
+        for index, (ae_title, port) in enumerate(pacs.scp_endpoints()):
+            modalities[f"riskbridge_scp_{index}"] = {"AET": ae_title, "Host": "127.0.0.1", "Port": port, **allow_all}
+        for index, ae_title in enumerate(self.settings.sandbox.extra_calling_aes):
+            # A tool's own storage SCP (e.g. dcmtk's storescp for movescu) listens at scp_port + 100 + index.
+            modalities[f"extra_{index}"] = {
+                "AET": ae_title,
+                "Host": "127.0.0.1",
+                "Port": pacs.scp_port + 100 + index,
+                **allow_all,
+            }
+        return {
+            "Name": "riskbridge-sandbox",
+            "StorageDirectory": str(self.dir / "storage"),
+            "IndexDirectory": str(self.dir / "storage"),
+            "StorageCompression": False,
+            "SyncStorageArea": False,
+            "HttpServerEnabled": True,
+            "HttpPort": self.settings.sandbox.orthanc_http_port,
+            "RemoteAccessAllowed": False,
+            "AuthenticationEnabled": False,
+            "DicomServerEnabled": True,
+            "DicomAet": pacs.called_ae,
+            "DicomPort": pacs.port,
+            "DicomCheckCalledAet": True,
+            "DicomCheckModalityHost": True,
+            "DicomAlwaysAllowEcho": False,
+            "DicomAlwaysAllowStore": False,
+            "DicomAlwaysAllowFind": False,
+            "DicomAlwaysAllowGet": False,
+            "DicomAlwaysAllowMove": False,
+            "DicomModalities": modalities,
+            "DicomThreadsCount": 4,
+            "Plugins": [str(self.plugin_path())],
+            "DicomWeb": {"Enable": True, "Root": "/dicom-web/", "EnableWado": True},
+            "SaveJobs": False,
+        }
+
+    def prepare(self, progress: ProgressCallback) -> None:
+        (self.dir / "storage").mkdir(parents=True, exist_ok=True)
+        (self.dir / "orthanc.json").write_text(json.dumps(self.config(), indent=2))
+
+    def command(self) -> tuple[list[str], dict[str, str], str | None]:
+        binary = _require_binary("Orthanc", "orthanc", [Path("/usr/sbin")])
+        return [str(binary), str(self.dir / "orthanc.json")], {"TCP_NODELAY": "1"}, None
+
+    def ready(self) -> bool:
+        return _http_ok(f"{self.http_url}/system")
+
+
+class _Hapi(_Part):
+    name = "hapi-fhir"
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.settings.sandbox.hapi_port}/fhir"
+
+    @property
+    def jar(self) -> Path:
+        return HAPI_SOURCE_DIR / "target" / HAPI_JAR_NAME
+
+    def ports(self) -> list[tuple[int, str, str]]:
+        return [(self.settings.sandbox.hapi_port, "127.0.0.1", "sandbox.hapi_port")]
+
+    def endpoints(self) -> tuple[str, ...]:
+        return (f"FHIR R4 {self.base_url}",)
+
+    def check_prerequisites(self) -> None:
+        _require_binary("java", "openjdk-17-jre-headless")
+        if not self.jar.is_file() or self._sources_newer_than_jar():
+            _require_binary("mvn", "maven")
+
+    def _sources_newer_than_jar(self) -> bool:
+        built = self.jar.stat().st_mtime
+        sources = [HAPI_SOURCE_DIR / "pom.xml", *HAPI_SOURCE_DIR.glob("src/**/*")]
+        return any(path.is_file() and path.stat().st_mtime > built for path in sources)
+
+    def prepare(self, progress: ProgressCallback) -> None:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        if self.jar.is_file() and not self._sources_newer_than_jar():
+            self._install_server_jar()
+            return
+        progress(self.name, "building the HAPI FHIR launcher with Maven (first run downloads to ~/.m2)")
+        build_log = self.dir / "build.log"
+        with build_log.open("wb") as log:
+            result = subprocess.run(
+                ["mvn", "-B", "-q", "-f", str(HAPI_SOURCE_DIR / "pom.xml"), "package", "-DskipTests"],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                check=False,
+            )
+        if result.returncode != 0 or not self.jar.is_file():
+            raise SandboxError(f"hapi-fhir: Maven build failed (exit {result.returncode}); see {build_log}")
+        self._install_server_jar()
+
+    @property
+    def server_jar(self) -> Path:
+        """The copy of the launcher this sandbox's server runs from (see :meth:`_install_server_jar`)."""
+        return self.dir / HAPI_JAR_NAME
+
+    def _install_server_jar(self) -> Path:
+        # Maven rewrites target/*.jar in place, and a running JVM then fails on its next class load: each sandbox
+        # runs its own copy, replaced by rename (a running server keeps the file it opened).
+        built, installed = self.jar.stat(), self.server_jar
+        if installed.is_file():
+            current = installed.stat()
+            if (current.st_size, current.st_mtime_ns) == (built.st_size, built.st_mtime_ns):
+                return installed
+        partial = installed.with_suffix(".jar.partial")
+        shutil.copy2(self.jar, partial)
+        os.replace(partial, installed)
+        return installed
+
+    def command(self) -> tuple[list[str], dict[str, str], str | None]:
+        java = _require_binary("java", "openjdk-17-jre-headless")
+        argv = [
+            str(java),
+            *self.settings.sandbox.hapi_java_opts.split(),
+            "-jar",
+            str(self.server_jar),
+            f"--server.port={self.settings.sandbox.hapi_port}",
+            "--server.address=127.0.0.1",
+        ]
+        return argv, {}, None
+
+    def ready(self) -> bool:
+        return _http_ok(f"{self.base_url}/metadata", timeout=30.0)
+
+
+class _Postgres(_Part):
+    name = "postgres"
+    database = "riskbridge"
+    role = "riskbridge"
+
+    @property
+    def data_dir(self) -> Path:
+        return self.dir / "data"
+
+    def ports(self) -> list[tuple[int, str, str]]:
+        return [(self.settings.sandbox.postgres_port, "127.0.0.1", "sandbox.postgres_port")]
+
+    def endpoints(self) -> tuple[str, ...]:
+        port = self.settings.sandbox.postgres_port
+        return (f"PostgreSQL postgresql://{self.role}@127.0.0.1:{port}/{self.database}",)
+
+    def _run_as(self) -> str | None:
+        # PostgreSQL refuses to run as root; the Debian package's 'postgres' account runs it instead.
+        if os.geteuid() != 0:
+            return None
+        try:
+            pwd.getpwnam("postgres")
+        except KeyError:
+            raise SandboxError(
+                "running as root needs the 'postgres' system user: install the Debian package 'postgresql'"
+            ) from None
+        return "postgres"
+
+    def check_prerequisites(self) -> None:
+        _require_binary("initdb", "postgresql", POSTGRES_BIN_DIRS)
+        _require_binary("postgres", "postgresql", POSTGRES_BIN_DIRS)
+        self._run_as()
+
+    def prepare(self, progress: ProgressCallback) -> None:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        user = self._run_as()
+        if user is not None:
+            account = pwd.getpwnam(user)
+            os.chown(self.dir, account.pw_uid, account.pw_gid)
+            probe = subprocess.run(["test", "-w", str(self.dir)], user=user, check=False)
+            if probe.returncode != 0:
+                raise SandboxError(
+                    f"postgres: the 'postgres' user cannot reach {self.dir}; put sandbox.dir on a path "
+                    "every user can traverse (RISKBRIDGE_SANDBOX__DIR=...)"
+                )
+        if (self.data_dir / "PG_VERSION").is_file():
+            return
+        progress(self.name, "initdb: creating the sandbox's own cluster")
+        initdb = _require_binary("initdb", "postgresql", POSTGRES_BIN_DIRS)
+        result = subprocess.run(
+            [
+                str(initdb),
+                "-D",
+                str(self.data_dir),
+                "-U",
+                self.role,
+                "--auth=trust",
+                "--encoding=UTF8",
+                "--locale=C",
+            ],
+            capture_output=True,
+            text=True,
+            user=user,
+            cwd=self.dir,
+            check=False,
+        )
+        if result.returncode != 0:
+            raise SandboxError(f"postgres: initdb failed: {result.stderr.strip().splitlines()[-1:]}")
+
+    def command(self) -> tuple[list[str], dict[str, str], str | None]:
+        postgres = _require_binary("postgres", "postgresql", POSTGRES_BIN_DIRS)
+        argv = [
+            str(postgres),
+            "-D",
+            str(self.data_dir),
+            "-p",
+            str(self.settings.sandbox.postgres_port),
+            "-c",
+            "listen_addresses=127.0.0.1",
+            "-c",
+            f"unix_socket_directories={self.dir}",
+            "-c",
+            "fsync=off",  # a throwaway test cluster: durability across power loss is not wanted
+        ]
+        return argv, {}, self._run_as()
+
+    def stop_signal(self) -> int:
+        return signal.SIGINT  # PostgreSQL's "fast" shutdown; SIGTERM waits for clients to leave
+
+    def _connect(self, dbname: str) -> psycopg2.extensions.connection:
+
+        return psycopg2.connect(
+            host="127.0.0.1",
+            port=self.settings.sandbox.postgres_port,
+            user=self.role,
+            dbname=dbname,
+            connect_timeout=2,
+        )
+
+    def ready(self) -> bool:
+        try:
+            self._connect("postgres").close()
+        except psycopg2.OperationalError:
+            return False
+        return True
+
+    def after_ready(self, progress: ProgressCallback) -> None:
+        connection = self._connect("postgres")
+        try:
+            connection.autocommit = True
+            with connection.cursor() as cursor:
+                cursor.execute("SELECT 1 FROM pg_database WHERE datname = %s", (self.database,))
+                if cursor.fetchone() is None:
+                    progress(self.name, f"creating database {self.database}")
+                    cursor.execute(f'CREATE DATABASE "{self.database}"')
+        finally:
+            connection.close()
+
+
+class Sandbox:
+    """The three sandbox servers, started, inspected and stopped together."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.root = settings.sandbox.dir.resolve()
+        self.orthanc = _Orthanc(settings, self.root)
+        self.hapi = _Hapi(settings, self.root)
+        self.postgres = _Postgres(settings, self.root)
+        self.parts: tuple[_Part, ...] = (self.orthanc, self.hapi, self.postgres)
+
+    @contextmanager
+    def _lock(self) -> Iterator[None]:
+        import fcntl
+
+        self.root.mkdir(parents=True, exist_ok=True)
+        with (self.root / ".lock").open("w") as handle:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise SandboxError(f"another 'riskbridge sandbox' command is working on {self.root}") from None
+            yield
+
+    def select(self, only: Sequence[str] | None) -> tuple[_Part, ...]:
+        """Return the parts named in ``only`` (all parts when None); raise SandboxError for an unknown name."""
+        if only is None:
+            return self.parts
+        names = [part.name for part in self.parts]
+        unknown = sorted(set(only) - set(names))
+        if unknown:
+            raise SandboxError(f"unknown sandbox part(s) {', '.join(unknown)}: choose from {', '.join(names)}")
+        return tuple(part for part in self.parts if part.name in only)
+
+    def up(self, progress: ProgressCallback = _noop, only: Sequence[str] | None = None) -> list[PartStatus]:
+        """Start every part (or those named in ``only``) that is not running and wait until all answer.
+
+        Return the status of the parts concerned.
+        """
+        parts = self.select(only)
+        with self._lock():
+            for part in parts:
+                part.check_prerequisites()
+            to_start = [part for part in parts if part.running_pid() is None]
+            for part in to_start:
+                part.check_ports()
+            # Every part is prepared (directories, config, the HAPI build, PostgreSQL's permission check) before any
+            # starts, so that a part that cannot start leaves no other part of this call running.
+            for part in to_start:
+                part.prepare(progress)
+            started: list[_Part] = []
+            try:
+                for part in to_start:
+                    part.start()
+                    started.append(part)
+                    progress(part.name, "started")
+            except BaseException:
+                for part in started:
+                    part.stop()
+                raise
+            for part in parts:
+                if part not in to_start:
+                    progress(part.name, "already running")
+            self._wait_ready(parts, progress)
+            for part in parts:
+                part.after_ready(progress)
+            return [part.status() for part in parts]
+
+    def _wait_ready(self, parts: Sequence[_Part], progress: ProgressCallback) -> None:
+        waiting = list(parts)
+        deadline = time.monotonic() + self.settings.sandbox.ready_timeout_s
+        while waiting:
+            for part in list(waiting):
+                reason = part.exited_early()
+                if reason is not None:
+                    raise SandboxError(f"{part.name} exited during start-up: {reason} (log: {part.log_file})")
+                if part.serving():
+                    progress(part.name, "ready")
+                    waiting.remove(part)
+            if waiting and time.monotonic() > deadline:
+                names = ", ".join(part.name for part in waiting)
+                raise SandboxError(
+                    f"not ready after {self.settings.sandbox.ready_timeout_s:.0f} s: {names} "
+                    "(raise sandbox.ready_timeout_s or read the logs under the sandbox dir)"
+                )
+            time.sleep(0.5)
+
+    def down(self, progress: ProgressCallback = _noop) -> list[str]:
+        """Stop the processes this sandbox started; return the names of the parts that were running."""
+        with self._lock():
+            stopped = []
+            for part in self.parts:
+                if part.stop():
+                    progress(part.name, "stopped")
+                    stopped.append(part.name)
+            return stopped
+
+    def status(self) -> list[PartStatus]:
+        """Report each part's state without changing anything."""
+        return [part.status() for part in self.parts]

@@ -1,0 +1,163 @@
+"""The match stage: each discovered study's PACS patient linked to one FHIR Patient, or quarantined with the reason.
+
+:func:`riskbridge.harmonize.identity.match_studies` decides (a PACS patient with several studies is matched once)
+against the FHIR server's Patients, reached through :func:`fhir_patient_directory`. The decision, its reasons and
+candidates are recorded in ``identity_decisions``; a conflict, no match or a match that needs review takes the study
+out of the run. Once decided, the study's PACS name and birth date are cleared from the ledger.
+"""
+
+from __future__ import annotations
+
+from collections import Counter, defaultdict
+from collections.abc import Sequence
+from datetime import datetime
+
+from riskbridge.connectors.fhir import FhirClient, FhirError
+from riskbridge.harmonize.identity import IdentityConfig, Outcome, PatientDirectory, PatientResource, match_studies
+from riskbridge.ledger import Ledger, record_quarantine
+from riskbridge.records import PacsPatient, StudyRef
+from riskbridge.stages.base import Cursor, Progress, StageContext
+
+NAME = "match"
+IDENTITY_QUARANTINE = {
+    Outcome.CONFLICT: "identity_conflict",
+    Outcome.UNMATCHED: "identity_unmatched",
+    Outcome.NEEDS_REVIEW: "identity_needs_review",
+}
+
+
+def fhir_patient_directory(client: FhirClient, birth_date_search: bool = False) -> PatientDirectory:
+    """The identity module's view of a FHIR server: Patients by identifier, by id (None when gone), by birth date."""
+
+    def by_identifier(system: str, value: str) -> list[PatientResource]:
+        return list(client.search("Patient", {"identifier": f"{system}|{value}"}))
+
+    def read(patient_id: str) -> PatientResource | None:
+        try:
+            return client.read("Patient", patient_id)
+        except FhirError as exc:
+            if exc.status in (404, 410):
+                return None
+            raise
+
+    def by_birth_date(day: str) -> list[PatientResource]:
+        return list(client.search("Patient", {"birthdate": day}))
+
+    return PatientDirectory(by_identifier, read, by_birth_date if birth_date_search else None)
+
+
+def pending(ledger: Ledger, run_id: int) -> list[StudyRef]:
+    """Studies of the run without an identity decision, with the PACS patient (matching needs its PHI)."""
+    with ledger.transaction() as cursor:
+        cursor.execute(
+            """SELECT s.* FROM studies s
+               LEFT JOIN identity_decisions d USING (run_id, study_uid)
+               WHERE s.run_id = %s AND d.study_uid IS NULL ORDER BY s.study_uid""",
+            (run_id,),
+        )
+        rows = cursor.fetchall()
+    studies = []
+    for row in rows:
+        patient = PacsPatient(
+            patient_id=row["patient_id"],
+            issuer=row["patient_issuer"],
+            other_ids=tuple((str(pair[0]), pair[1]) for pair in row["patient_other_ids"]),
+            name=row["patient_name"] or "",
+            birth_date=row["patient_birth_date"],
+            sex=row["patient_sex"],
+        )
+        studies.append(
+            StudyRef(
+                study_uid=row["study_uid"],
+                accession=row["accession"],
+                patient=patient,
+                study_datetime=datetime.fromisoformat(row["study_datetime"]) if row["study_datetime"] else None,
+                timezone_offset=row["timezone_offset"],
+                modalities=tuple(row["modalities"]),
+                description=row["description"],
+                instance_count=row["instance_count"],
+            )
+        )
+    return studies
+
+
+def record(
+    ledger: Ledger,
+    run_id: int,
+    study_uid: str,
+    outcome: str,
+    fhir_patient_id: str | None,
+    reasons: Sequence[str],
+    candidate_ids: Sequence[str] = (),
+    score: float | None = None,
+    quarantine_reason: str | None = None,
+) -> None:
+    """Record a study's identity decision (first one wins), quarantine it unless matched, and clear the PACS
+    name and birth date, which nothing needs any more."""
+    with ledger.transaction() as cursor:
+        cursor.execute(
+            """INSERT INTO identity_decisions (run_id, study_uid, outcome, fhir_patient_id, reasons,
+                   candidate_ids, score) VALUES (%s, %s, %s, %s, %s, %s, %s) ON CONFLICT DO NOTHING""",
+            (run_id, study_uid, outcome, fhir_patient_id, list(reasons), list(candidate_ids), score),
+        )
+        if cursor.rowcount and quarantine_reason is not None:
+            record_quarantine(cursor, run_id, study_uid, NAME, quarantine_reason, ", ".join(reasons))
+        cursor.execute(
+            """UPDATE studies SET patient_name = NULL, patient_birth_date = NULL
+               WHERE run_id = %s AND study_uid = %s""",
+            (run_id, study_uid),
+        )
+
+
+def identities(ledger: Ledger, run_id: int) -> dict[str, tuple[str, str | None]]:
+    """StudyInstanceUID -> (outcome, FHIR Patient id) for every decided study of the run."""
+    with ledger.transaction() as cursor:
+        cursor.execute(
+            "SELECT study_uid, outcome, fhir_patient_id FROM identity_decisions WHERE run_id = %s", (run_id,)
+        )
+        return {r["study_uid"]: (r["outcome"], r["fhir_patient_id"]) for r in cursor.fetchall()}
+
+
+def work(context: StageContext, run_id: int, items: Sequence[str] | None, progress: Progress | None) -> Counter[str]:
+    """Link each undecided study's PACS patient to a FHIR Patient; quarantine conflict/unmatched/needs-review."""
+    counts: Counter[str] = Counter()
+    ledger = context.ledger
+    studies = pending(ledger, run_id)
+    if not studies:
+        return counts
+    config = IdentityConfig.from_settings(context.settings.identity)
+    directory = fhir_patient_directory(context.fhir(), config.fallback.enabled)
+    by_patient: dict[PacsPatient, list[StudyRef]] = defaultdict(list)
+    for study in studies:
+        by_patient[study.patient].append(study)
+    done = 0
+    for patient_studies in by_patient.values():
+        for study_uid, decision in match_studies(patient_studies, directory, config).items():
+            quarantine = IDENTITY_QUARANTINE.get(decision.outcome)
+            record(
+                ledger,
+                run_id,
+                study_uid,
+                decision.outcome.value,
+                decision.fhir_patient_id,
+                [reason.value for reason in decision.reasons],
+                decision.candidate_ids,
+                decision.score,
+                quarantine,
+            )
+            counts["quarantined" if quarantine else "done"] += 1
+            done += 1
+            if progress:
+                progress(done, len(studies))
+    return counts
+
+
+def counts(cursor: Cursor, run_id: int) -> Counter[str]:
+    """Studies matched (done) and quarantined by their identity decision."""
+    cursor.execute(
+        "SELECT outcome, count(*) AS n FROM identity_decisions WHERE run_id = %s GROUP BY outcome", (run_id,)
+    )
+    found: Counter[str] = Counter()
+    for row in cursor.fetchall():
+        found["done" if row["outcome"] == "matched" else "quarantined"] += int(row["n"])
+    return found

@@ -1,0 +1,109 @@
+"""The stage list: every stage is one module that defines what a stage must, and the one ordered list drives the
+pipeline, the DAG factory and the CLI. A stage added as one module plus one line runs in its place (the worked
+example of docs/architecture.md, here with an in-memory module and a stand-in ledger)."""
+
+from __future__ import annotations
+
+import sys
+import types
+from collections import Counter
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
+
+import pytest
+
+import riskbridge.stages
+from riskbridge import pipeline as pipeline_module
+from riskbridge.pipeline import Pipeline
+from riskbridge.settings import Settings
+from riskbridge.stages import STAGE_NAMES, STAGES, Stage, stage
+from riskbridge.stages.base import StageContext, chunk_key, chunked
+
+
+def test_every_stage_is_a_module_defining_work_and_counts() -> None:
+    assert STAGE_NAMES == ("discover", "match", "select", "retrieve", "clinical", "harmonize", "score", "write_back")
+    for current in STAGES:
+        module = current.module
+        assert module.__name__ == f"riskbridge.stages.{current.name}"
+        assert callable(module.work) and callable(module.counts)
+        assert callable(getattr(module, "pending_items", None)) == current.chunked
+    assert [s.name for s in STAGES if s.chunked] == ["retrieve", "clinical"]
+    assert stage("retrieve").chunk_size(Settings().run) == Settings().run.retrieve_chunk_size
+
+
+def test_an_unknown_stage_or_an_incomplete_module_is_refused() -> None:
+    with pytest.raises(ValueError, match="no stage 'scoring'; the stages are discover, match"):
+        stage("scoring")
+    with pytest.raises(TypeError, match=r"riskbridge\.stages\.base lacks work, counts"):
+        _ = Stage("base").module
+    with pytest.raises(ValueError, match="not chunked"):
+        stage("score").chunk_size(Settings().run)
+
+
+def test_chunks_keep_order_and_a_chunk_is_named_by_its_items() -> None:
+    assert chunked(["a", "b", "c", "d", "e"], 2) == [["a", "b"], ["c", "d"], ["e"]]
+    assert chunked([], 3) == []
+    with pytest.raises(ValueError, match="at least 1"):
+        chunked(["a"], 0)
+    assert chunk_key(["b", "a"]) == chunk_key(["a", "b"]) != chunk_key(["a"])
+    assert chunk_key(None) == "all"
+
+
+class _Ledger:
+    """Stands in for the ledger's run bookkeeping: the stages here keep their state in the module."""
+
+    def __init__(self) -> None:
+        self.timings: list[tuple[int, str, str, Mapping[str, int]]] = []
+
+    def resume_run(self, run_id: int) -> bool:
+        return False
+
+    def record_timing(self, run_id: int, stage: str, chunk: str, seconds: float, counts: Mapping[str, int]) -> None:
+        self.timings.append((run_id, stage, chunk, dict(counts)))
+
+    def close(self) -> None:
+        pass
+
+
+@pytest.fixture
+def audit_stage(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[str]]:
+    """A new stage ``audit`` after ``harmonize``: one module (in memory here) plus one line in the stage list."""
+    calls: list[str] = []
+    module = types.ModuleType("riskbridge.stages.audit")
+
+    def work(context: StageContext, run_id: int, items: Sequence[str] | None, progress: Any) -> Counter[str]:
+        calls.append("audit")
+        return Counter(done=3)
+
+    def counts(cursor: Any, run_id: int) -> Counter[str]:
+        return Counter(done=3)
+
+    module.work = work  # type: ignore[attr-defined]
+    module.counts = counts  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "riskbridge.stages.audit", module)
+    names = list(STAGE_NAMES)
+    extended = (*STAGES[: names.index("harmonize") + 1], Stage("audit"), *STAGES[names.index("harmonize") + 1 :])
+    monkeypatch.setattr(riskbridge.stages, "STAGES", extended)
+    monkeypatch.setattr(pipeline_module, "STAGES", extended)
+    # Every other stage records that it ran and does nothing else.
+    for current in STAGES:
+
+        def other(context: Any, run_id: int, items: Any, progress: Any, name: str = current.name) -> Counter[str]:
+            calls.append(name)
+            return Counter()
+
+        monkeypatch.setattr(current.module, "work", other)
+        if current.chunked:
+            monkeypatch.setattr(current.module, "pending_items", lambda context, run_id: [])
+    yield calls
+
+
+def test_a_stage_added_as_one_module_and_one_line_runs_in_its_place(audit_stage: list[str]) -> None:
+    ledger = _Ledger()
+    pipeline = Pipeline(Settings(), ledger=ledger)  # type: ignore[arg-type]
+    results = pipeline.run_stages(7, until="score")
+    assert audit_stage == ["discover", "match", "select", "harmonize", "audit", "score"]  # no chunks: not called
+    assert [r.stage for r in results] == ["discover", "match", "select", "harmonize", "audit", "score"]
+    assert next(r for r in results if r.stage == "audit").done == 3
+    assert ("audit", "all") in {(t[1], t[2]) for t in ledger.timings}
+    assert stage("audit").module.counts(None, 7)["done"] == 3
