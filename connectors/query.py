@@ -290,6 +290,7 @@ def series_from_answer(answer: Dataset, study_uid: str | None = None) -> SeriesR
         description=_text(attributes, "SeriesDescription") or "",
         instance_count=_integer(attributes, _INSTANCE_COUNT),
         attributes=attributes,
+        sources={keyword: "series" for keyword, value in attributes.items() if value is not None},
     )
 
 
@@ -451,6 +452,7 @@ def complete_series(
             find_instances(pacs, series.study_uid, series.series_uid, keywords=wanted, timeout_s=timeout_s)
         )
     attributes = dict(series.attributes)
+    sources = dict(series.sources)
     first = _first_instance(instances)
     filled = []
     if first is not None:
@@ -458,11 +460,13 @@ def complete_series(
             value = first.attributes.get(keyword)
             if not _is_empty(value):
                 attributes[keyword] = value
+                sources[keyword] = "image"
                 filled.append(keyword)
     instance_count = series.instance_count
     if count_needed:
         instance_count = len(instances)
         attributes[_INSTANCE_COUNT] = instance_count
+        sources[_INSTANCE_COUNT] = "image"
         filled.append(_INSTANCE_COUNT)
     LOG.debug(
         "series %s: completed %s from IMAGE level (still missing: %s)",
@@ -470,7 +474,7 @@ def complete_series(
         ", ".join(filled) or "nothing",
         ", ".join(k for k in missing if k not in filled) or "none",
     )
-    return replace(series, attributes=attributes, instance_count=instance_count)
+    return replace(series, attributes=attributes, sources=sources, instance_count=instance_count)
 
 
 def find_complete_series(

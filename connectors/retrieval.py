@@ -208,10 +208,12 @@ class Retriever:
 
     def _retrieve_counted(self, study_uid: str, series_uid: str, count: int, started: float) -> RetrievedSeries | int:
         """Stage the whole series, accepting instances by their series; return the record if ``count`` or more
-        are staged, else the number of attempts spent (the caller lists the instances and fetches the rest)."""
+        are staged, else the number of attempts spent (the caller lists the instances and fetches the rest). A
+        series with fewer than half its instances staged (none, or a header sampled during selection) is fetched
+        whole; one with more, listed and completed instance by instance."""
         staged = staging.staged_instances(self.staging_root, study_uid, series_uid)
         attempts = 0
-        if count > 0 and not staged:
+        if count > 0 and len(staged) < count / 2:
             attempts = 1
             self._fetch_whole_series(study_uid, series_uid)
             staged = staging.staged_instances(self.staging_root, study_uid, series_uid)

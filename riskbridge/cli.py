@@ -1,20 +1,21 @@
 """The ``riskbridge`` command line: sandbox, doctor, imaging (query, select, retrieve), synthetic cohort, version.
 
 Errors a person can fix (settings, missing packages, busy ports, unreachable servers) end in one line on stderr
-and exit status 2, never a stack trace.
+and exit status 2, never a stack trace. Listings (``doctor``, ``imaging studies|select|retrieve``) take
+``--format table|json|tsv``; :func:`riskbridge.console.emit` prints them.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from datetime import date
 from pathlib import Path
-from typing import Any, Literal, cast
+from typing import TYPE_CHECKING, Any, Literal, cast
 
 import typer
 from rich.table import Table
 
 from riskbridge import __version__
+from riskbridge.cli_pacs import doctor, imaging_app, parse_day
 from riskbridge.console import CliState as _State
 from riskbridge.console import cli_settings as _settings
 from riskbridge.console import console
@@ -22,11 +23,12 @@ from riskbridge.console import count_progress as _count_progress
 from riskbridge.console import fail as _fail
 from riskbridge.dev.cli import demo, sandbox_app, synth
 from riskbridge.errors import RiskbridgeError
-from riskbridge.settings import Settings
+
+if TYPE_CHECKING:
+    pass
 
 app = typer.Typer(help="riskbridge: nightly imaging + EHR risk scoring.", no_args_is_help=True)
 app.add_typer(sandbox_app, name="sandbox")
-imaging_app = typer.Typer(help="Query the PACS, select each study's series by the rules, retrieve it verified.")
 app.add_typer(imaging_app, name="imaging")
 
 
@@ -46,22 +48,7 @@ def version() -> None:
     console.print(f"riskbridge {__version__}")
 
 
-@app.command()
-def doctor() -> None:
-    """Check the PACS (C-ECHO), the FHIR server (/metadata) and the ledger database; exit 1 on any FAIL."""
-    from riskbridge.doctor import run_checks
-
-    results = run_checks(_settings())
-    table = Table(title="riskbridge doctor")
-    for column in ("check", "target", "result", "detail"):
-        table.add_column(column)
-    for result in results:
-        verdict = "[green]OK[/]" if result.ok else "[red]FAIL[/]"
-        table.add_row(result.name, result.target, verdict, result.detail)
-    console.print(table)
-    if not all(result.ok for result in results):
-        raise typer.Exit(code=1)
-
+app.command()(doctor)
 
 fhir_app = typer.Typer(help="The FHIR server riskbridge writes to.")
 app.add_typer(fhir_app, name="fhir")
@@ -278,133 +265,6 @@ def score(
         raise typer.Exit(code=1)
 
 
-def _parse_day(value: str | None, option: str) -> date | None:
-    if value is None:
-        return None
-    try:
-        return date.fromisoformat(value)
-    except ValueError:
-        raise _fail(f"{option} must be a date like 2026-11-23, not {value!r}") from None
-
-
-@imaging_app.command("studies")
-def imaging_studies(
-    date_from: str | None = typer.Option(None, "--from", help="First study date (YYYY-MM-DD), inclusive."),
-    date_to: str | None = typer.Option(None, "--to", help="Last study date (YYYY-MM-DD), inclusive."),
-    modality: str = typer.Option("CT", "--modality", help="ModalitiesInStudy to match; '' for any."),
-) -> None:
-    """List the PACS's studies in a date range (STUDY-level C-FIND); identifiers shown are UIDs only."""
-    from riskbridge.connectors import query
-
-    settings = _settings()
-    study_date = (_parse_day(date_from, "--from"), _parse_day(date_to, "--to"))
-    table = Table("study UID", "date/time", "modalities", "description", "instances")
-    try:
-        for study in query.find_studies(settings.pacs, study_date=study_date, modality=modality or None):
-            when = study.study_datetime.isoformat(sep=" ") if study.study_datetime else "-"
-            count = str(study.instance_count) if study.instance_count is not None else "-"
-            table.add_row(study.study_uid, when, "/".join(study.modalities), study.description, count)
-    except RiskbridgeError as exc:
-        raise _fail(str(exc)) from None
-    console.print(table)
-
-
-def _rule_set(settings: Settings, rules: str | None) -> Any:
-    from riskbridge.stages.select import load_rule_set
-
-    try:
-        return load_rule_set(rules or settings.series_rules)
-    except RiskbridgeError as exc:
-        raise _fail(str(exc)) from None
-
-
-def _decision_table(selection: Any) -> Table:
-    table = Table("#", "series UID", "decision", "rule", "reason", title=f"study {selection.study_uid}")
-    for decision in selection.decisions:
-        if decision.chosen:
-            verdict = "[bold green]chosen[/]"
-        elif decision.rank is not None:
-            verdict = f"[yellow]runner-up {decision.rank}[/]"
-        else:
-            verdict = "[red]rejected[/]"
-        number = decision.judged.get("SeriesNumber", "")
-        table.add_row(str(number if number is not None else ""), decision.series_uid, verdict, decision.rule,
-                      decision.reason)  # fmt: skip
-    table.caption = selection.reason
-    return table
-
-
-@imaging_app.command("select")
-def imaging_select(
-    study_uids: list[str] = typer.Argument(..., help="StudyInstanceUID(s)."),
-    rules: str | None = typer.Option(None, "--rules", help="Rule set name or YAML file (default: series_rules)."),
-) -> None:
-    """Decide each study's series by the rules and show every decision with its reason; nothing is retrieved."""
-    from riskbridge.stages.select import select_study
-
-    settings = _settings()
-    rule_set = _rule_set(settings, rules)
-    for study_uid in study_uids:
-        try:
-            console.print(_decision_table(select_study(settings.pacs, study_uid, rule_set)[0]))
-        except RiskbridgeError as exc:
-            raise _fail(str(exc)) from None
-
-
-@imaging_app.command("retrieve")
-def imaging_retrieve(
-    study_uids: list[str] = typer.Argument(..., help="StudyInstanceUID(s)."),
-    rules: str | None = typer.Option(None, "--rules", help="Rule set name or YAML file (default: series_rules)."),
-    transport: str | None = typer.Option(None, "--transport", help="auto, c-move, c-get or dicomweb."),
-    workers: int | None = typer.Option(None, "--workers", min=1, max=16, help="Series retrieved at once."),
-) -> None:
-    """Select each study's series and retrieve the chosen ones into staging, verified complete.
-
-    Exit status 1 when a chosen series could not be retrieved completely (each failure is listed with its reason).
-    """
-    from riskbridge.connectors.retrieval import RetrievalFailure, resolve_transport
-    from riskbridge.records import RetrievedSeries
-    from riskbridge.stages.retrieve import select_and_retrieve
-
-    settings = _settings()
-    if transport is not None and transport not in ("auto", "c-move", "c-get", "dicomweb"):
-        raise _fail(f"--transport must be auto, c-move, c-get or dicomweb, not {transport!r}")
-    if workers is not None:
-        settings = settings.model_copy(update={"pacs": settings.pacs.model_copy(update={"workers": workers})})
-    if transport is not None:
-        settings = settings.model_copy(update={"pacs": settings.pacs.model_copy(update={"transport": transport})})
-    rule_set = _rule_set(settings, rules)
-    try:
-        chosen_transport = resolve_transport(settings.pacs)
-        with _count_progress() as report:
-            outcomes = select_and_retrieve(
-                settings.pacs, settings.staging_dir, study_uids, rule_set, chosen_transport,
-                lambda done, total: report("series", done, total),
-            )  # fmt: skip
-    except RiskbridgeError as exc:
-        raise _fail(str(exc)) from None
-    table = Table("study UID", "series UID", "outcome", "instances", "MB", "seconds", "attempts",
-                  title=f"retrieval over {chosen_transport} into {settings.staging_dir}")  # fmt: skip
-    failed = 0
-    for outcome in outcomes:
-        selection, retrieval = outcome.selection, outcome.retrieval
-        if retrieval is None:
-            table.add_row(selection.study_uid, "-", f"[yellow]{selection.reason}[/]", "", "", "", "")
-        elif isinstance(retrieval, RetrievedSeries) and outcome.ready:
-            table.add_row(selection.study_uid, retrieval.series_uid, "[green]staged[/]",
-                          f"{retrieval.received}/{retrieval.expected}", f"{retrieval.bytes / 1e6:.1f}",
-                          f"{retrieval.seconds:.2f}", str(retrieval.attempts))  # fmt: skip
-        else:
-            failed += 1
-            reason = retrieval.reason if isinstance(retrieval, RetrievalFailure) else "incomplete"
-            table.add_row(selection.study_uid, retrieval.series_uid, f"[red]failed[/]: {reason}", "", "", "", "")
-    console.print(table)
-    if failed:
-        raise typer.Exit(code=1)
-
-
-# --- the ledger and whole runs (riskbridge db ..., riskbridge run) ---------------------------------------------
-
 db_app = typer.Typer(help="The PostgreSQL ledger: schema migrations.")
 app.add_typer(db_app, name="db")
 
@@ -436,7 +296,7 @@ def _run_window(window: str, zone: str | None) -> tuple[Any, Any]:
         raise _fail(f"--window must look like 2024-01-01..2024-01-14, not {window!r}")
     if zone is None:
         raise _fail("set site.timezone (RISKBRIDGE_SITE__TIMEZONE): the window's dates are days in the site's zone")
-    start, end = _parse_day(first, "--window start"), _parse_day(last, "--window end")
+    start, end = parse_day(first, "--window start"), parse_day(last, "--window end")
     assert start is not None and end is not None
     try:
         return window_of_days(start, end, zone)
@@ -502,6 +362,12 @@ def run_pipeline(
         console.print(_run_table(summary.stage_counts, summary.stage_seconds, f"run {run_id}"))
         if summary.quarantine:
             console.print("quarantined: " + ", ".join(f"{reason} {n}" for reason, n in summary.quarantine.items()))
+        sampling = summary.sampling
+        if sampling is not None and (sampling.series or sampling.identities):
+            console.print(
+                f"header sampling: {sampling.series} series in {sampling.seconds:.1f} s, "
+                f"{sampling.identities} identities from sampled headers"
+            )
         if until is not None:
             console.print(f"stopped after {until}; rerun the same command to resume")
             return

@@ -64,7 +64,9 @@ class StudyRef:
 
 @dataclass(frozen=True)
 class SeriesRef:
-    """A series of a study as the PACS describes it; ``attributes`` holds every returned attribute by keyword."""
+    """A series of a study as the PACS describes it; ``attributes`` holds every returned attribute by keyword, and
+    ``sources`` where each non-empty one came from: :data:`ATTRIBUTE_SOURCES` (SERIES-level C-FIND, IMAGE-level
+    C-FIND, or the header of a sampled instance)."""
 
     study_uid: str
     series_uid: str
@@ -73,6 +75,11 @@ class SeriesRef:
     description: str = ""
     instance_count: int | None = None
     attributes: Mapping[str, Any] = field(default_factory=dict)
+    sources: Mapping[str, str] = field(default_factory=dict)
+
+
+# Where a series attribute came from: the SERIES-level C-FIND, an IMAGE-level C-FIND, a sampled instance's header.
+ATTRIBUTE_SOURCES = ("series", "image", "header")
 
 
 @dataclass(frozen=True)

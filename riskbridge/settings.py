@@ -85,6 +85,11 @@ class PacsSettings(_Section):
     workers: int = Field(2, ge=1, le=16)
     max_attempts: int = Field(3, ge=1, le=10)
     timeout_s: float = Field(30.0, gt=0)
+    # Attributes the PACS's C-FIND does not return (ImageType, SliceThickness, OtherPatientIDsSequence, ...) read from
+    # one retrieved instance per series: off, when-needed (only what C-FIND left out) or always; at most
+    # header_sample_limit series per study (docs/series-selection.md "Header sampling").
+    header_sampling: Literal["off", "when-needed", "always"] = "when-needed"
+    header_sample_limit: int = Field(8, ge=1, le=64)
 
     _ae = field_validator("called_ae", "calling_ae", "scp_ae")(_check_ae_title)
 
@@ -312,11 +317,15 @@ class SandboxSettings(_Section):
     hapi_port: int = Field(18080, ge=1, le=65535)
     hapi_java_opts: str = "-Xmx1g -XX:+UseSerialGC"
     postgres_port: int = Field(15432, ge=1, le=65535)
-    # AE titles a test or site tool may call Orthanc from (dcmtk's findscu/movescu in the tests).
+    # AE titles a test or site tool may call Orthanc (and the dcmqrscp) from (dcmtk's findscu/movescu in the tests).
     extra_calling_aes: list[str] = ["DCMTK"]
     ready_timeout_s: float = Field(240.0, gt=0)
+    # dcmtk's Query/Retrieve SCP: a second, stricter PACS (docs/sandbox.md); binds on all interfaces, like Orthanc.
+    dcmqrscp_port: int = Field(14243, ge=1, le=65535)
+    dcmqrscp_ae: str = "DCMQRSCP"
 
     _ae = field_validator("extra_calling_aes")(lambda v: [_check_ae_title(a) for a in v])
+    _dcmqrscp_ae = field_validator("dcmqrscp_ae")(_check_ae_title)
 
 
 class Settings(BaseSettings):

@@ -20,7 +20,7 @@ from riskbridge.errors import RiskbridgeError
 
 __all__ = ["demo", "sandbox_app", "synth"]
 
-sandbox_app = typer.Typer(help="Loopback Orthanc, HAPI FHIR and PostgreSQL servers for tests and demos.")
+sandbox_app = typer.Typer(help="Loopback Orthanc, HAPI FHIR, PostgreSQL and dcmqrscp servers for tests and demos.")
 
 
 @contextmanager
@@ -53,10 +53,10 @@ def _status_table(statuses: list[Any]) -> Table:
 @sandbox_app.command("up")
 def sandbox_up(
     only: list[str] | None = typer.Option(
-        None, "--only", help="Start only this part (orthanc, hapi-fhir, postgres); repeatable."
+        None, "--only", help="Start only this part (orthanc, hapi-fhir, postgres, dcmqrscp); repeatable."
     ),
 ) -> None:
-    """Start Orthanc, HAPI FHIR and PostgreSQL on 127.0.0.1 (idempotent) and wait until they answer."""
+    """Start Orthanc, HAPI FHIR, PostgreSQL and dcmqrscp on 127.0.0.1 (idempotent) and wait until they answer."""
     from riskbridge.dev.sandbox import Sandbox, SandboxError
 
     settings = cli_settings()
@@ -99,12 +99,17 @@ def synth(
     out: Path = typer.Option(Path(".riskbridge/cohort"), "--out", "-o", help="Output directory."),
     size: str = typer.Option("small", "--size", help="small (128x128 slices) or full (512x512)."),
     load: bool = typer.Option(False, "--load", help="Upload to the configured Orthanc and FHIR server."),
+    pacs: str = typer.Option(
+        "orthanc", "--pacs", help="With --load, where the DICOM files go: orthanc (REST) or dcmqrscp (C-STORE)."
+    ),
 ) -> None:
     """Generate a deterministic synthetic cohort with ground truth (and optionally load it)."""
     from riskbridge.dev import synth as synthetic
 
     if size not in ("small", "full"):
         raise fail(f"--size must be 'small' or 'full', not {size!r}")
+    if pacs not in ("orthanc", "dcmqrscp"):
+        raise fail(f"--pacs must be 'orthanc' or 'dcmqrscp', not {pacs!r}")
     settings = cli_settings()
     try:
         with count_progress() as report:
@@ -115,9 +120,16 @@ def synth(
     if not load:
         return
     orthanc_url = f"http://127.0.0.1:{settings.sandbox.orthanc_http_port}"
+    target = None
+    if pacs == "dcmqrscp":
+        from riskbridge.dev.sandbox import dcmqrscp_pacs
+
+        target = dcmqrscp_pacs(settings)
     try:
         with count_progress() as report:
-            loaded = synthetic.load(out, orthanc_url=orthanc_url, fhir_base_url=settings.fhir.base_url, progress=report)
+            loaded = synthetic.load(
+                out, orthanc_url=orthanc_url, fhir_base_url=settings.fhir.base_url, progress=report, pacs=target
+            )
     except synthetic.LoadError as exc:
         raise fail(str(exc)) from None
     console.print(loaded.describe())

@@ -1,4 +1,4 @@
-"""The loopback sandbox: real Orthanc, HAPI FHIR and PostgreSQL servers started from packages on 127.0.0.1.
+"""The loopback sandbox: real Orthanc, HAPI FHIR, PostgreSQL and dcmtk dcmqrscp servers started from packages.
 
 ``riskbridge sandbox up`` runs each server as a plain child process with all of its state under one
 directory (``sandbox.dir``, default ``.riskbridge/sandbox``); ``down`` stops exactly the processes ``up``
@@ -11,6 +11,11 @@ each part. No Docker engine is needed.
   what keeps strangers out. Started with ``TCP_NODELAY=1`` (its DCMTK layer leaves Nagle on otherwise).
 - HAPI FHIR JPA (R4) from our own launcher under ``docker/hapi-fhir``, built with Maven on first use.
 - PostgreSQL from Debian: a cluster of its own (initdb) in the sandbox directory, on its own port.
+- dcmtk's Query/Retrieve SCP ``dcmqrscp`` (Debian ``dcmtk``): a second PACS that answers only what a strict PACS
+  answers (its C-FIND returns a fixed, small set of attributes per level), with a generated configuration: its AE
+  title, a storage area in the sandbox directory, riskbridge's AE titles as the only peers and move destinations,
+  and an association profile accepting uncompressed and RLE Lossless storage. Like Orthanc it binds on all
+  interfaces; the peer list (calling AE title and host 127.0.0.1) keeps strangers out.
 """
 
 from __future__ import annotations
@@ -33,8 +38,9 @@ import psycopg2
 import psycopg2.extensions
 import requests
 
+from riskbridge.connectors import dicom
 from riskbridge.errors import RiskbridgeError
-from riskbridge.settings import Settings
+from riskbridge.settings import PacsSettings, Settings
 
 ProgressCallback = Callable[[str, str], None]
 """Called as ``progress(part_name, message)`` while the sandbox changes state."""
@@ -47,6 +53,26 @@ ORTHANC_PLUGIN_CANDIDATES = (
     Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so"),
     Path("/usr/lib/orthanc/libOrthancDicomWeb.so"),
 )
+
+
+# The storage SOP classes the dcmqrscp accepts (C-STORE in) and offers (C-MOVE/C-GET out): CT in its three forms,
+# the dose report of the synthetic cohort, and the usual companions of a CT study.
+DCMQRSCP_STORAGE_CLASSES: tuple[str, ...] = (
+    "1.2.840.10008.5.1.4.1.1.2",  # CT Image Storage
+    "1.2.840.10008.5.1.4.1.1.2.1",  # Enhanced CT Image Storage
+    "1.2.840.10008.5.1.4.1.1.2.2",  # Legacy Converted Enhanced CT Image Storage
+    "1.2.840.10008.5.1.4.1.1.88.67",  # X-Ray Radiation Dose SR Storage
+    "1.2.840.10008.5.1.4.1.1.7",  # Secondary Capture Image Storage
+    "1.2.840.10008.5.1.4.1.1.88.22",  # Enhanced SR Storage
+    "1.2.840.10008.5.1.4.1.1.11.1",  # Grayscale Softcopy Presentation State Storage
+)
+EXPLICIT_VR_LITTLE_ENDIAN = "1.2.840.10008.1.2.1"
+IMPLICIT_VR_LITTLE_ENDIAN = "1.2.840.10008.1.2"
+RLE_LOSSLESS = "1.2.840.10008.1.2.5"
+# dcmqrscp's index keeps at most 500 studies and 1 GiB per study (dcmqrdb's DB_UpperMaxStudies and
+# DB_UpperMaxBytesPerStudy); past either it deletes the oldest studies or images to make room.
+DCMQRSCP_MAX_STUDIES = 500
+DCMQRSCP_MAX_MB_PER_STUDY = 1024
 
 
 class SandboxError(RiskbridgeError):
@@ -562,8 +588,190 @@ class _Postgres(_Part):
             connection.close()
 
 
+def dcmqrscp_pacs(settings: Settings) -> PacsSettings:
+    """Return the PACS settings that reach the sandbox dcmqrscp instead of the sandbox Orthanc.
+
+    Same calling AE title, storage SCP endpoints, timeouts and retries as ``settings.pacs``; host 127.0.0.1, the
+    port and AE title of ``settings.sandbox``; no DICOMweb and no TLS (dcmqrscp has neither), so ``transport``
+    "dicomweb" becomes "auto" (C-GET). Tests switch PACS with ``settings.model_copy(update={"pacs": ...})``.
+    """
+    pacs = settings.pacs
+    return pacs.model_copy(
+        update={
+            "host": "127.0.0.1",
+            "port": settings.sandbox.dcmqrscp_port,
+            "called_ae": settings.sandbox.dcmqrscp_ae,
+            "dicomweb_url": None,
+            "tls": None,
+            "transport": "auto" if pacs.transport == "dicomweb" else pacs.transport,
+        }
+    )
+
+
+class _Dcmqrscp(_Part):
+    """dcmtk's Query/Retrieve SCP with a generated configuration (docs/sandbox.md, "dcmqrscp")."""
+
+    name = "dcmqrscp"
+
+    @property
+    def storage_dir(self) -> Path:
+        """The storage area: received files and dcmqrscp's index (index.dat)."""
+        return self.dir / "storage"
+
+    @property
+    def config_file(self) -> Path:
+        """dcmqrscp's own configuration: network, peers (HostTable) and its AE title (AETable)."""
+        return self.dir / "dcmqrscp.cfg"
+
+    @property
+    def association_file(self) -> Path:
+        """The association negotiation profiles (``-xf``): transfer syntaxes and roles per storage class."""
+        return self.dir / "association.cfg"
+
+    @property
+    def pacs(self) -> PacsSettings:
+        """The PACS settings that reach this server (see :func:`dcmqrscp_pacs`)."""
+        return dcmqrscp_pacs(self.settings)
+
+    def ports(self) -> list[tuple[int, str, str]]:
+        # dcmqrscp 3.6.7 has no bind option: it listens on all interfaces.
+        return [(self.settings.sandbox.dcmqrscp_port, "0.0.0.0", "sandbox.dcmqrscp_port")]
+
+    def endpoints(self) -> tuple[str, ...]:
+        sandbox = self.settings.sandbox
+        return (f"DICOM {sandbox.dcmqrscp_ae}@127.0.0.1:{sandbox.dcmqrscp_port}",)
+
+    def check_prerequisites(self) -> None:
+        _require_binary("dcmqrscp", "dcmtk")
+
+    def peers(self) -> list[tuple[str, int]]:
+        """The ``(AE title, port)`` on 127.0.0.1 of every peer: the only calling AEs and C-MOVE destinations.
+
+        riskbridge's storage SCPs (one per retrieval worker), its calling AE title, then ``sandbox.extra_calling_aes``
+        (a tool's own storage SCP listens at ``scp_port + 100 + index``, as in Orthanc's configuration).
+        """
+        pacs = self.settings.pacs
+        found: dict[str, int] = {}
+        for ae_title, port in pacs.scp_endpoints():
+            found.setdefault(ae_title, port)
+        found.setdefault(pacs.calling_ae, pacs.scp_port)
+        for index, ae_title in enumerate(self.settings.sandbox.extra_calling_aes):
+            found.setdefault(ae_title, pacs.scp_port + 100 + index)
+        return list(found.items())
+
+    def config(self) -> str:
+        """The text of dcmqrscp.cfg (format: dcmtk's dcmqrdb/docs/dcmqrcnf.txt).
+
+        Peers are named in the HostTable and grouped under one symbolic name, so that no line outgrows the 511
+        characters dcmqrscp reads per line. Hosts are IP addresses: dcmqrscp runs with ``-dhl`` (no reverse DNS), so
+        a caller's host is "127.0.0.1", which its peer check compares as a string.
+        """
+        storage = str(self.storage_dir)
+        if len(storage) > 200 or any(char in storage for char in "\"'()"):
+            raise SandboxError(
+                f"dcmqrscp: its storage path {storage} is longer than 200 characters or holds quotes or parentheses, "
+                "which dcmqrscp cannot read; set a simpler sandbox.dir (RISKBRIDGE_SANDBOX__DIR=...)"
+            )
+        sandbox = self.settings.sandbox
+        peers = self.peers()
+        lines = [
+            "# Generated by riskbridge sandbox: rewritten on every start.",
+            f"NetworkTCPPort  = {sandbox.dcmqrscp_port}",
+            "MaxPDUSize      = 131072",
+            "MaxAssociations = 16",
+            "",
+            "HostTable BEGIN",
+            *(f"peer{index} = ({ae_title}, 127.0.0.1, {port})" for index, (ae_title, port) in enumerate(peers)),
+            "riskbridge = " + ", ".join(f"peer{index}" for index in range(len(peers))),
+            "HostTable END",
+            "",
+            "VendorTable BEGIN",
+            "VendorTable END",
+            "",
+            "AETable BEGIN",
+            f'{sandbox.dcmqrscp_ae} "{storage}" RW ({DCMQRSCP_MAX_STUDIES}, {DCMQRSCP_MAX_MB_PER_STUDY}mb) riskbridge',
+            "AETable END",
+        ]
+        too_long = [line for line in lines if len(line) > 500]
+        if too_long:
+            raise SandboxError(f"dcmqrscp: a configuration line exceeds what dcmqrscp reads: {too_long[0][:80]}...")
+        return "\n".join(lines) + "\n"
+
+    def association_config(self) -> str:
+        """The text of association.cfg: the ``Incoming`` and ``Outgoing`` profiles (dcmtk's asconfig format).
+
+        Incoming storage (C-STORE to dcmqrscp) accepts Explicit VR Little Endian, Implicit VR Little Endian and RLE
+        Lossless, preferring them in that order, and accepts the SCP role a C-GET requester proposes. Without a
+        profile, dcmqrscp's ``+xr`` would prefer RLE for every context proposing it, C-GET included, and then fail
+        every sub-operation of an uncompressed instance (it cannot encode RLE). Outgoing (C-MOVE sub-operations)
+        proposes Explicit VR Little Endian, then Implicit VR Little Endian, as separate contexts.
+        """
+        classes = DCMQRSCP_STORAGE_CLASSES
+        lines = [
+            "# Generated by riskbridge sandbox: rewritten on every start.",
+            "[[TransferSyntaxes]]",
+            "[UncompressedOrRLE]",
+            f"TransferSyntax1 = {EXPLICIT_VR_LITTLE_ENDIAN}",
+            f"TransferSyntax2 = {IMPLICIT_VR_LITTLE_ENDIAN}",
+            f"TransferSyntax3 = {RLE_LOSSLESS}",
+            "[Explicit]",
+            f"TransferSyntax1 = {EXPLICIT_VR_LITTLE_ENDIAN}",
+            "[Implicit]",
+            f"TransferSyntax1 = {IMPLICIT_VR_LITTLE_ENDIAN}",
+            "",
+            "[[PresentationContexts]]",
+            "[IncomingStorage]",
+            *(f"PresentationContext{i} = {uid}\\UncompressedOrRLE" for i, uid in enumerate(classes, start=1)),
+            "[OutgoingStorage]",
+            *(
+                f"PresentationContext{2 * i + k + 1} = {uid}\\{syntax}"
+                for i, uid in enumerate(classes)
+                for k, syntax in enumerate(("Explicit", "Implicit"))
+            ),
+            "",
+            "[[SCPSCURoleSelection]]",
+            "[IncomingRoles]",
+            *(f"Role{i} = {uid}\\BOTH" for i, uid in enumerate(classes, start=1)),
+            "",
+            "[[Profiles]]",
+            "[Incoming]",
+            "PresentationContexts = IncomingStorage",
+            "SCPSCURoleSelection = IncomingRoles",
+            "[Outgoing]",
+            "PresentationContexts = OutgoingStorage",
+        ]
+        return "\n".join(lines) + "\n"
+
+    def prepare(self, progress: ProgressCallback) -> None:
+        self.storage_dir.mkdir(parents=True, exist_ok=True)
+        self.config_file.write_text(self.config())
+        self.association_file.write_text(self.association_config())
+
+    def command(self) -> tuple[list[str], dict[str, str], str | None]:
+        binary = _require_binary("dcmqrscp", "dcmtk")
+        argv = [
+            str(binary),
+            "--config",
+            str(self.config_file),
+            "--disable-host-lookup",  # the peer check then compares the caller's IP address, not a DNS name
+            "--assoc-config-file",
+            str(self.association_file),
+            "Incoming",
+            "Outgoing",
+        ]
+        # DCMTK leaves Nagle's algorithm on unless TCP_NODELAY is set: loading 534 instances took 27 s instead of 4 s.
+        return argv, {"TCP_NODELAY": "1"}, None
+
+    def ready(self) -> bool:
+        try:
+            dicom.echo(self.pacs, timeout_s=5.0)
+        except dicom.DicomError:
+            return False
+        return True
+
+
 class Sandbox:
-    """The three sandbox servers, started, inspected and stopped together."""
+    """The four sandbox servers, started, inspected and stopped together."""
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
@@ -571,7 +779,8 @@ class Sandbox:
         self.orthanc = _Orthanc(settings, self.root)
         self.hapi = _Hapi(settings, self.root)
         self.postgres = _Postgres(settings, self.root)
-        self.parts: tuple[_Part, ...] = (self.orthanc, self.hapi, self.postgres)
+        self.dcmqrscp = _Dcmqrscp(settings, self.root)
+        self.parts: tuple[_Part, ...] = (self.orthanc, self.hapi, self.postgres, self.dcmqrscp)
 
     @contextmanager
     def _lock(self) -> Iterator[None]:

@@ -1,19 +1,33 @@
 """The match stage: each discovered study's PACS patient linked to one FHIR Patient, or quarantined with the reason.
 
 :func:`riskbridge.harmonize.identity.match_studies` decides (a PACS patient with several studies is matched once)
-against the FHIR server's Patients, reached through :func:`fhir_patient_directory`. The decision, its reasons and
-candidates are recorded in ``identity_decisions``; a conflict, no match or a match that needs review takes the study
-out of the run. Once decided, the study's PACS name and birth date are cleared from the ledger.
+against the FHIR server's Patients, reached through :func:`fhir_patient_directory`. A patient left unmatched whose
+STUDY-level C-FIND gave no other identifiers (a strict PACS returns no OtherPatientIDsSequence) is matched again
+with the identifiers of a sampled instance's header, as ``[pacs] header_sampling`` allows
+(:class:`riskbridge.connectors.sampling.HeaderSampler`). The decision, its reasons and candidates, and whether a
+sampled header gave the identifiers, are recorded in ``identity_decisions``; a conflict, no match or a match that
+needs review takes the study out of the run. Once decided, the study's PACS name and birth date are cleared from
+the ledger.
 """
 
 from __future__ import annotations
 
 from collections import Counter, defaultdict
 from collections.abc import Sequence
+from dataclasses import replace
 from datetime import datetime
 
 from riskbridge.connectors.fhir import FhirClient, FhirError
-from riskbridge.harmonize.identity import IdentityConfig, Outcome, PatientDirectory, PatientResource, match_studies
+from riskbridge.connectors.sampling import HeaderSampler
+from riskbridge.harmonize.identity import (
+    IdentityConfig,
+    IdentityMatch,
+    Outcome,
+    PatientDirectory,
+    PatientResource,
+    match_patient,
+    match_studies,
+)
 from riskbridge.ledger import Ledger, record_quarantine
 from riskbridge.records import PacsPatient, StudyRef
 from riskbridge.stages.base import Cursor, Progress, StageContext
@@ -91,15 +105,18 @@ def record(
     candidate_ids: Sequence[str] = (),
     score: float | None = None,
     quarantine_reason: str | None = None,
+    from_sampled_header: bool = False,
 ) -> None:
     """Record a study's identity decision (first one wins), quarantine it unless matched, and clear the PACS
     name and birth date, which nothing needs any more."""
     with ledger.transaction() as cursor:
         cursor.execute(
             """INSERT INTO identity_decisions (run_id, study_uid, outcome, fhir_patient_id, reasons,
-                   candidate_ids, score) VALUES (%s, %s, %s, %s, %s, %s, %s) ON CONFLICT DO NOTHING""",
-            (run_id, study_uid, outcome, fhir_patient_id, list(reasons), list(candidate_ids), score),
-        )
+                   candidate_ids, score, from_sampled_header) VALUES (%s, %s, %s, %s, %s, %s, %s, %s)
+               ON CONFLICT DO NOTHING""",
+            (run_id, study_uid, outcome, fhir_patient_id, list(reasons), list(candidate_ids), score,
+             from_sampled_header),
+        )  # fmt: skip
         if cursor.rowcount and quarantine_reason is not None:
             record_quarantine(cursor, run_id, study_uid, NAME, quarantine_reason, ", ".join(reasons))
         cursor.execute(
@@ -118,37 +135,63 @@ def identities(ledger: Ledger, run_id: int) -> dict[str, tuple[str, str | None]]
         return {r["study_uid"]: (r["outcome"], r["fhir_patient_id"]) for r in cursor.fetchall()}
 
 
+def _from_sampled_header(
+    sampler: HeaderSampler, study: StudyRef, directory: PatientDirectory, config: IdentityConfig
+) -> IdentityMatch | None:
+    """The match with the identifiers of a sampled header of the study, when the STUDY-level C-FIND gave no other
+    identifiers and the header adds some; None when sampling is not allowed or adds nothing."""
+    if study.patient.other_ids:
+        return None
+    sampled = sampler.study_patient(study.study_uid)
+    if sampled is None or sampled.patient_id != study.patient.patient_id:
+        return None  # the header names another patient: the C-FIND's identity stands
+    if not sampled.other_ids and (sampled.issuer is None or study.patient.issuer is not None):
+        return None
+    patient = replace(study.patient, other_ids=sampled.other_ids, issuer=study.patient.issuer or sampled.issuer)
+    return match_patient(patient, directory, config)
+
+
 def work(context: StageContext, run_id: int, items: Sequence[str] | None, progress: Progress | None) -> Counter[str]:
-    """Link each undecided study's PACS patient to a FHIR Patient; quarantine conflict/unmatched/needs-review."""
+    """Link each undecided study's PACS patient to a FHIR Patient (again with a sampled header's identifiers when
+    the C-FIND gave none and nothing matched); quarantine conflict/unmatched/needs-review."""
     counts: Counter[str] = Counter()
     ledger = context.ledger
     studies = pending(ledger, run_id)
     if not studies:
         return counts
-    config = IdentityConfig.from_settings(context.settings.identity)
+    settings = context.settings
+    config = IdentityConfig.from_settings(settings.identity)
     directory = fhir_patient_directory(context.fhir(), config.fallback.enabled)
     by_patient: dict[PacsPatient, list[StudyRef]] = defaultdict(list)
     for study in studies:
         by_patient[study.patient].append(study)
+    by_uid = {study.study_uid: study for study in studies}
     done = 0
-    for patient_studies in by_patient.values():
-        for study_uid, decision in match_studies(patient_studies, directory, config).items():
-            quarantine = IDENTITY_QUARANTINE.get(decision.outcome)
-            record(
-                ledger,
-                run_id,
-                study_uid,
-                decision.outcome.value,
-                decision.fhir_patient_id,
-                [reason.value for reason in decision.reasons],
-                decision.candidate_ids,
-                decision.score,
-                quarantine,
-            )
-            counts["quarantined" if quarantine else "done"] += 1
-            done += 1
-            if progress:
-                progress(done, len(studies))
+    pacs = settings.pacs
+    with HeaderSampler(pacs, settings.staging_dir, pacs.header_sampling, pacs.header_sample_limit) as sampler:
+        for patient_studies in by_patient.values():
+            for study_uid, decision in match_studies(patient_studies, directory, config).items():
+                sampled = None
+                if decision.outcome == Outcome.UNMATCHED and pacs.header_sampling != "off":
+                    sampled = _from_sampled_header(sampler, by_uid[study_uid], directory, config)
+                final = sampled if sampled is not None else decision
+                quarantine = IDENTITY_QUARANTINE.get(final.outcome)
+                record(
+                    ledger,
+                    run_id,
+                    study_uid,
+                    final.outcome.value,
+                    final.fhir_patient_id,
+                    [reason.value for reason in final.reasons],
+                    final.candidate_ids,
+                    final.score,
+                    quarantine,
+                    from_sampled_header=sampled is not None,
+                )
+                counts["quarantined" if quarantine else "done"] += 1
+                done += 1
+                if progress:
+                    progress(done, len(studies))
     return counts
 
 

@@ -64,6 +64,16 @@ class PatternCounts:
 
 
 @dataclass(frozen=True)
+class HeaderSampling:
+    """What reading sampled instance headers did in a run: series sampled for selection and the seconds that took,
+    and studies whose identity came from a sampled header (docs/series-selection.md "Header sampling")."""
+
+    series: int = 0
+    seconds: float = 0.0
+    identities: int = 0
+
+
+@dataclass(frozen=True)
 class RunSummary:
     """What the ledger knows about one run, reduced to what the report shows."""
 
@@ -83,6 +93,7 @@ class RunSummary:
     model: str | None = None  # "name version sha256[:12]"
     thresholds: tuple[float, float] | None = None  # (low_below, high_from) of the qualitative risk
     patterns: Mapping[str, PatternCounts] = field(default_factory=dict)  # modality pattern -> harmonized studies
+    sampling: HeaderSampling | None = None  # what header sampling did in select and match
 
     def __post_init__(self) -> None:
         for _, probability, _ in self.scores:
@@ -126,6 +137,14 @@ def run_summary(ledger: Ledger, run_id: int, thresholds: tuple[float, float] | N
         )
         scored = cursor.fetchall()
         patterns = _pattern_counts(cursor, run_id)
+        cursor.execute(
+            """SELECT coalesce(sum(sampled_series), 0) AS series, coalesce(sum(sampling_seconds), 0) AS seconds,
+                      (SELECT count(*) FROM identity_decisions WHERE run_id = %s AND from_sampled_header) AS identities
+               FROM selections WHERE run_id = %s""",
+            (run_id, run_id),
+        )
+        row = cursor.fetchone()
+        sampling = HeaderSampling(int(row["series"]), float(row["seconds"]), int(row["identities"]))
     statuses = Counter(writeback.status for writeback in ledger.writebacks(run_id))
     return RunSummary(
         run_id=run.run_id,
@@ -144,6 +163,7 @@ def run_summary(ledger: Ledger, run_id: int, thresholds: tuple[float, float] | N
         model=run.model,
         thresholds=thresholds,
         patterns=patterns,
+        sampling=sampling,
     )
 
 
@@ -174,31 +194,60 @@ def _pattern_counts(cursor: Cursor, run_id: int) -> dict[str, PatternCounts]:
     }
 
 
+# The likely cause of a reason code that dominates a run's quarantine, and what to look at first.
+LIKELY_CAUSES: dict[str, str] = {
+    "no_usable_series": (
+        "the series rules accept no series of these studies: when the PACS returns no ImageType, SliceThickness or "
+        "ConvolutionKernel in C-FIND (riskbridge doctor --pacs-capabilities shows it), keep [pacs] header_sampling "
+        "on; otherwise the series rules (series_rules) do not fit this site's protocols"
+    ),
+    "identity_unmatched": (
+        "no FHIR Patient carries the PACS identifiers: check [identity] issuer_systems and default_issuer; when the "
+        "MRN is only in OtherPatientIDsSequence and the PACS does not return it, keep [pacs] header_sampling on"
+    ),
+    "identity_conflict": "PACS identifiers name several FHIR Patients: check [identity] issuer_systems",
+    "identity_needs_review": "demographics disagree with the matched Patient: check [identity] demographics",
+    "missing_required": "required labs are missing: check the FHIR Observations' LOINC codes and [site] timezone",
+    "too_much_missing": "most features are missing: check the FHIR Observations' LOINC codes and [site] timezone",
+    "no_index_time": "the scans carry no usable acquisition time: check [site] timezone",
+    "retrieval_incomplete": "series arrive incomplete: check the PACS's move destinations and [pacs] transport",
+    "retrieval_error": "retrieval fails: check the PACS's move destinations and [pacs] transport",
+    "pattern_not_validated": (
+        "the model package carries no validated pattern table for these patients' modalities: check the package "
+        "and the feature spec's minimum_data.pattern_auroc_floor (docs/features.md)"
+    ),
+    "pattern_below_floor": (
+        "the model's validated AUROC for these patients' modalities is below the feature spec's "
+        "minimum_data.pattern_auroc_floor (docs/features.md)"
+    ),
+}
+
+
 def quarantine_alert(summary: RunSummary, max_fraction: float, min_studies: int) -> str | None:
     """A message when the run quarantined more than ``max_fraction`` of the studies it discovered, else None.
 
     A share that large usually means a site setting does not match the data (an identity issuer map that resolves
-    nothing, series rules that accept no series, the wrong time zone), not that the studies are bad, and such a run
-    would otherwise finish green having scored almost nothing. Runs that discovered fewer than ``min_studies``
-    studies never alert: a handful of studies says too little. The message names reason codes and counts, no UIDs.
+    nothing, series rules that accept no series, a PACS whose C-FIND returns too little, the wrong time zone), not
+    that the studies are bad, and such a run would otherwise finish green having scored almost nothing. Runs that
+    discovered fewer than ``min_studies`` studies never alert: a handful of studies says too little. The message
+    names reason codes and counts, no UIDs, and the likely cause of the dominating reason (:data:`LIKELY_CAUSES`).
     """
     discovered = summary.stage_counts.get("discover", {}).get("done", 0)
     quarantined = sum(summary.quarantine.values())
     if discovered < min_studies or quarantined <= max_fraction * discovered:
         return None
-    reasons = ", ".join(f"{reason} {n}" for reason, n in sorted(summary.quarantine.items(), key=lambda kv: -kv[1]))
-    # A model package without a validated pattern table (or a floor above its table) quarantines everything.
-    pattern_hint = (
-        " With pattern_* reasons, check that the model package carries a validated pattern table and the feature "
-        "spec's minimum_data.pattern_auroc_floor (docs/features.md)."
-        if any(reason.startswith("pattern_") for reason in summary.quarantine)
-        else ""
+    ranked = sorted(summary.quarantine.items(), key=lambda kv: -kv[1])
+    reasons = ", ".join(f"{reason} {n}" for reason, n in ranked)
+    cause = LIKELY_CAUSES.get(ranked[0][0])
+    likely = (
+        f"Most are {ranked[0][0]}; likely cause: {cause}."
+        if cause is not None
+        else "A share this large usually means a site setting does not match the data."
     )
     return (
         f"run {summary.run_id} quarantined {quarantined} of the {discovered} studies it discovered "
-        f"({quarantined / discovered:.0%}; the alert is above {max_fraction:.0%}): {reasons}. A share this large "
-        "usually means a site setting ([identity] issuer map, series rules, [site] timezone) does not match the "
-        f"data; fix it and run the window again (a new run scores what this one quarantined).{pattern_hint}"
+        f"({quarantined / discovered:.0%}; the alert is above {max_fraction:.0%}): {reasons}. {likely} Fix it and run "
+        "the window again (a new run scores what this one quarantined)."
     )
 
 
@@ -434,6 +483,15 @@ def write_report(summary: RunSummary, out_dir: Path, labels: Mapping[str, int] |
         ("duration", duration),
         ("model", summary.model or "-"),
     ]
+    if summary.sampling is not None and (summary.sampling.series or summary.sampling.identities):
+        sampling = summary.sampling
+        meta.append(
+            (
+                "header sampling",
+                f"{sampling.series} series for selection in {sampling.seconds:.1f} s; "
+                f"{sampling.identities} identities from a sampled header",
+            )
+        )
     header = ["pattern", "studies", "scored", "quarantined", "not scored", "validated AUROC"]
     patterns = (
         _table(header, _pattern_rows(summary))

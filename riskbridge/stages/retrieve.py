@@ -18,6 +18,7 @@ from pathlib import Path
 
 from riskbridge.connectors import staging
 from riskbridge.connectors.retrieval import RetrievalFailure, retrieve_all
+from riskbridge.connectors.sampling import HeaderSampler
 from riskbridge.harmonize.series import RuleSet, SelectionResult
 from riskbridge.harmonize.windows import IndexTimeError, index_time
 from riskbridge.ledger import Ledger, record_quarantine
@@ -55,14 +56,16 @@ def select_and_retrieve(
     transport: str | None = None,
     progress: Progress | None = None,
 ) -> list[StudyImaging]:
-    """Select a series in each study (:func:`riskbridge.stages.select.select_study`), then retrieve every chosen
-    series (``pacs.workers`` at once); the SERIES-level instance counts set what each retrieval must deliver."""
+    """Select a series in each study (:func:`riskbridge.stages.select.select_study`, sampling headers as ``pacs``
+    allows), then retrieve every chosen series (``pacs.workers`` at once); the SERIES-level instance counts set what
+    each retrieval must deliver."""
     selections: list[SelectionResult] = []
     counts: dict[str, int] = {}
-    for study_uid in study_uids:
-        selection, study_counts = select_study(pacs, study_uid, rule_set)
-        selections.append(selection)
-        counts.update(study_counts)
+    with HeaderSampler(pacs, staging_dir, pacs.header_sampling, pacs.header_sample_limit, transport) as sampler:
+        for study_uid in study_uids:
+            study = select_study(pacs, study_uid, rule_set, sampler)
+            selections.append(study.selection)
+            counts.update(study.instance_counts)
     chosen = [(s.study_uid, s.chosen.series_uid) for s in selections if s.chosen is not None]
     retrieved = retrieve_all(pacs, staging_dir, chosen, transport, progress, counts) if chosen else []
     by_series = {(r.study_uid, r.series_uid): r for r in retrieved}

@@ -29,6 +29,7 @@ from riskbridge.stages import score as score_stage
 from riskbridge.stages import select as select_stage
 from riskbridge.stages import write_back as write_back_stage
 from riskbridge.stages.clinical import ClinicalResult, NoteDisposition
+from riskbridge.stages.select import StudySelection
 
 pytestmark = pytest.mark.integration
 
@@ -169,8 +170,8 @@ def test_every_stage_row_is_written_once_and_the_pending_lists_shrink(ledger: Le
 
     assert select_stage.pending(ledger, run_id) == ["1.2.3.1", "1.2.3.2"]
     for _ in range(2):
-        select_stage.record(ledger, run_id, _selection("1.2.3.1", True), 120)
-        select_stage.record(ledger, run_id, _selection("1.2.3.2", False), None)
+        select_stage.record(ledger, run_id, StudySelection(_selection("1.2.3.1", True), {"1.2.3.1.1": 120}))
+        select_stage.record(ledger, run_id, StudySelection(_selection("1.2.3.2", False)))
     assert select_stage.pending(ledger, run_id) == []
     assert _count(ledger, "series_decisions") == 3
     assert {uid: q[1] for uid, q in ledger.quarantined(run_id).items()} == {
@@ -242,7 +243,7 @@ def test_a_minimum_data_skip_is_quarantined_with_its_reason_code(ledger: Ledger,
     run_id = ledger.start_run("backfill", "cli:skip", WINDOW)
     discover_stage.add_studies(ledger, run_id, [_study("1.2.4.1", "P1")])
     match_stage.record(ledger, run_id, "1.2.4.1", "matched", "pat-1", [])
-    select_stage.record(ledger, run_id, _selection("1.2.4.1", True), 10)
+    select_stage.record(ledger, run_id, StudySelection(_selection("1.2.4.1", True), {"1.2.4.1.1": 10}))
     retrieve_stage.record(
         ledger, run_id, RetrievedSeries("1.2.4.1", "1.2.4.1.1", tmp_path, 10, 10, "c-get", 1.0), T, "x"
     )

@@ -322,7 +322,8 @@ def test_a_run_whose_identity_map_matches_nothing_fails_with_the_quarantine_aler
     monkeypatch.setattr(cli, "_settings", lambda: wrong)
     result = CliRunner().invoke(cli.app, ["run", "--window", "2024-01-01..2024-01-14"])
     assert result.exit_code == 2, result.output
-    assert "identity_unmatched" in result.output and "[identity] issuer map" in " ".join(result.output.split())
+    output = " ".join(result.output.split())
+    assert "Most are identity_unmatched; likely cause:" in output and "[identity] issuer_systems" in output
     with Ledger.connect(settings.database) as ledger:
         run = ledger.run_by_key("cli:backfill:2024-01-01..2024-01-14")
         summary = report_stage.run_summary(ledger, run.run_id)

@@ -26,6 +26,7 @@ PORTS = {
     "RISKBRIDGE_SANDBOX__ORTHANC_HTTP_PORT": "18142",
     "RISKBRIDGE_SANDBOX__HAPI_PORT": "18180",
     "RISKBRIDGE_SANDBOX__POSTGRES_PORT": "15532",
+    "RISKBRIDGE_SANDBOX__DCMQRSCP_PORT": "14343",
     "RISKBRIDGE_FHIR__BASE_URL": "http://127.0.0.1:18180/fhir",
     "RISKBRIDGE_DATABASE__DSN": "postgresql://riskbridge@127.0.0.1:15532/riskbridge",
 }
@@ -63,7 +64,7 @@ def test_up_doctor_down_leaves_no_process(state_dir: Path, monkeypatch: pytest.M
         assert {status.name: status.pid for status in Sandbox(load_settings()).status()} == pids
 
         status = runner.invoke(app, ["sandbox", "status"], env=env)
-        assert status.exit_code == 0 and status.output.count("ready") == 3, status.output
+        assert status.exit_code == 0 and status.output.count("ready") == 4, status.output
         doctor = runner.invoke(app, ["doctor"], env=env)
         assert doctor.exit_code == 0, doctor.output
         assert doctor.output.count("OK") == 3

@@ -121,9 +121,19 @@ def test_the_quarantine_alert_fires_above_the_share_and_names_reasons_not_uids()
     assert alert is not None
     assert "16 of the 20 studies" in alert and "80%" in alert
     assert alert.index("identity_unmatched 15") < alert.index("identity_conflict 1")
+    assert "Most are identity_unmatched; likely cause: no FHIR Patient carries the PACS identifiers" in alert
     assert "1.2.840" not in alert
     assert quarantine_alert(summary, max_fraction=0.8, min_studies=10) is None  # 80% is not above 80%
     assert quarantine_alert(summary, max_fraction=0.5, min_studies=21) is None  # too few studies to say
+
+
+def test_the_alert_names_the_cause_of_a_strict_pacs_without_header_sampling() -> None:
+    counts = {"discover": {"done": 11}, "match": {"done": 11}, "select": {"quarantined": 11}}
+    summary = _summary([], stage_counts=counts, quarantine={"no_usable_series": 11})
+    alert = quarantine_alert(summary, max_fraction=0.5, min_studies=10)
+    assert alert is not None and "Most are no_usable_series" in alert and "header_sampling" in alert
+    unknown = _summary([], stage_counts=counts, quarantine={"scoring_error": 11})
+    assert "usually means a site setting" in (quarantine_alert(unknown, max_fraction=0.5, min_studies=10) or "")
 
 
 def test_a_normal_run_raises_no_quarantine_alert() -> None:

@@ -1,4 +1,5 @@
-"""Sandbox mechanics without starting servers: Orthanc's generated config, port and binary checks, PID files."""
+"""Sandbox mechanics without starting servers: Orthanc's and dcmqrscp's generated configs, port and binary checks,
+PID files."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from riskbridge.dev.sandbox import Sandbox, SandboxError, _require_binary
+from riskbridge.dev.sandbox import RLE_LOSSLESS, Sandbox, SandboxError, _require_binary, dcmqrscp_pacs
 from riskbridge.settings import Settings
 
 
@@ -29,6 +30,87 @@ def test_orthanc_config_is_strict(tmp_path: Path) -> None:
     assert str(config["Plugins"][0]).endswith("libOrthancDicomWeb.so")  # type: ignore[index]
     assert config["SyncStorageArea"] is False
     assert str(config["StorageDirectory"]).startswith(str(tmp_path / "sb"))
+
+
+def _config_lines(text: str) -> list[str]:
+    return [line for line in text.splitlines() if line.strip() and not line.startswith("#")]
+
+
+def test_dcmqrscp_config_admits_only_riskbridge_and_moves_to_its_scps(tmp_path: Path) -> None:
+    box = _sandbox(tmp_path, extra_calling_aes=["DCMTK", "QA_TOOL"], dcmqrscp_port=14999, dcmqrscp_ae="QR_TEST")
+    part = box.dcmqrscp
+    lines = _config_lines(part.config())
+    assert "NetworkTCPPort  = 14999" in lines
+    hosts = lines[lines.index("HostTable BEGIN") + 1 : lines.index("HostTable END")]
+    # Move destinations: each retrieval worker's storage SCP at its own port; then the calling AE titles.
+    assert hosts[:5] == [
+        "peer0 = (RISKBRIDGE_SCP, 127.0.0.1, 11113)",
+        "peer1 = (RISKBRIDGE_SCP1, 127.0.0.1, 11114)",
+        "peer2 = (RISKBRIDGE, 127.0.0.1, 11113)",
+        "peer3 = (DCMTK, 127.0.0.1, 11213)",
+        "peer4 = (QA_TOOL, 127.0.0.1, 11214)",
+    ]
+    assert hosts[5] == "riskbridge = peer0, peer1, peer2, peer3, peer4"
+    ae_table = lines[lines.index("AETable BEGIN") + 1 : lines.index("AETable END")]
+    storage = tmp_path / "sb" / "dcmqrscp" / "storage"
+    # One AE title, read-write, the largest quota dcmqrscp allows, and no ANY: only the peers above may associate.
+    assert ae_table == [f'QR_TEST "{storage}" RW (500, 1024mb) riskbridge']
+    assert not any("ANY" in line for line in lines)
+
+
+def test_dcmqrscp_accepts_uncompressed_before_rle_and_the_c_get_role(tmp_path: Path) -> None:
+    text = _sandbox(tmp_path).dcmqrscp.association_config()
+    lines = _config_lines(text)
+    incoming = lines[lines.index("[UncompressedOrRLE]") + 1 : lines.index("[Explicit]")]
+    assert incoming == [
+        "TransferSyntax1 = 1.2.840.10008.1.2.1",  # Explicit VR Little Endian first: what C-GET requesters get
+        "TransferSyntax2 = 1.2.840.10008.1.2",
+        f"TransferSyntax3 = {RLE_LOSSLESS}",  # accepted when it is all a sender proposes
+    ]
+    assert "PresentationContext1 = 1.2.840.10008.5.1.4.1.1.2\\UncompressedOrRLE" in lines
+    assert "Role1 = 1.2.840.10008.5.1.4.1.1.2\\BOTH" in lines  # a C-GET requester acts as the storage SCP
+    outgoing = lines[lines.index("[OutgoingStorage]") + 1 : lines.index("[[SCPSCURoleSelection]]")]
+    assert outgoing[:2] == [
+        "PresentationContext1 = 1.2.840.10008.5.1.4.1.1.2\\Explicit",
+        "PresentationContext2 = 1.2.840.10008.5.1.4.1.1.2\\Implicit",
+    ]
+    assert lines[-5:] == [
+        "[Incoming]",
+        "PresentationContexts = IncomingStorage",
+        "SCPSCURoleSelection = IncomingRoles",
+        "[Outgoing]",
+        "PresentationContexts = OutgoingStorage",
+    ]
+
+
+def test_dcmqrscp_command_uses_both_generated_files(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("riskbridge.dev.sandbox._require_binary", lambda name, package, search=(): Path(f"/bin/{name}"))
+    part = _sandbox(tmp_path).dcmqrscp
+    argv, env, user = part.command()
+    assert argv[:3] == ["/bin/dcmqrscp", "--config", str(part.config_file)]
+    assert "--disable-host-lookup" in argv  # the peer check compares "127.0.0.1", not a DNS name
+    assert argv[-4:] == ["--assoc-config-file", str(part.association_file), "Incoming", "Outgoing"]
+    assert env == {"TCP_NODELAY": "1"} and user is None
+    part.prepare(lambda name, message: None)
+    assert part.config_file.read_text() == part.config()
+    assert part.association_file.read_text() == part.association_config()
+    assert part.storage_dir.is_dir()
+
+
+def test_dcmqrscp_refuses_a_storage_path_it_cannot_read(tmp_path: Path) -> None:
+    with pytest.raises(SandboxError, match=r"dcmqrscp: its storage path .*parentheses.*RISKBRIDGE_SANDBOX__DIR"):
+        _sandbox(tmp_path / "site (copy)").dcmqrscp.config()
+
+
+def test_dcmqrscp_pacs_settings_swap_only_where_the_pacs_is() -> None:
+    settings = Settings(pacs={"transport": "dicomweb", "workers": 3}, sandbox={"dcmqrscp_port": 14999})
+    pacs = dcmqrscp_pacs(settings)
+    assert (pacs.host, pacs.port, pacs.called_ae) == ("127.0.0.1", 14999, "DCMQRSCP")
+    assert pacs.calling_ae == settings.pacs.calling_ae
+    assert pacs.scp_endpoints() == settings.pacs.scp_endpoints()
+    assert pacs.dicomweb_url is None and pacs.tls is None
+    assert pacs.transport == "auto"  # dcmqrscp has no DICOMweb
+    assert Sandbox(settings).select(["dcmqrscp"])[0].endpoints() == ("DICOM DCMQRSCP@127.0.0.1:14999",)
 
 
 def test_busy_port_names_port_and_setting(tmp_path: Path) -> None:
@@ -67,7 +149,7 @@ def test_pid_file_of_a_dead_or_recycled_process_is_not_trusted(tmp_path: Path) -
 
 def test_status_of_a_never_started_sandbox(tmp_path: Path) -> None:
     statuses = _sandbox(tmp_path).status()
-    assert [status.name for status in statuses] == ["orthanc", "hapi-fhir", "postgres"]
+    assert [status.name for status in statuses] == ["orthanc", "hapi-fhir", "postgres", "dcmqrscp"]
     assert {status.state for status in statuses} == {"stopped"}
 
 

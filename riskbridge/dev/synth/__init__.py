@@ -2,6 +2,7 @@
 a FHIR R4 server, identity and series edge cases, and a ground-truth JSONL every stage is tested against.
 
 Public API: :func:`generate` writes a cohort to a directory, :func:`load` uploads it (idempotently),
+:func:`load_dicom_into` C-STOREs its DICOM files to any PACS (the sandbox dcmqrscp),
 :func:`read_truth` / :func:`read_manifest` read it back. docs/synthetic-cohort.md documents the model.
 """
 
@@ -14,7 +15,7 @@ from riskbridge.dev.synth.cohort import (
     site_environment,
 )
 from riskbridge.dev.synth.generate import CohortSummary, generate, read_manifest, read_truth
-from riskbridge.dev.synth.load import LoadError, LoadReport, load
+from riskbridge.dev.synth.load import LoadError, LoadReport, load, load_dicom_into
 
 __all__ = [
     "EDGE_CASE_CODES",
@@ -27,6 +28,7 @@ __all__ = [
     "LoadReport",
     "generate",
     "load",
+    "load_dicom_into",
     "read_manifest",
     "read_truth",
     "site_environment",

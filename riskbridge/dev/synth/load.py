@@ -1,7 +1,10 @@
-"""Upload a generated synthetic cohort to Orthanc (REST) and a FHIR R4 server (transaction bundles).
+"""Upload a generated synthetic cohort to Orthanc (REST) or any PACS (C-STORE), and a FHIR R4 server (transactions).
 
 DICOM goes to ``POST {orthanc}/instances`` as one uncompressed ZIP archive per series, two at a time;
 Orthanc answers per file ``Status: Success`` for a new instance and ``AlreadyStored`` for one it has.
+To a PACS without a REST API (the sandbox dcmqrscp) it goes over C-STORE instead (:func:`load_dicom_into`): one
+association per series, after an IMAGE-level C-FIND that lists what the PACS already has, so only missing instances
+are sent (C-STORE answers success either way) and afterwards the same C-FIND must list every instance of the series.
 FHIR goes as one transaction per patient bundle (``POST {base}``); every entry is a ``PUT`` with a
 client-assigned id, so the server answers 201 for a resource it creates and 200 for one that existed.
 Loading the same cohort twice therefore leaves the same contents in both servers, and the second
@@ -24,9 +27,12 @@ from pathlib import Path
 from typing import Any
 
 import requests
+from pydicom.filereader import read_file_meta_info
 
+from riskbridge.connectors import dicom, query
 from riskbridge.dev.synth.generate import DICOM_DIR, FHIR_DIR, read_manifest
 from riskbridge.errors import RiskbridgeError
+from riskbridge.settings import PacsSettings
 
 log = logging.getLogger(__name__)
 
@@ -39,9 +45,15 @@ class LoadError(RiskbridgeError, RuntimeError):
 
 @dataclass
 class LoadReport:
-    """Counts of one :func:`load` run."""
+    """Counts of one :func:`load` run.
+
+    ``instances_sent`` counts the cohort's instances offered to the PACS: ``instances_new`` were stored by this run,
+    ``instances_already_stored`` were there before (over C-STORE those are not sent again). ``dicom_target`` names the
+    PACS in :meth:`describe`.
+    """
 
     cohort_id: str
+    dicom_target: str = "Orthanc"
     instances_sent: int = 0
     instances_new: int = 0
     instances_already_stored: int = 0
@@ -63,7 +75,7 @@ class LoadReport:
         return "\n".join(
             [
                 f"cohort {self.cohort_id} loaded",
-                f"  Orthanc: {self.instances_sent} instances sent, {self.instances_new} new,"
+                f"  {self.dicom_target}: {self.instances_sent} instances, {self.instances_new} new,"
                 f" {self.instances_already_stored} already stored ({self.dicom_seconds:.1f} s)",
                 f"  FHIR: {self.fhir_bundles} bundles; created {created}; already existing {existing}"
                 f" ({self.fhir_seconds:.1f} s)",
@@ -225,6 +237,142 @@ def load_dicom(
     )
 
 
+# C-STORE statuses that mean "stored": success and the warnings (coercion of data elements, elements discarded,
+# data set does not match the SOP class).
+_STORED = frozenset({0x0000, 0xB000, 0xB006, 0xB007})
+
+
+def _series_files(out_dir: Path) -> list[list[Path]]:
+    """The cohort's DICOM files, one list per series (``dicom/<study UID>/<series UID>/<SOP instance UID>.dcm``)."""
+    series = (sorted(d.glob("*.dcm")) for d in sorted((out_dir / DICOM_DIR).glob("*/*")) if d.is_dir())
+    return [files for files in series if files]
+
+
+def _listed(pacs: PacsSettings, study_uid: str, series_uid: str, timeout_s: float, where: str) -> set[str]:
+    try:
+        instances = query.find_instances(pacs, study_uid, series_uid, timeout_s=timeout_s)
+        return {instance.sop_instance_uid for instance in instances}
+    except dicom.DicomError as exc:
+        raise LoadError(f"cannot list {where}: {exc}") from exc
+
+
+class _NoResponse(Exception):
+    """The PACS stopped answering within one association: worth another association."""
+
+
+def _send(pacs: PacsSettings, paths: list[Path], where: str, timeout_s: float) -> None:
+    """C-STORE ``paths`` over one association; raise :class:`_NoResponse` when the PACS stops answering."""
+    metas = {path: read_file_meta_info(path) for path in paths}
+    ae = dicom.new_ae(pacs.calling_ae, timeout_s)
+    for sop_class, syntax in sorted(
+        {(str(m.MediaStorageSOPClassUID), str(m.TransferSyntaxUID)) for m in metas.values()}
+    ):
+        ae.add_requested_context(sop_class, syntax)
+    try:
+        assoc = dicom.associate(pacs, (), "C-STORE", timeout_s, ae=ae)
+    except dicom.DicomError as exc:
+        raise LoadError(f"cannot store {where}: {exc}") from exc
+    answered = False
+    try:
+        for path in paths:
+            try:
+                status = assoc.send_c_store(path)
+            except ValueError as exc:  # pynetdicom: no accepted presentation context for this class and syntax
+                meta = metas[path]
+                raise LoadError(
+                    f"{dicom.peer_name(pacs)} refused {path.name} ({where}): SOP class {meta.MediaStorageSOPClassUID}"
+                    f" with transfer syntax {meta.TransferSyntaxUID} not accepted ({exc})"
+                ) from None
+            if not status or "Status" not in status:
+                raise _NoResponse(f"no C-STORE response for {path.name} within {timeout_s:.0f} s")
+            if int(status.Status) not in _STORED:
+                raise LoadError(
+                    f"{dicom.peer_name(pacs)} did not store {path.name} ({where}): status 0x{int(status.Status):04X}"
+                )
+        answered = True
+    finally:
+        if assoc.is_established:
+            if answered:
+                assoc.release()
+            else:  # after a missing response the association's state is unknown: abort, do not wait for a release
+                assoc.abort()
+
+
+def _store_series(pacs: PacsSettings, files: list[Path], timeout_s: float) -> tuple[int, int]:
+    """C-STORE the files of one series the PACS does not list yet, over one association; return (new, already).
+
+    A C-STORE left without a response aborts the association; the series is then listed again and what is still
+    missing goes over a new association, up to ``pacs.max_attempts`` times. It happens about once in ten
+    534-instance loads into dcmqrscp: pynetdicom 3.0.4's reactor thread can take a response that arrives within
+    microseconds (it logs "Received unexpected C-STORE service message") before ``send_c_store`` waits for it.
+    """
+    study_uid, series_uid = files[0].parent.parent.name, files[0].parent.name
+    where = f"series {series_uid} of study {study_uid}"
+    listed = _listed(pacs, study_uid, series_uid, timeout_s, where)
+    already = sum(1 for path in files if path.stem in listed)
+    for attempt in range(1, pacs.max_attempts + 1):
+        missing = [path for path in files if path.stem not in listed]
+        if not missing:
+            break
+        try:
+            _send(pacs, missing, where, timeout_s)
+        except _NoResponse as exc:
+            if attempt == pacs.max_attempts:
+                raise LoadError(f"{dicom.peer_name(pacs)} stopped answering while storing {where}: {exc}") from None
+            log.warning("synth load: %s: %s; attempt %d of %d", dicom.peer_name(pacs), exc, attempt, pacs.max_attempts)
+        listed = _listed(pacs, study_uid, series_uid, timeout_s, where)
+    unlisted = [path.stem for path in files if path.stem not in listed]
+    if unlisted:
+        raise LoadError(
+            f"{dicom.peer_name(pacs)} answered success but lists {len(files) - len(unlisted)} of the {len(files)}"
+            f" instances of {where} (first missing: {unlisted[0]})"
+        )
+    return len(files) - already, already
+
+
+def load_dicom_into(
+    pacs: PacsSettings,
+    cohort_dir: Path,
+    report: LoadReport | None = None,
+    progress: Callable[[str, int, int], None] | None = None,
+    workers: int = 1,
+    timeout_s: float | None = None,
+) -> LoadReport:
+    """C-STORE every DICOM file of the cohort in ``cohort_dir`` to ``pacs``; add the counts to ``report`` and return it.
+
+    Idempotent: an IMAGE-level C-FIND per series lists what the PACS has, only the missing instances are sent (one
+    association per series, ``workers`` series at a time), and the same C-FIND must then list them all, so a PACS
+    that answers success without indexing an instance fails the load. One worker by default: dcmqrscp's forked
+    children name stored files from the clock (seeded with ``time()``), and two associations storing at once lost
+    files (status 0xC000, "Cannot open file"). ``report`` defaults to a new one for the cohort;
+    ``progress(stage, done, total)`` is called with the stage "c-store". Raises :class:`LoadError` naming the file or
+    series and the PACS's answer.
+    """
+    cohort_dir = Path(cohort_dir)
+    if report is None:
+        report = LoadReport(cohort_id=str(read_manifest(cohort_dir)["cohort_id"]))
+    report.dicom_target = f"{dicom.peer_name(pacs)} (C-STORE)"
+    began = time.perf_counter()
+    series = _series_files(cohort_dir)
+    total = sum(len(files) for files in series)
+    timeout = timeout_s or pacs.timeout_s
+    new = already = done = 0
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        results = pool.map(lambda files: _store_series(pacs, files, timeout), series)
+        for files, (stored, existing) in zip(series, results, strict=True):
+            new += stored
+            already += existing
+            done += len(files)
+            if progress:
+                progress("c-store", done, total)
+    report.instances_sent += total
+    report.instances_new += new
+    report.instances_already_stored += already
+    report.dicom_seconds += time.perf_counter() - began
+    log.info("synth load: %d instances to %s (%d new, %d already stored)", total, dicom.peer_name(pacs), new, already)
+    return report
+
+
 def _send_bundle(
     sessions: _Sessions, fhir_base_url: str, path: Path, timeout_s: float
 ) -> tuple[Counter[str], Counter[str]]:
@@ -306,17 +454,23 @@ def load(
     progress: Callable[[str, int, int], None] | None = None,
     dicom_workers: int = 2,
     fhir_workers: int = 2,
+    pacs: PacsSettings | None = None,
 ) -> LoadReport:
     """Upload the cohort in ``out_dir`` to Orthanc and the FHIR server; idempotent (see the module docstring).
 
-    ``progress(stage, done, total)`` is called with the stages "orthanc" and "fhir". Raises
+    With ``pacs``, the DICOM files go to that PACS over C-STORE (:func:`load_dicom_into`, e.g. the sandbox dcmqrscp)
+    instead of to ``orthanc_url``, one series at a time (``dicom_workers`` applies to Orthanc only).
+    ``progress(stage, done, total)`` is called with the stages "orthanc" (or "c-store") and "fhir". Raises
     :class:`LoadError` naming the file and the server's diagnostics when a server refuses something, and
     riskbridge.dev.synth.cohort.CohortError when ``out_dir`` holds no complete cohort.
     """
     out_dir = Path(out_dir)
     manifest = read_manifest(out_dir)
     report = LoadReport(cohort_id=str(manifest["cohort_id"]))
-    load_dicom(out_dir, orthanc_url.rstrip("/"), report, progress, workers=dicom_workers)
+    if pacs is not None:
+        load_dicom_into(pacs, out_dir, report, progress)  # one association at a time (see load_dicom_into)
+    else:
+        load_dicom(out_dir, orthanc_url.rstrip("/"), report, progress, workers=dicom_workers)
     load_fhir(out_dir, fhir_base_url, report, progress, workers=fhir_workers)
     report.dicom_seconds = round(report.dicom_seconds, 3)
     report.fhir_seconds = round(report.fhir_seconds, 3)
