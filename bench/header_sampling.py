@@ -101,8 +101,8 @@ def main() -> None:
         rows.append(row)
     console.print(table)
     body = (
-        f"Selection of the {len(studies)} CT studies of a synthetic cohort (6 series each: localizer, thin and thick "
-        "axial, coronal reformat, dose report) on the sandbox PACS over DIMSE, C-GET for the samples, best of "
+        f"Selection of the {len(studies)} CT studies of a synthetic cohort (localizer, thin and thick axial, coronal "
+        "reformat, and a dose report in about half) on the sandbox PACS over DIMSE, C-GET for the samples, best of "
         f"{args.repeat} per way, staging emptied before each (every sample crosses the network). `chosen`: studies "
         "with a series chosen by the chest CT rules. dcmqrscp rereads its index file for every query and store, so "
         "its C-FIND-only path is already slower than Orthanc's.\n\n" + markdown_table(header, rows)

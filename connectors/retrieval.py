@@ -17,7 +17,7 @@ import logging
 import multiprocessing
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -205,6 +205,30 @@ class Retriever:
             missing=tuple(sorted(missing)),
         )
         return self._checked(record, f"; last answer: {status}")
+
+    def fetch_instances(self, study_uid: str, series_uid: str, sop_instance_uids: Collection[str]) -> set[str]:
+        """Stage exactly these instances of a series, in one request (an IMAGE-level C-MOVE/C-GET with their UIDs,
+        or WADO-RS per instance), never the whole series; return those of them now staged. One attempt: the caller
+        decides what a missing one means (header sampling logs it and goes on)."""
+        wanted = set(sop_instance_uids)
+        if self._web is not None:
+            try:
+                self._web.retrieve_instances(study_uid, series_uid, sorted(wanted), self.staging_root)
+            except DicomwebError as exc:
+                LOG.warning(
+                    "series %s: DICOMweb fetch of %d instance(s) failed: %s", uid_hash(series_uid), len(wanted), exc
+                )
+        else:
+            self.sink.expect(study_uid, series_uid, wanted)
+            try:
+                self._fetch(study_uid, series_uid, sorted(wanted))
+            except dicom.DicomError as exc:
+                LOG.warning("series %s: %s of %d instance(s) failed: %s", uid_hash(series_uid), self.transport,
+                            len(wanted), exc)  # fmt: skip
+            finally:
+                self.sink.flush()
+                self.sink.forget(wanted)
+        return wanted & staging.staged_instances(self.staging_root, study_uid, series_uid)
 
     def _retrieve_counted(self, study_uid: str, series_uid: str, count: int, started: float) -> RetrievedSeries | int:
         """Stage the whole series, accepting instances by their series; return the record if ``count`` or more

@@ -29,7 +29,7 @@ from typing import Literal
 from pydicom.dataset import Dataset
 
 from riskbridge.connectors import query, staging
-from riskbridge.connectors.retrieval import RetrievalError, Retriever, resolve_transport
+from riskbridge.connectors.retrieval import Retriever, resolve_transport
 from riskbridge.errors import PacsError
 from riskbridge.records import PacsPatient, SeriesRef, uid_hash
 from riskbridge.settings import PacsSettings
@@ -115,11 +115,10 @@ class HeaderSampler:
         if chosen is None:
             raise SamplingError(f"series {uid_hash(series_uid)}: the PACS lists no instance to sample")
         path = staging.instance_path(self.staging_dir, study_uid, series_uid, chosen.sop_instance_uid)
-        if not path.is_file():
-            try:
-                self._retrieval().retrieve(study_uid, series_uid, {chosen.sop_instance_uid})
-            except RetrievalError as exc:
-                raise SamplingError(f"series {uid_hash(series_uid)}: sampling one instance failed: {exc}") from None
+        if not path.is_file() and not self._retrieval().fetch_instances(
+            study_uid, series_uid, [chosen.sop_instance_uid]
+        ):
+            raise SamplingError(f"series {uid_hash(series_uid)}: the sampled instance did not arrive")
         import pydicom
 
         header = pydicom.dcmread(path, stop_before_pixels=True)

@@ -34,14 +34,16 @@ pytestmark = pytest.mark.integration
 
 ZONE = "America/New_York"
 WINDOW = (date(2024, 1, 1), date(2024, 1, 14))
-RATES = EdgeCaseRates(no_fhir_patient=0.15, no_usable_series=0.15)
+# pacs_mrn_in_other_ids: PatientID is the radiology system's own, the MRN only in OtherPatientIDsSequence, which
+# neither PACS returns in C-FIND: identity must read it from a sampled header.
+RATES = EdgeCaseRates(no_fhir_patient=0.15, no_usable_series=0.15, pacs_mrn_in_other_ids=0.25)
 
 
 @pytest.fixture(scope="module")
 def truth(sandbox: Settings, tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
     """A small cohort, loaded into Orthanc and HAPI FHIR and its DICOM also into the sandbox dcmqrscp."""
     out = tmp_path_factory.mktemp("two-pacs") / "cohort"
-    generate(out, patients=8, seed=4417, rates=RATES)
+    generate(out, patients=8, seed=4421, rates=RATES)
     load(out, f"http://127.0.0.1:{sandbox.sandbox.orthanc_http_port}", sandbox.fhir.base_url)
     report = load_dicom_into(dcmqrscp_pacs(sandbox), out)
     assert report.instances_sent > 0
@@ -124,6 +126,9 @@ def test_a_strict_pacs_scores_the_cohort_like_orthanc(
     with Ledger.connect(strict.database) as ledger:
         sampling = report_stage.run_summary(ledger, strict_run).sampling
     assert sampling is not None and sampling.series >= len(scored)  # the rules' attributes came from headers
+    other_ids = [r for r in truth if r["identity"]["variant"] == "other_ids" and r["quarantine"] is None]
+    assert other_ids and all(on_strict[r["index_study"]["study_uid"]][0] == "scored" for r in other_ids)
+    assert sampling.identities >= len(other_ids)  # matched on the sampled header's OtherPatientIDsSequence
     with Ledger.connect(strict.database) as ledger, ledger.transaction() as cursor:
         cursor.execute("SELECT sources FROM series_decisions WHERE run_id = %s AND chosen", (strict_run,))
         assert all(row["sources"].get("ImageType") == "header" for row in cursor.fetchall())

@@ -59,12 +59,13 @@ class _Retriever:
     def __exit__(self, *exc_info: object) -> None:
         pass
 
-    def retrieve(self, study_uid: str, series_uid: str, expected: set[str]) -> None:
-        [uid] = expected
+    def fetch_instances(self, study_uid: str, series_uid: str, sop_instance_uids: list[str]) -> set[str]:
+        [uid] = sop_instance_uids
         _Retriever.fetched.append(uid)
         path = staging.instance_path(self.staging_dir, study_uid, series_uid, uid)
         path.parent.mkdir(parents=True, exist_ok=True)
         _header(uid, int(uid.rsplit(".", 1)[1])).save_as(path, enforce_file_format=True)
+        return {uid}
 
 
 @pytest.fixture

@@ -21,6 +21,7 @@ from pydicom.uid import ExplicitVRLittleEndian
 
 from riskbridge.dev.synth import (
     EDGE_CASE_CODES,
+    OPT_IN_EDGE_CASES,
     QUARANTINE_CODES,
     CohortError,
     EdgeCaseRates,
@@ -163,7 +164,7 @@ def test_zero_rates_give_a_cohort_without_edge_cases() -> None:
 
 def test_default_rates_hit_every_edge_case_in_30_patients_seed_7(cohort_dir: Path, truth: list[dict[str, Any]]) -> None:
     counts = Counter(code for record in truth for code in record["edge_cases"])
-    missing = [code for code in EDGE_CASE_CODES if counts[code] == 0]
+    missing = [code for code in EDGE_CASE_CODES if counts[code] == 0 and code not in OPT_IN_EDGE_CASES]
     assert not missing, f"edge cases not hit: {missing}"
     quarantines = Counter(record["quarantine"] for record in truth)
     assert all(quarantines[code] >= 1 for code in QUARANTINE_CODES)

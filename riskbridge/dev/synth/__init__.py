@@ -9,6 +9,7 @@ Public API: :func:`generate` writes a cohort to a directory, :func:`load` upload
 from riskbridge.dev.synth.cohort import (
     EDGE_CASE_CODES,
     GENERATOR_VERSION,
+    OPT_IN_EDGE_CASES,
     QUARANTINE_CODES,
     CohortError,
     EdgeCaseRates,
@@ -20,6 +21,7 @@ from riskbridge.dev.synth.load import LoadError, LoadReport, load, load_dicom_in
 __all__ = [
     "EDGE_CASE_CODES",
     "GENERATOR_VERSION",
+    "OPT_IN_EDGE_CASES",
     "QUARANTINE_CODES",
     "CohortError",
     "CohortSummary",

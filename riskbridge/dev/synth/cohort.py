@@ -40,6 +40,9 @@ MRN_SYSTEM = "http://hospital.example/mrn"
 PACS_ISSUER = "SYNTH_HOSP"
 SITE_TIMEZONE = "America/New_York"  # the zone of the synthetic hospital (its times carry -05:00 in January)
 SITE_PREFIX = "H1-"
+# The radiology system's own patient IDs (edge case pacs_mrn_in_other_ids): an issuer no identity map knows.
+RADIOLOGY_ISSUER = "SYNTH_RAD"
+RADIOLOGY_PREFIX = "R"
 SYNTH_ID_SYSTEM = "urn:riskbridge:synth"
 INSTITUTION = "SYNTH GENERAL HOSPITAL"
 
@@ -48,6 +51,7 @@ EDGE_CASE_CODES = (
     "pacs_id_leading_zeros",
     "pacs_id_site_prefix",
     "pacs_missing_issuer",
+    "pacs_mrn_in_other_ids",
     "shared_mrn",
     "no_fhir_patient",
     "no_usable_series",
@@ -60,6 +64,8 @@ EDGE_CASE_CODES = (
     "lab_window_boundary",
     "note_entered_in_error",
 )
+# Edge cases a cohort has only when asked for (rate 0 by default), so the default cohorts stay as they were.
+OPT_IN_EDGE_CASES = ("pacs_mrn_in_other_ids",)
 USABLE_LAB_STATUSES = ("final", "amended", "corrected")
 
 
@@ -85,6 +91,8 @@ class EdgeCaseRates:
     pacs_id_leading_zeros: float = 0.10
     pacs_id_site_prefix: float = 0.10
     pacs_missing_issuer: float = 0.07
+    # The PACS's PatientID is the radiology system's own ID; the MRN is only in OtherPatientIDsSequence.
+    pacs_mrn_in_other_ids: float = 0.0
     prior_study: float = 0.10
     lab_entered_in_error: float = 0.15
     lab_amended: float = 0.15
@@ -103,8 +111,14 @@ class EdgeCaseRates:
         exclusive = self.shared_mrn + self.no_fhir_patient + self.no_usable_series + self.no_labs + self.no_notes
         if exclusive > 1.0:
             raise CohortError("rates: shared_mrn + no_fhir_patient + no_usable_series + no_labs + no_notes > 1")
-        if self.pacs_id_leading_zeros + self.pacs_id_site_prefix + self.pacs_missing_issuer > 1.0:
-            raise CohortError("rates: the three PACS patient-ID formats add up to more than 1")
+        formats = (
+            self.pacs_id_leading_zeros
+            + self.pacs_id_site_prefix
+            + self.pacs_missing_issuer
+            + self.pacs_mrn_in_other_ids
+        )
+        if formats > 1.0:
+            raise CohortError("rates: the four PACS patient-ID formats add up to more than 1")
 
 
 @dataclass(frozen=True)
@@ -737,6 +751,8 @@ class PatientSpec:
     logit_components: dict[str, float] = field(default_factory=dict)
     probability: float = 0.0
     label: int = 0
+    # OtherPatientIDsSequence: (PatientID, IssuerOfPatientID) pairs the images carry besides PatientID.
+    pacs_other_ids: tuple[tuple[str, str], ...] = ()
 
     @property
     def pacs_name(self) -> str:
@@ -841,7 +857,7 @@ def _assign_edge_cases(seed: int, n: int, rates: EdgeCaseRates) -> list[set[str]
                 position += 1
     order = rng.permutation(n)
     position = 0
-    for code in ("pacs_id_leading_zeros", "pacs_id_site_prefix", "pacs_missing_issuer"):
+    for code in ("pacs_id_leading_zeros", "pacs_id_site_prefix", "pacs_missing_issuer", "pacs_mrn_in_other_ids"):
         for _ in range(quota(getattr(rates, code), n)):
             if position < n:
                 cases[int(order[position])].add(code)
@@ -1409,6 +1425,8 @@ def build_cohort(seed: int, patients: int, size: str = "small", rates: EdgeCaseR
             variant, pacs_id, issuer = "site_prefix", SITE_PREFIX + mrn, PACS_ISSUER
         elif "pacs_missing_issuer" in mine:
             variant, pacs_id, issuer = "missing_issuer", mrn, None
+        elif "pacs_mrn_in_other_ids" in mine:
+            variant, pacs_id, issuer = "other_ids", RADIOLOGY_PREFIX + mrn, RADIOLOGY_ISSUER
         else:
             variant, pacs_id, issuer = "exact", mrn, PACS_ISSUER
         fhir_id = f"rb-{cohort_id}-{key}"
@@ -1488,6 +1506,7 @@ def build_cohort(seed: int, patients: int, size: str = "small", rates: EdgeCaseR
             sex=sex,
             pacs_patient_id=pacs_id,
             pacs_issuer=issuer,
+            pacs_other_ids=((mrn, PACS_ISSUER),) if variant == "other_ids" else (),
             identity_variant=variant,
             edge_cases=[c for c in EDGE_CASE_CODES if c in mine],
             fhir_patients=fhir_patients,
@@ -1617,6 +1636,7 @@ def truth_record(p: PatientSpec, cohort_id: str) -> dict[str, Any]:
             "name": p.pacs_name,
             "birth_date": p.birth_date.strftime("%Y%m%d"),
             "sex": p.sex,
+            "other_ids": [list(pair) for pair in p.pacs_other_ids],
         },
         "mrn": p.mrn,
         "identity": {

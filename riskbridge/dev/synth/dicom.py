@@ -45,6 +45,13 @@ def _tm(moment: datetime) -> str:
     return moment.strftime("%H%M%S")
 
 
+def _other_id(value: str, issuer: str) -> Dataset:
+    """One item of OtherPatientIDsSequence."""
+    item = Dataset()
+    item.PatientID, item.IssuerOfPatientID = value, issuer
+    return item
+
+
 def _offset(moment: datetime) -> str:
     delta = moment.utcoffset()
     minutes = int(delta.total_seconds() // 60) if delta is not None else 0
@@ -93,6 +100,8 @@ def _common(patient: PatientSpec, study: StudySpec, series: SeriesSpec, sop_clas
     ds.PatientID = patient.pacs_patient_id
     if patient.pacs_issuer is not None:
         ds.IssuerOfPatientID = patient.pacs_issuer
+    if patient.pacs_other_ids:
+        ds.OtherPatientIDsSequence = Sequence([_other_id(value, issuer) for value, issuer in patient.pacs_other_ids])
     ds.PatientBirthDate = patient.birth_date.strftime("%Y%m%d")
     ds.PatientSex = patient.sex
     ds.PatientAge = f"{patient.age_at(study.start.date()):03d}Y"
