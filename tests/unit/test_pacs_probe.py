@@ -5,7 +5,7 @@ The stand-in is :class:`FakePacs`, a few studies, series and instances answered 
 requested key comes back, empty unless that level returns it); it replaces the one C-FIND function under
 :mod:`riskbridge.connectors.query`, so the query functions and the probe run as they do against a server. The C-GET
 and DICOMweb questions are monkeypatched. The check against a real server (the sandbox Orthanc) is the integration
-test, tests/integration/test_pacs_probe.py.
+test, tests/integration/test_pacs_probe_sandbox.py.
 """
 
 from __future__ import annotations
