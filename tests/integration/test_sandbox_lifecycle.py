@@ -79,4 +79,4 @@ def test_up_doctor_down_leaves_no_process(state_dir: Path, monkeypatch: pytest.M
     assert not [pid for pid in pids.values() if pid is not None and _alive(pid)]
     assert os.listdir(tmp_path / "sandbox" / "postgres" / "data")  # state kept for the next 'up'
     final = runner.invoke(app, ["sandbox", "status"], env=env)
-    assert final.exit_code == 1 and final.output.count("stopped") == 3
+    assert final.exit_code == 1 and final.output.count("stopped") == 4
