@@ -141,7 +141,7 @@ class HeaderSampler:
             return series
         try:
             header = self.header(series.study_uid, series.series_uid)
-        except (SamplingError, PacsError, OSError) as exc:
+        except (PacsError, OSError) as exc:  # SamplingError is a PacsError
             LOG.warning("series %s: header sampling failed: %s", uid_hash(series.series_uid), exc)
             return series
         found = query.answer_attributes(header)
@@ -176,7 +176,7 @@ class HeaderSampler:
             return None
         try:
             header = self.header(study_uid, series.series_uid)
-        except (SamplingError, PacsError, OSError) as exc:
+        except (PacsError, OSError) as exc:  # SamplingError is a PacsError
             LOG.warning("study %s: header sampling for identity failed: %s", uid_hash(study_uid), exc)
             return None
         return query.study_from_answer(header).patient
