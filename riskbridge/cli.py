@@ -8,8 +8,10 @@ and exit status 2, never a stack trace. Listings (``doctor``, ``imaging studies|
 from __future__ import annotations
 
 from collections.abc import Mapping
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, cast
+from zoneinfo import ZoneInfo
 
 import typer
 from rich.table import Table
@@ -17,8 +19,8 @@ from rich.table import Table
 from riskbridge import __version__
 from riskbridge.cli_pacs import doctor, imaging_app, parse_day
 from riskbridge.console import CliState as _State
+from riskbridge.console import Column, OutputFormat, console, emit, format_option
 from riskbridge.console import cli_settings as _settings
-from riskbridge.console import console
 from riskbridge.console import count_progress as _count_progress
 from riskbridge.console import fail as _fail
 from riskbridge.dev.cli import demo, sandbox_app, synth
@@ -315,17 +317,40 @@ def _run_table(counts: Mapping[str, Mapping[str, int]], seconds: Mapping[str, fl
 app.command()(demo)
 
 
+def _trigger(at: str | None, zone: str | None) -> datetime:
+    """A nightly run's trigger time: ``--at`` (ISO 8601; without an offset, in the site zone) or now."""
+    if at is None:
+        return datetime.now(UTC)
+    try:
+        moment = datetime.fromisoformat(at)
+    except ValueError:
+        raise _fail(f"--at must be a time like 2026-11-01T02:00 or 2026-11-01T02:00-05:00, not {at!r}") from None
+    if moment.tzinfo is None:
+        if zone is None:
+            raise _fail("--at has no offset: set site.timezone (RISKBRIDGE_SITE__TIMEZONE) or give one")
+        moment = moment.replace(tzinfo=ZoneInfo(zone))
+    return moment.astimezone(UTC)
+
+
 @app.command("run")
 def run_pipeline(
     window: str | None = typer.Option(None, "--window", help="START..END: study dates (inclusive) in the site zone."),
     accessions: list[str] | None = typer.Option(None, "--accession", help="On demand: an AccessionNumber; repeatable."),
     patients: list[str] | None = typer.Option(None, "--patient", help="On demand: a PACS PatientID; repeatable."),
+    nightly: bool = typer.Option(
+        False, "--nightly", help="The nightly run: from where the coverage ends (less the lookback) to --at."
+    ),
+    at: str | None = typer.Option(None, "--at", help="With --nightly: its trigger time (default: now)."),
     kind: str | None = typer.Option(None, "--kind", help="nightly, backfill or on_demand (default from the options)."),
     run_key: str | None = typer.Option(None, "--run-key", help="Names the run; the same key resumes it."),
     until: str | None = typer.Option(None, "--until", help="Stop after this stage; rerun to resume."),
+    rescore: bool = typer.Option(
+        False, "--rescore", help="Score again what an earlier run scored and wrote back with this model."
+    ),
 ) -> None:
     """Run the pipeline's stages without Airflow: discover, match, select, retrieve, clinical, harmonize, score,
-    write back, report. The same window (or --run-key) resumes the same run and redoes nothing."""
+    write back, report. The same window (or --run-key) resumes the same run and redoes nothing; studies an earlier
+    run already scored and wrote back with the same model are skipped unless --rescore."""
     import hashlib
 
     from riskbridge.pipeline import Pipeline
@@ -334,20 +359,32 @@ def run_pipeline(
     settings = _settings()
     if until is not None and until not in STAGE_NAMES:
         raise _fail(f"--until must be one of {', '.join(STAGE_NAMES)}, not {until!r}")
-    if (window is None) == (not accessions and not patients):
-        raise _fail("give either --window or --accession/--patient")
+    if sum((window is not None, bool(accessions or patients), nightly)) != 1:
+        raise _fail("give one of --window, --accession/--patient or --nightly")
+    if at is not None and not nightly:
+        raise _fail("--at goes with --nightly")
+    if nightly and kind not in (None, "nightly"):
+        raise _fail("--nightly runs are of kind nightly")
     bounds = _run_window(window, settings.site.timezone) if window is not None else None
-    kind = kind or ("backfill" if bounds is not None else "on_demand")
+    trigger = _trigger(at, settings.site.timezone) if nightly else None
+    kind = "nightly" if nightly else kind or ("backfill" if bounds is not None else "on_demand")
     if run_key is None:
-        if bounds is not None:
+        if trigger is not None:
+            run_key = f"cli:nightly:{trigger:%Y-%m-%dT%H:%MZ}"
+        elif bounds is not None:
             run_key = f"cli:{kind}:{window}"
         else:
             listed = "\n".join([*sorted(accessions or []), "--", *sorted(patients or [])])
             run_key = f"cli:{kind}:{hashlib.sha256(listed.encode()).hexdigest()[:16]}"
+        run_key += ":rescore" if rescore else ""
     expected_errors = (RiskbridgeError, OSError, ValueError)
     with Pipeline.from_settings(settings) as pipeline:
         try:
-            run_id = pipeline.start_run(kind, run_key, bounds, accessions or (), patients or ())
+            if trigger is not None:
+                first_start = trigger - timedelta(hours=settings.airflow.nightly_window_hours)
+                run_id = pipeline.start_nightly_run(run_key, trigger, first_start, rescore)
+            else:
+                run_id = pipeline.start_run(kind, run_key, bounds, accessions or (), patients or (), rescore)
         except expected_errors as exc:
             raise _fail(str(exc)) from None
         console.print(f"run {run_id} ({run_key})")
@@ -362,6 +399,9 @@ def run_pipeline(
         console.print(_run_table(summary.stage_counts, summary.stage_seconds, f"run {run_id}"))
         if summary.quarantine:
             console.print("quarantined: " + ", ".join(f"{reason} {n}" for reason, n in summary.quarantine.items()))
+        if summary.coverage is not None:
+            for label, text in summary.coverage.lines():
+                console.print(f"{label}: {text}", highlight=False)
         sampling = summary.sampling
         if sampling is not None and (sampling.series or sampling.identities):
             console.print(
@@ -378,4 +418,46 @@ def run_pipeline(
         raise _fail(alert)
     if failed:
         console.print(f"[yellow]{failed} item(s) failed (retrieval or write-back); rerun the same command to retry[/]")
+        raise typer.Exit(code=1)
+
+
+COVERAGE_COLUMNS = (
+    Column("status", "status", style=lambda value: "red" if value == "uncovered" else None),
+    Column("start", "start (UTC)", identifier=True),
+    Column("end", "end (UTC)", identifier=True),
+    Column("hours", "hours", spec=".1f"),
+    Column("runs", "runs"),
+)
+
+
+@app.command("coverage")
+def coverage(
+    date_from: str = typer.Option(..., "--from", help="First site day (YYYY-MM-DD), included."),
+    date_to: str = typer.Option(..., "--to", help="Last site day (YYYY-MM-DD), included."),
+    fmt: OutputFormat = format_option(),
+) -> None:
+    """List the covered and uncovered intervals of these site days from the ledger: what finished nightly and
+    backfill runs covered (by run), and what none did. Exit 1 when any part is uncovered."""
+    from riskbridge.coverage import Interval
+    from riskbridge.pipeline import Pipeline
+
+    settings = _settings()
+    span = Interval(*_run_window(f"{date_from}..{date_to}", settings.site.timezone))
+    try:
+        with Pipeline.from_settings(settings) as pipeline:
+            covered, gaps = pipeline.coverage(span)
+    except RiskbridgeError as exc:
+        raise _fail(str(exc)) from None
+    rows: list[dict[str, Any]] = [
+        {"status": "covered", "interval": part, "runs": ", ".join(f"{run.kind} {run.run_id}" for run in runs)}
+        for part, runs in covered
+    ]
+    rows += [{"status": "uncovered", "interval": gap, "runs": ""} for gap in gaps]
+    rows.sort(key=lambda row: row["interval"].start)
+    for row in rows:
+        part = row.pop("interval")
+        row.update(start=part.start, end=part.end, hours=part.duration.total_seconds() / 3600)
+    uncovered_hours = sum(row["hours"] for row in rows if row["status"] == "uncovered")
+    emit(rows, COVERAGE_COLUMNS, fmt, title=f"coverage {span}: {uncovered_hours:.1f} h uncovered")
+    if gaps:
         raise typer.Exit(code=1)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+import zlib
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -32,6 +33,7 @@ import psycopg2.extensions
 import psycopg2.extras
 
 from riskbridge.connectors import db
+from riskbridge.coverage import Interval
 from riskbridge.errors import LedgerError
 from riskbridge.records import WriteBack
 from riskbridge.settings import DatabaseSettings
@@ -41,6 +43,9 @@ RUN_STATUSES = ("running", "success", "failed")
 _MIGRATION_NAME = re.compile(r"^(\d{4})_([a-z0-9_]+)\.sql$")
 # Serializes concurrent `db upgrade`s (two Airflow workers starting at once); any constant works.
 _MIGRATION_LOCK = 0x72_62_6C_65_64_67_65_72
+# The first key of the (int, int) advisory locks that claim a series for retrieval (a key space of its own).
+_SERIES_LOCK_CLASS = 0x7262_7365
+COVERING_KINDS = ("nightly", "backfill")  # runs with a window whose success adds to the coverage
 
 
 # --- migrations -------------------------------------------------------------------------------------------------
@@ -104,6 +109,17 @@ class RunInfo:
     started: datetime
     finished: datetime | None
     model: str | None
+    watermark: datetime | None = None  # a nightly run: where its new coverage begins (before it: the lookback)
+    rescore: bool = False  # decided work is done again (``--rescore``)
+
+
+@dataclass(frozen=True)
+class CoveredRun:
+    """The interval a finished windowed run covered (a row of ``coverage``)."""
+
+    run_id: int
+    kind: str
+    interval: Interval
 
 
 def _window(start: datetime | None, end: datetime | None) -> tuple[datetime, datetime] | None:
@@ -220,8 +236,14 @@ class Ledger:
         window: tuple[datetime, datetime] | None = None,
         accessions: Sequence[str] = (),
         patient_ids: Sequence[str] = (),
+        *,
+        watermark: datetime | None = None,
+        rescore: bool = False,
     ) -> int:
-        """Create the run, or return the existing run of ``run_key`` (a rerun resumes it) when it asks the same."""
+        """Create the run, or return the existing run of ``run_key`` (a rerun resumes it) when it asks the same.
+
+        ``watermark`` (a nightly run) is where its new coverage begins inside its window; ``rescore`` makes its
+        discover stage keep studies an earlier run already scored and wrote back with the same model."""
         if kind not in RUN_KINDS:
             raise LedgerError(f"run kind must be one of {', '.join(RUN_KINDS)}, not {kind!r}")
         if not run_key:
@@ -231,10 +253,13 @@ class Ledger:
                 raise LedgerError("a run window needs aware datetimes (with their offset)")
             if not window[0] < window[1]:
                 raise LedgerError(f"a run window must end after it starts, got {window[0]} .. {window[1]}")
+        if watermark is not None and (window is None or not window[0] <= watermark <= window[1]):
+            raise LedgerError("a run's watermark must lie inside its window")
         with self.transaction() as cursor:
             cursor.execute(
-                """INSERT INTO runs (run_key, kind, window_start, window_end, accessions, patient_ids)
-                   VALUES (%s, %s, %s, %s, %s, %s) ON CONFLICT (run_key) DO NOTHING""",
+                """INSERT INTO runs (run_key, kind, window_start, window_end, accessions, patient_ids, watermark,
+                       rescore)
+                   VALUES (%s, %s, %s, %s, %s, %s, %s, %s) ON CONFLICT (run_key) DO NOTHING""",
                 (
                     run_key,
                     kind,
@@ -242,12 +267,16 @@ class Ledger:
                     window[1] if window else None,
                     list(accessions),
                     list(patient_ids),
+                    watermark,
+                    rescore,
                 ),
             )
         run = self.run_by_key(run_key)
-        asked = (kind, window, tuple(accessions), tuple(patient_ids))
-        if (run.kind, run.window, run.accessions, run.patient_ids) != asked:
-            raise LedgerError(f"run key {run_key!r} already names run {run.run_id} with another kind, window or list")
+        asked = (kind, window, tuple(accessions), tuple(patient_ids), watermark, rescore)
+        if (run.kind, run.window, run.accessions, run.patient_ids, run.watermark, run.rescore) != asked:
+            raise LedgerError(
+                f"run key {run_key!r} already names run {run.run_id} with another kind, window, list or --rescore"
+            )
         return run.run_id
 
     def _run_where(self, clause: str, value: Any) -> RunInfo:
@@ -267,6 +296,8 @@ class Ledger:
             started=row["started"],
             finished=row["finished"],
             model=row["model"],
+            watermark=row["watermark"],
+            rescore=bool(row["rescore"]),
         )
 
     def run(self, run_id: int) -> RunInfo:
@@ -278,13 +309,85 @@ class Ledger:
         return self._run_where("run_key", run_key)
 
     def finish_run(self, run_id: int, status: str = "success") -> None:
-        """Mark the run finished with ``status`` (success or failed); finishing again updates the status."""
+        """Mark the run finished with ``status`` (success or failed); finishing again updates the status.
+
+        A nightly or backfill run that finishes successfully adds its window to the coverage; one marked failed
+        covers nothing (the next nightly run covers its window again)."""
         if status not in ("success", "failed"):
             raise LedgerError(f"a run finishes as 'success' or 'failed', not {status!r}")
         with self.transaction() as cursor:
             cursor.execute("UPDATE runs SET status = %s, finished = now() WHERE run_id = %s", (status, run_id))
             if cursor.rowcount != 1:
                 raise LedgerError(f"no run {run_id}")
+            if status == "success":
+                cursor.execute(
+                    """INSERT INTO coverage (run_id, kind, covered_start, covered_end)
+                       SELECT run_id, kind, window_start, window_end FROM runs
+                       WHERE run_id = %s AND window_start IS NOT NULL AND kind = ANY(%s)
+                       ON CONFLICT (run_id) DO NOTHING""",
+                    (run_id, list(COVERING_KINDS)),
+                )
+            else:
+                cursor.execute("DELETE FROM coverage WHERE run_id = %s", (run_id,))
+
+    # -- coverage --------------------------------------------------------------------------------------------------
+
+    def coverage(self, span: Interval | None = None, kind: str | None = None) -> list[CoveredRun]:
+        """The intervals finished runs covered (of ``kind`` only, when given) that overlap ``span`` (all when None),
+        in time order."""
+        clauses: list[str] = ["TRUE"]
+        values: list[Any] = []
+        if span is not None:
+            clauses.append("covered_end > %s AND covered_start < %s")
+            values += [span.start, span.end]
+        if kind is not None:
+            clauses.append("kind = %s")
+            values.append(kind)
+        with self.transaction() as cursor:
+            cursor.execute(
+                f"""SELECT run_id, kind, covered_start, covered_end FROM coverage WHERE {" AND ".join(clauses)}
+                    ORDER BY covered_start, covered_end, run_id""",
+                values,
+            )
+            return [
+                CoveredRun(int(r["run_id"]), r["kind"], Interval(r["covered_start"], r["covered_end"]))
+                for r in cursor.fetchall()
+            ]
+
+    def last_nightly_end(self, before: datetime) -> datetime | None:
+        """The latest end of a nightly run's coverage at or before ``before`` (None when the job covered nothing)."""
+        with self.transaction() as cursor:
+            cursor.execute(
+                "SELECT max(covered_end) AS last FROM coverage WHERE kind = 'nightly' AND covered_end <= %s", (before,)
+            )
+            row = cursor.fetchone()
+        return row["last"] if row else None
+
+    def first_covered(self) -> datetime | None:
+        """The earliest instant any run covered (None when nothing is covered yet)."""
+        with self.transaction() as cursor:
+            cursor.execute("SELECT min(covered_start) AS first FROM coverage")
+            row = cursor.fetchone()
+        return row["first"] if row else None
+
+    @contextmanager
+    def claim_series(self, series_uids: Sequence[str]) -> Iterator[None]:
+        """Hold these series for retrieval while the block runs: a run that claims one of them meanwhile (an
+        overlapping run's retrieve task) waits until this block ends, so no series is retrieved by two runs at
+        once. Session-level advisory locks, taken in one order (no deadlock) and released by the block's end or
+        by the connection's end (a killed task)."""
+        keys = sorted({zlib.crc32(uid.encode()) - 2**31 for uid in series_uids})
+        taken: list[int] = []
+        try:
+            for key in keys:
+                with self.transaction() as cursor:
+                    cursor.execute("SELECT pg_advisory_lock(%s, %s)", (_SERIES_LOCK_CLASS, key))
+                taken.append(key)
+            yield
+        finally:
+            for key in reversed(taken):
+                with self.transaction() as cursor:
+                    cursor.execute("SELECT pg_advisory_unlock(%s, %s)", (_SERIES_LOCK_CLASS, key))
 
     def resume_run(self, run_id: int) -> bool:
         """Mark a failed run running again (a stage of it is being resumed); True when it was failed."""

@@ -7,6 +7,10 @@ still to do and writes each decision back before it moves on, so a stage interru
 rest, and a stage run again does nothing. Studies leave the run through the quarantine with a stable reason code.
 :meth:`Pipeline.finish` writes nothing more: it checks the quarantine alert and marks the run finished.
 
+A nightly run's window comes from the coverage (:meth:`Pipeline.start_nightly_run`, :mod:`riskbridge.coverage`):
+from the watermark, less the lookback, to its trigger time; a run that finishes successfully adds its window to the
+coverage (:meth:`riskbridge.ledger.Ledger.finish_run`).
+
 Arguments and results are ids and counts (:class:`StageResult`), never records, so Airflow's XCom carries only
 small JSON. No torch import here: the score stage loads the model when it has something to score.
 """
@@ -19,8 +23,9 @@ from collections.abc import Callable, Sequence
 from datetime import date, datetime, timedelta
 from pathlib import Path
 
+from riskbridge.coverage import Interval, NightlyWindow, merged, plan_nightly, uncovered
 from riskbridge.harmonize.windows import site_zone
-from riskbridge.ledger import Ledger
+from riskbridge.ledger import CoveredRun, Ledger, LedgerError
 from riskbridge.settings import Settings
 from riskbridge.stages import STAGES, Stage, stage
 from riskbridge.stages.base import PipelineError, Progress, StageContext, StageResult, chunk_key, chunked
@@ -81,11 +86,44 @@ class Pipeline:
         window: tuple[datetime, datetime] | None = None,
         accessions: Sequence[str] = (),
         patient_ids: Sequence[str] = (),
+        rescore: bool = False,
     ) -> int:
-        """Create the run (or return the run of ``run_key`` to resume it). A run needs a window or a list."""
+        """Create the run (or return the run of ``run_key`` to resume it). A run needs a window or a list;
+        ``rescore`` does again what an earlier run already scored and wrote back with the same model."""
         if window is None and not accessions and not patient_ids:
             raise PipelineError("a run needs a window, accession numbers or patient ids")
-        return self.ledger.start_run(kind, run_key, window, accessions, patient_ids)
+        return self.ledger.start_run(kind, run_key, window, accessions, patient_ids, rescore=rescore)
+
+    def plan_nightly(self, trigger: datetime, first_start: datetime) -> NightlyWindow:
+        """The window of a nightly run triggered at ``trigger`` (:func:`riskbridge.coverage.plan_nightly` over the
+        ledger's coverage and ``[airflow]`` nightly_lookback_hours and nightly_max_catchup_hours); ``first_start``
+        begins the job's first window. Raises :class:`riskbridge.coverage.CoverageGapError` past the catch-up."""
+        config = self.settings.airflow
+        covered = [run.interval for run in self.ledger.coverage()]
+        return plan_nightly(
+            trigger,
+            covered,
+            self.ledger.last_nightly_end(trigger),
+            first_start,
+            timedelta(hours=config.nightly_lookback_hours),
+            timedelta(hours=config.nightly_max_catchup_hours),
+            self.context.zone,
+        )
+
+    def start_nightly_run(self, run_key: str, trigger: datetime, first_start: datetime, rescore: bool = False) -> int:
+        """Create the nightly run triggered at ``trigger``, its window planned from the coverage
+        (:meth:`plan_nightly`), or return the run of ``run_key`` as it was planned (a retried task resumes it)."""
+        try:
+            existing = self.ledger.run_by_key(run_key)
+        except LedgerError:
+            existing = None
+        if existing is not None:
+            if existing.kind != "nightly" or existing.rescore != rescore:
+                raise PipelineError(f"run key {run_key!r} already names run {existing.run_id} of another kind")
+            return existing.run_id
+        plan = self.plan_nightly(trigger, first_start)
+        window = (plan.window.start, plan.window.end)
+        return self.ledger.start_run("nightly", run_key, window, watermark=plan.watermark, rescore=rescore)
 
     def finish_run(self, run_id: int, status: str = "success") -> None:
         """Mark the run finished (success or failed)."""
@@ -95,6 +133,17 @@ class Pipeline:
         """What the ledger knows about the run, as its report shows it (with the qualitative risk thresholds)."""
         writeback = self.settings.writeback
         return run_summary(self.ledger, run_id, (writeback.low_below, writeback.high_from))
+
+    def coverage(self, span: Interval) -> tuple[list[tuple[Interval, list[CoveredRun]]], list[Interval]]:
+        """The covered parts of ``span`` (each with the runs that covered it) and the uncovered parts, each in time
+        order (``riskbridge coverage``)."""
+        runs = self.ledger.coverage(span)
+        covered = []
+        for part in merged(run.interval for run in runs):
+            inside = Interval(max(part.start, span.start), min(part.end, span.end))
+            by = [run for run in runs if run.interval.start < part.end and run.interval.end > part.start]
+            covered.append((inside, by))
+        return covered, uncovered([run.interval for run in runs], span)
 
     def quarantine_alert(self, run_id: int, summary: RunSummary | None = None) -> str | None:
         """The alert message when the run quarantined more than ``[run] quarantine_alert_fraction`` of its studies

@@ -280,7 +280,14 @@ class AirflowSettings(_Section):
     """How the Airflow DAGs schedule, retry and place the pipeline's tasks (docs/operations.md)."""
 
     schedule: str = "0 2 * * *"  # riskbridge_nightly's cron, in site.timezone (UTC when unset)
-    nightly_window_hours: int = Field(24, ge=1, le=744)  # a nightly run covers the studies of the hours before it
+    # The first nightly run covers the hours before it; every later one covers from where the last one ended (the
+    # watermark) to its trigger, DST nights and missed nights included (docs/operations.md "Coverage").
+    nightly_window_hours: int = Field(24, ge=1, le=744)
+    # Each nightly run also rediscovers this long before the watermark: studies that reached the PACS late, and
+    # quarantined studies whose labs or identity may have arrived since. Decided studies cost one C-FIND row.
+    nightly_lookback_hours: int = Field(72, ge=1, le=2160)
+    # A nightly run further behind its trigger than this fails, naming the gap and the backfill that covers it.
+    nightly_max_catchup_hours: int = Field(168, ge=24, le=8760)
     retries: int = Field(3, ge=0, le=20)
     retry_delay_s: float = Field(60.0, gt=0)
     retry_backoff: float = Field(2.0, ge=0)  # delay multiplier per retry (60 s, 120 s, 240 s); 0: constant delay

@@ -134,7 +134,7 @@ def run_scope(
 ) -> tuple[tuple[datetime, datetime] | None, tuple[str, ...], tuple[str, ...]]:
     """Return (window, accessions, patient IDs) of a DAG run: the data interval, the backfill dates or the params."""
     params = context["params"]
-    if kind == "nightly":
+    if kind == "nightly":  # the first night's window; later nights continue the coverage (start_ledger_run)
         return (_as_datetime(context["data_interval_start"]), _as_datetime(context["data_interval_end"])), (), ()
     if kind == "backfill":
         return backfill_window(params["start"], params["end"], settings), (), ()
@@ -148,17 +148,37 @@ def run_scope(
 
 
 def start_ledger_run(kind: str, context: Mapping[str, Any]) -> int:
-    """Open (or resume) the ledger run of this DAG run and return its id; the scope comes from the kind."""
+    """Open (or resume) the ledger run of this DAG run and return its id; the scope comes from the kind.
+
+    A nightly run continues the coverage from its watermark to its trigger (the data interval's end; its start
+    only begins the job's first window); one further behind than the maximum catch-up fails without retries,
+    naming the gap and the backfill. The param ``rescore`` does decided work again."""
+    from airflow.sdk.exceptions import AirflowFailException
+
+    from riskbridge.coverage import CoverageGapError
+
     window, accessions, patient_ids = run_scope(kind, context, load_settings())
+    rescore = bool(context["params"].get("rescore", False))
     key = run_key(context["dag"].dag_id, context["run_id"])
     with open_pipeline() as pipeline:
-        ledger_run = pipeline.start_run(kind, key, window=window, accessions=accessions, patient_ids=patient_ids)
+        if kind == "nightly" and window is not None:
+            try:
+                ledger_run = pipeline.start_nightly_run(key, trigger=window[1], first_start=window[0], rescore=rescore)
+            except CoverageGapError as exc:
+                log.error("%s", exc)
+                raise AirflowFailException(str(exc)) from None
+            run = pipeline.ledger.run(ledger_run)
+            window = run.window
+            if run.watermark is not None:
+                log.info("nightly coverage continues from %s", run.watermark.isoformat())
+        else:
+            ledger_run = pipeline.start_run(kind, key, window, accessions, patient_ids, rescore=rescore)
     scope = (
         f"window {window[0].isoformat()} .. {window[1].isoformat()}"
         if window
         else f"{len(accessions)} accession(s), {len(patient_ids)} patient ID(s)"
     )
-    log.info("ledger run %d (%s) for %s, %s", ledger_run, kind, key, scope)
+    log.info("ledger run %d (%s) for %s, %s%s", ledger_run, kind, key, scope, " (rescore)" if rescore else "")
     return ledger_run
 
 
@@ -307,8 +327,11 @@ def build_pipeline_dag(
     max_active_runs: int = 1,
 ) -> DAG:
     """Return a DAG running the pipeline stages of one ledger run of ``kind`` (nightly, backfill, on_demand)."""
-    from airflow.sdk import DAG, TriggerRule, chain, get_current_context, task
+    from airflow.sdk import DAG, Param, TriggerRule, chain, get_current_context, task
 
+    rescore = Param(
+        False, type="boolean", description="Score again what an earlier run scored and wrote with this model."
+    )
     with DAG(
         dag_id=dag_id,
         description=doc_md.strip().splitlines()[0],
@@ -317,7 +340,7 @@ def build_pipeline_dag(
         start_date=START_DATE,
         catchup=False,
         max_active_runs=max_active_runs,
-        params=dict(params),
+        params={**params, "rescore": rescore},
         default_args=default_args(settings),
         tags=["riskbridge", kind],
     ) as dag:
@@ -352,22 +375,26 @@ def build_pipeline_dag(
     return dag
 
 
-NIGHTLY_DOC = """Every night: find, match, retrieve, harmonize and score the CT studies of the window before the run.
+NIGHTLY_DOC = """Every night: find, match, retrieve, harmonize and score the CT studies not covered yet.
 
-The cron (`[airflow] schedule`, in `[site] timezone`) and the window length (`nightly_window_hours`) come from
-riskbridge's settings; no catch-up. A retried task or a cleared run resumes the same ledger run. See
-docs/operations.md.
+The cron (`[airflow] schedule`, in `[site] timezone`) comes from riskbridge's settings; no catch-up is needed: each
+run covers from where the last one ended (the watermark) to its trigger, DST nights and missed nights included, plus
+a lookback (`nightly_lookback_hours`) for studies that reached the PACS late. Studies already scored and written
+with the same model are skipped; param `rescore` does them again. A retried task or a cleared run resumes the same
+ledger run. See docs/operations.md "Coverage".
 """
 
 BACKFILL_DOC = """Score the CT studies of a date range (params `start`, `end`: both days included, site time zone).
 
-Trigger it with `{"start": "2026-01-01", "end": "2026-01-31"}`. Studies already scored by another run are skipped
-by the ledger and the write-back's conditional create, so overlapping ranges create no duplicates.
+Trigger it with `{"start": "2026-01-01", "end": "2026-01-31"}`. Studies already scored and written by another run
+with the same model are skipped at discover (`"rescore": true` does them again; the write-back's conditional create
+still writes nothing twice). A finished backfill adds its window to the coverage the nightly runs continue.
 """
 
 ON_DEMAND_DOC = """Score the studies of given accession numbers and/or all CT studies of given PACS patient IDs.
 
 Trigger it with `{"accessions": ["ACC123"], "patient_ids": []}`; at least one list must hold an identifier.
+Studies already scored and written with the same model are skipped unless `"rescore": true`.
 """
 
 

@@ -6,7 +6,9 @@ quarantined so much that a site setting is likely wrong, and :func:`write_report
 ``index.html`` plus one PNG per plot in the run's report directory: studies per stage and outcome, quarantine
 reasons, studies per modality pattern (scored or quarantined by the minimum-data policy), the risk distribution with
 the qualitative thresholds, calibration (only when labels are given, e.g. the synthetic cohort's truth),
-per-modality attention weights and stage timings. The page shows counts and
+per-modality attention weights and stage timings. A windowed run's report also states its coverage: the interval,
+where a nightly run's new coverage began, the late arrivals it found, the studies already done by earlier runs and
+any gap in the coverage of the month before it (there must be none). The page shows counts and
 distributions only, never a UID, patient id or name, so it can be passed around like a log.
 """
 
@@ -17,13 +19,14 @@ import math
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+from riskbridge.coverage import Interval, uncovered
 from riskbridge.errors import DataError
 from riskbridge.harmonize.features import NO_MODALITY, PATTERNS
-from riskbridge.ledger import Ledger
+from riskbridge.ledger import Ledger, RunInfo
 from riskbridge.stages import STAGE_NAMES, STAGES
 from riskbridge.stages.base import OUTCOMES, Cursor
 
@@ -73,6 +76,69 @@ class HeaderSampling:
     identities: int = 0
 
 
+# How far back a run's report looks for gaps in the coverage (never before the first covered instant).
+GAP_CHECK_SPAN = timedelta(days=31)
+
+
+@dataclass(frozen=True)
+class CoverageSummary:
+    """A windowed run's coverage: its window, the watermark (a nightly run's new coverage begins there), studies
+    already done by earlier runs, late arrivals (new to the ledger, before the watermark), quarantined studies tried
+    again, and the uncovered parts of ``checked`` (the month before the run's end, this run's window counted)."""
+
+    window: Interval
+    watermark: datetime | None
+    already_done: int
+    late_arrivals: int
+    retried: int
+    checked: Interval
+    gaps: tuple[Interval, ...] = ()
+
+    def lines(self) -> list[tuple[str, str]]:
+        """(label, text) rows, as the report and ``riskbridge run`` show them."""
+        window = str(self.window)
+        if self.watermark is not None and self.watermark > self.window.start:
+            window += f" (new from {self.watermark.astimezone(UTC):%Y-%m-%dT%H:%MZ}; before it the lookback)"
+        gaps = ", ".join(str(gap) for gap in self.gaps) if self.gaps else "none"
+        return [
+            ("covered", window),
+            ("late arrivals", str(self.late_arrivals)),
+            ("already done", f"{self.already_done} (scored and written by an earlier run with this model)"),
+            ("quarantined before, tried again", str(self.retried)),
+            (f"gaps since {self.checked.start.astimezone(UTC):%Y-%m-%dT%H:%MZ}", gaps),
+        ]
+
+
+def coverage_summary(ledger: Ledger, run: RunInfo) -> CoverageSummary | None:
+    """The run's :class:`CoverageSummary` (None for a run without a window)."""
+    if run.window is None:
+        return None
+    window = Interval(*run.window)
+    first = ledger.first_covered()
+    start = window.start if first is None else min(window.start, max(first, window.end - GAP_CHECK_SPAN))
+    checked = Interval(start, window.end)
+    covered = [covered_run.interval for covered_run in ledger.coverage(checked)] + [window]
+    with ledger.transaction() as cursor:
+        cursor.execute(
+            """SELECT count(*) FILTER (WHERE late_arrival) AS late, count(*) FILTER (WHERE earlier_run IS NOT NULL
+                      AND EXISTS (SELECT 1 FROM quarantine q WHERE q.run_id = s.earlier_run
+                                  AND q.study_uid = s.study_uid)) AS retried,
+                      (SELECT count(*) FROM already_done WHERE run_id = %s) AS done
+               FROM studies s WHERE run_id = %s""",
+            (run.run_id, run.run_id),
+        )
+        row = cursor.fetchone()
+    return CoverageSummary(
+        window=window,
+        watermark=run.watermark,
+        already_done=int(row["done"]),
+        late_arrivals=int(row["late"]),
+        retried=int(row["retried"]),
+        checked=checked,
+        gaps=tuple(uncovered(covered, checked)),
+    )
+
+
 @dataclass(frozen=True)
 class RunSummary:
     """What the ledger knows about one run, reduced to what the report shows."""
@@ -94,6 +160,7 @@ class RunSummary:
     thresholds: tuple[float, float] | None = None  # (low_below, high_from) of the qualitative risk
     patterns: Mapping[str, PatternCounts] = field(default_factory=dict)  # modality pattern -> harmonized studies
     sampling: HeaderSampling | None = None  # what header sampling did in select and match
+    coverage: CoverageSummary | None = None  # a windowed run's coverage
 
     def __post_init__(self) -> None:
         for _, probability, _ in self.scores:
@@ -164,6 +231,7 @@ def run_summary(ledger: Ledger, run_id: int, thresholds: tuple[float, float] | N
         thresholds=thresholds,
         patterns=patterns,
         sampling=sampling,
+        coverage=coverage_summary(ledger, run),
     )
 
 
@@ -492,6 +560,8 @@ def write_report(summary: RunSummary, out_dir: Path, labels: Mapping[str, int] |
                 f"{sampling.identities} identities from a sampled header",
             )
         )
+    if summary.coverage is not None:
+        meta += summary.coverage.lines()
     header = ["pattern", "studies", "scored", "quarantined", "not scored", "validated AUROC"]
     patterns = (
         _table(header, _pattern_rows(summary))

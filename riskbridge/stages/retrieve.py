@@ -3,7 +3,9 @@
 The retrieval itself is :mod:`riskbridge.connectors.retrieval` (C-MOVE, C-GET or DICOMweb, several series at once,
 completeness by SOP Instance UID). The stage runs over chunks of chosen series: each complete series is recorded in
 ``retrievals`` with the index time read from one staged header (acquisition time with its offset); a series that
-fails or arrives short quarantines its study with the reason, and the next call tries it again. Also here:
+fails or arrives short quarantines its study with the reason, and the next call tries it again. A chunk claims its
+series in the ledger while it retrieves them, so two overlapping runs never retrieve the same series at once (the
+second waits, then finds the series staged). Also here:
 :func:`select_and_retrieve`, the select-then-retrieve path of ``riskbridge imaging retrieve``.
 """
 
@@ -174,7 +176,9 @@ def work(context: StageContext, run_id: int, items: Sequence[str] | None, progre
     expected = {task.series_uid: task.expected for task in tasks if task.expected}
     pairs = [(task.study_uid, task.series_uid) for task in tasks]
     settings = context.settings
-    for outcome in retrieve_all(settings.pacs, settings.staging_dir, pairs, None, progress, expected):
+    with ledger.claim_series([task.series_uid for task in tasks]):  # an overlapping run's retrieve task waits
+        outcomes = retrieve_all(settings.pacs, settings.staging_dir, pairs, None, progress, expected)
+    for outcome in outcomes:
         if isinstance(outcome, RetrievalFailure):
             record_failure(ledger, run_id, outcome.study_uid, outcome.series_uid, outcome.code, outcome.reason)
             counts["failed"] += 1

@@ -131,8 +131,13 @@ def test_schedules_and_params(dagbag: DagBag) -> None:
     assert nightly.catchup is False and nightly.max_active_runs == 1
     assert dagbag.dags["riskbridge_backfill"].schedule is None
     assert dagbag.dags["riskbridge_on_demand"].schedule is None
-    assert set(dagbag.dags["riskbridge_backfill"].params) == {"start", "end"}
-    assert dagbag.dags["riskbridge_on_demand"].params.validate() == {"accessions": [], "patient_ids": []}
+    assert set(dagbag.dags["riskbridge_backfill"].params) == {"start", "end", "rescore"}
+    assert dagbag.dags["riskbridge_on_demand"].params.validate() == {
+        "accessions": [],
+        "patient_ids": [],
+        "rescore": False,
+    }
+    assert nightly.params.validate() == {"rescore": False}
 
 
 def test_settings_shape_the_nightly_dag() -> None:
