@@ -174,12 +174,23 @@ def test_a_run_quarantines_the_truths_cases_writes_once_and_a_rerun_does_nothing
         assert {w.attempts for w in ledger.writebacks(run_id)} == {1}
     assert sum(len(v) for v in _assessments(settings).values()) == rows["writebacks"]
 
-    # Another run over the same window scores again but sends nothing new: the outbox key exists already.
+    # Another run over the same window skips every study scored and written with this model at discover: no
+    # retrieval, no FHIR fetch, no score; quarantined studies are tried again.
     with Pipeline.from_settings(settings) as pipeline:
         other = pipeline.start_run("backfill", "test:pipeline:twice", window)
         second = pipeline.run_stages(other)
-        assert next(r for r in second if r.stage == "write_back").total == 0
-        assert report_stage.run_summary(pipeline.ledger, other).writebacks == {"created": rows["writebacks"]}
+        discovered = next(r for r in second if r.stage == "discover")
+        assert discovered.skipped == rows["scores"]
+        assert set(discover_stage.study_uids(pipeline.ledger, other)) == set(pipeline.ledger.quarantined(run_id))
+        assert all(r.done == 0 for r in second if r.stage in ("score", "write_back")), second
+    # With rescore it scores again on purpose, and sends nothing new: the outbox key exists already.
+    with Pipeline.from_settings(settings) as pipeline:
+        forced = pipeline.start_run("backfill", "test:pipeline:rescore", window, rescore=True)
+        third = pipeline.run_stages(forced)
+        assert next(r for r in third if r.stage == "discover").skipped == 0
+        assert next(r for r in third if r.stage == "score").done == rows["scores"]
+        assert next(r for r in third if r.stage == "write_back").total == 0
+        assert report_stage.run_summary(pipeline.ledger, forced).writebacks == {"created": rows["writebacks"]}
     assert sum(len(v) for v in _assessments(settings).values()) == rows["writebacks"]
 
 
