@@ -156,18 +156,21 @@ def plan_nightly(
 ) -> NightlyWindow:
     """The window of the nightly run triggered at ``trigger``.
 
-    The watermark continues from the end of the last nightly coverage before the trigger (``last_nightly_end``), or
-    from ``first_start`` (the first night's data interval) when the job has none, through every covered interval
-    joined to it (:func:`watermark`), and never past the trigger. The run discovers from ``lookback`` before the
-    watermark to the trigger. Raises :class:`CoverageGapError` when the watermark lies more than ``max_catchup``
-    before the trigger (a long outage, a gap nobody backfilled), naming the interval and the backfill command.
+    The watermark continues from the end of the last nightly coverage before the trigger (``last_nightly_end``)
+    through every covered interval joined to it (:func:`watermark`), never past the trigger, and the run discovers
+    from ``lookback`` before the watermark to the trigger. A night with nothing to continue (the job's first, or an
+    old night triggered again after later ones ran) takes its data interval, ``first_start`` to the trigger, however
+    long. Raises :class:`CoverageGapError` when the watermark lies more than ``max_catchup`` before the trigger (a
+    long outage, a gap nobody backfilled), naming the interval and the backfill command.
     """
     trigger, first_start = as_utc(trigger), as_utc(first_start)
     last_nightly_end = as_utc(last_nightly_end) if last_nightly_end is not None else None
     if lookback <= timedelta(0) or max_catchup <= timedelta(0):
         raise CoverageError("the lookback and the maximum catch-up must be positive")
-    base = last_nightly_end if last_nightly_end is not None and last_nightly_end <= trigger else first_start
-    mark = min(watermark(covered, base), trigger)
+    if last_nightly_end is None or last_nightly_end > trigger:
+        # Nothing to continue (the job's first night, or an old night triggered again): the data interval.
+        return NightlyWindow(Interval(first_start, trigger), first_start, trigger)
+    mark = min(watermark(covered, last_nightly_end), trigger)
     if trigger - mark > max_catchup:
         gap = Interval(mark, trigger)
         first, last = backfill_days(gap, zone)

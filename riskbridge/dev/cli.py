@@ -155,6 +155,7 @@ def demo(
     console.print(
         f"\nnightly DAG: ledger run {result.ledger_run}, {result.scored} studies scored in {result.dag_seconds:.0f} s; "
         f"quarantined: {quarantined}"
+        + (f"; already done by an earlier run: {result.already_done}" if result.already_done else "")
     )
     console.print(f"RiskAssessments: {result.risk_assessments_url}")
     console.print(f"run report:      {result.report.as_uri()}")

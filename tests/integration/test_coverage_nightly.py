@@ -6,15 +6,17 @@ One story on a synthetic cohort and a ledger of the test's own:
 1. the cohort is loaded except half of the index studies of the three days before the first night (held back, as if
    the modality or an outside import sent them late);
 2. nightly run 1 (trigger 2024-01-15 02:00 site time; its first window the 72 h before) scores what it finds;
-3. the held-back studies are loaded; nightly run 2 (trigger 24 h later) continues from run 1's trigger, looks back
-   72 h, finds the held-back studies as late arrivals and scores them, and records the studies run 1 scored as
-   already done: no retrieval, no FHIR fetch, no score;
-4. a second nightly run at the same trigger (a new run key) covers only the lookback: every decided study skipped,
+3. the held-back studies are loaded; nightly run 2 (trigger 24 h later, through ``riskbridge run --nightly``)
+   continues from run 1's trigger, looks back 72 h, finds the held-back studies as late arrivals and scores them,
+   and records the studies run 1 scored as already done: no retrieval, no FHIR fetch, no score;
+4. ``riskbridge coverage`` lists the covered interval and the uncovered ones around it;
+5. a second nightly run at the same trigger (a new run key) covers only the lookback: every decided study skipped,
    nothing retrieved or written for them; with ``rescore`` the same window is scored again and writes nothing new.
 """
 
 from __future__ import annotations
 
+import json
 import shutil
 import threading
 import uuid
@@ -27,7 +29,9 @@ import pytest
 import requests
 from synthetic_site import synthetic_site_settings
 from tiny_model import tiny_package
+from typer.testing import CliRunner
 
+from riskbridge import cli
 from riskbridge.dev.synth import generate, load, read_truth
 from riskbridge.dev.synth.cohort import SITE_TZ
 from riskbridge.ledger import Ledger
@@ -88,7 +92,7 @@ def _nightly(settings: Settings, key: str, trigger: datetime, rescore: bool = Fa
 
 
 def test_a_late_study_is_scored_by_the_next_night_and_decided_studies_are_skipped(
-    sandbox: Settings, settings: Settings, tmp_path: Path
+    sandbox: Settings, settings: Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     cohort = tmp_path / "cohort"
     generate(cohort, patients=24, seed=1818)
@@ -121,9 +125,17 @@ def test_a_late_study_is_scored_by_the_next_night_and_decided_studies_are_skippe
         shutil.move(aside / uid, cohort / "dicom" / uid)
     load(cohort, orthanc, sandbox.fhir.base_url)
 
+    # Night 2 through the CLI, as a site without Airflow would run it.
     second_trigger = FIRST_TRIGGER + timedelta(hours=24)
-    second = _nightly(settings, "test:coverage:night-2", second_trigger)
+    monkeypatch.setattr(cli, "_settings", lambda: settings)
+    night = CliRunner().invoke(
+        cli.app, ["run", "--nightly", "--at", second_trigger.isoformat()], env={"COLUMNS": "200"}
+    )
+    assert night.exit_code == 0, night.output
+    output = " ".join(night.output.split())
+    assert "late arrivals: " in output and "gaps since" in output and ": none" in output
     with Ledger.connect(settings.database) as ledger:
+        second = ledger.run_by_key("cli:nightly:2024-01-16T07:00Z").run_id
         run = ledger.run(second)
         assert run.watermark == FIRST_TRIGGER
         assert run.window == (FIRST_TRIGGER - timedelta(hours=HOURS), second_trigger)
@@ -163,6 +175,17 @@ def test_a_late_study_is_scored_by_the_next_night_and_decided_studies_are_skippe
         for table in ("retrievals", "scores"):
             assert _uids(ledger, table, again) & decided == set(), table
         assert not _rows(ledger, "SELECT 1 FROM writebacks WHERE run_id = %s", again)
+
+    listed = CliRunner().invoke(cli.app, ["coverage", "--from", "2024-01-12", "--to", "2024-01-15", "--format", "json"])
+    assert listed.exit_code == 1, listed.output  # 2024-01-12 00:00..02:00 site time: before the first window
+    rows = json.loads(listed.output)
+    assert [(row["status"], row["start"], row["end"]) for row in rows] == [
+        ("uncovered", "2024-01-12T05:00:00+00:00", "2024-01-12T07:00:00+00:00"),
+        ("covered", "2024-01-12T07:00:00+00:00", "2024-01-16T05:00:00+00:00"),
+    ]
+    assert rows[1]["runs"] == f"nightly {first}, nightly {second}, nightly {again}"
+    inside = CliRunner().invoke(cli.app, ["coverage", "--from", "2024-01-13", "--to", "2024-01-15"])
+    assert inside.exit_code == 0, inside.output
 
     # --rescore does them again on purpose; the outbox keys exist, so nothing new is written.
     rescored = _nightly(settings, "test:coverage:night-2-rescore", second_trigger, rescore=True)

@@ -9,10 +9,12 @@ One story, in order (the tests share the module's Airflow home and ledger):
    scheduler do; here ``airflow tasks test`` per task, as there is no scheduler), so the same ledger run resumes:
    nothing is discovered or retrieved twice, and it completes with exactly one RiskAssessment per scorable patient of
    the cohort in HAPI and every planted edge case quarantined with the truth's reason;
-3. rerunning creates nothing: the write-back task of that run again, and a whole new DAG run over the same window
-   (a new ledger run that rescans), leave the same resources, still at version 1;
-4. the same through `riskbridge run` (interrupted with ``--until retrieve``, then resumed by its run key): the same
-   decisions, and no new resource (the assessments exist already).
+3. rerunning creates nothing: the write-back task of that run again, and a whole new DAG run of the same night (a new
+   ledger run: it continues the coverage, so it looks back only, and skips every study already scored and written),
+   leave the same resources, still at version 1;
+4. the same window through `riskbridge run` (interrupted with ``--until retrieve``, then resumed by its run key):
+   the scored studies skipped as done, the quarantined ones tried again with the same decisions, and no new
+   resource.
 
 The sandbox holds other tests' cohorts too (their index windows overlap), so the run discovers them as well; every
 assertion here is restricted to this module's cohort.
@@ -51,7 +53,8 @@ pytestmark = pytest.mark.integration
 PATIENTS = 30
 SEED = 6060
 LOGICAL_DATE = "2024-01-15T02:00:00-05:00"
-WINDOW_HOURS = 24 * 16  # 2023-12-30 02:00 .. 2024-01-15 02:00: the cohort's whole index window
+WINDOW_HOURS = 24 * 16  # 2023-12-30 02:00 .. 2024-01-15 02:00: the cohort's whole index window (the first night)
+LOOKBACK_HOURS = 72
 CLINICAL_RESOURCES = ("Observation", "DocumentReference", "DiagnosticReport", "Condition")
 SPEC = load_default_feature_spec()
 MAPPED_TASKS = ("retrieve", "clinical")
@@ -116,6 +119,10 @@ def airflow(sandbox: Settings, tmp_path_factory: pytest.TempPathFactory) -> tupl
     work = tmp_path_factory.mktemp("e2e-airflow")
     with Ledger.connect(sandbox.database) as ledger:
         ledger.upgrade()
+        with ledger.transaction() as cursor:
+            # The sandbox's ledger is shared: this module's nightly job starts as on a site's first night, with
+            # the first window its data interval (later nights continue the coverage; test_coverage_nightly.py).
+            cursor.execute("DELETE FROM coverage WHERE kind = 'nightly'")
     local = LocalAirflow(home=work / "airflow")
     local.init(sandbox)
     env = {
@@ -123,6 +130,7 @@ def airflow(sandbox: Settings, tmp_path_factory: pytest.TempPathFactory) -> tupl
         **site_environment(),
         "RISKBRIDGE_AIRFLOW__RETRIES": "0",
         "RISKBRIDGE_AIRFLOW__NIGHTLY_WINDOW_HOURS": str(WINDOW_HOURS),
+        "RISKBRIDGE_AIRFLOW__NIGHTLY_LOOKBACK_HOURS": str(LOOKBACK_HOURS),
         "RISKBRIDGE_STAGING_DIR": str(work / "staging"),
         "RISKBRIDGE_MODEL_DIR": str(work / "models"),
         "RISKBRIDGE_RUN__REPORT_DIR": str(work / "reports"),
@@ -178,6 +186,16 @@ def _ledger_run(sandbox: Settings, prefix: str) -> tuple[int, str]:
         connection.close()
     assert row is not None, f"no ledger run with a key starting {prefix!r}"
     return int(row[0]), str(row[1])
+
+
+def _study_uids(sandbox: Settings, table: str, run_id: int) -> set[str]:
+    connection = db.connect(sandbox.database)
+    try:
+        with connection.cursor() as cursor:
+            cursor.execute(f"SELECT study_uid FROM {table} WHERE run_id = %s", (run_id,))
+            return {str(row[0]) for row in cursor.fetchall()}
+    finally:
+        connection.close()
 
 
 def _count(sandbox: Settings, table: str, run_id: int) -> int:
@@ -307,7 +325,18 @@ def test_nightly_rerun_creates_nothing(
     assert {table: _count(sandbox, table, run_id) for table in tables} == rows
     new_run, _ = _ledger_run(sandbox, "airflow:riskbridge_nightly:")
     assert new_run != run_id
-    after = _check_outcome(sandbox, cohort, new_run)
+    # The same night again continues the coverage: it has covered up to its trigger, so it only looks back, and
+    # every study scored and written there is skipped at discover (nothing retrieved, fetched or scored again).
+    trigger = datetime.fromisoformat(LOGICAL_DATE)
+    with Ledger.connect(sandbox.database) as ledger:
+        run = ledger.run(new_run)
+        assert run.watermark == trigger
+        assert run.window == (trigger - timedelta(hours=LOOKBACK_HOURS), trigger)
+    scorable = set(_expected(cohort)[0])
+    assert _count(sandbox, "already_done", new_run) > 0
+    for table in ("studies", "retrievals", "scores"):
+        assert not _study_uids(sandbox, table, new_run) & scorable, table
+    after = _assessments(sandbox, cohort)
     assert _ids(after) == _ids(before)
     assert all(r["meta"]["versionId"] == "1" for rs in after.values() for r in rs)
 
@@ -340,7 +369,10 @@ def test_cli_run_interrupted_and_resumed_matches_airflow(
     }
     with Ledger.connect(sandbox.database) as ledger:
         cli_quarantine = {uid: q[1] for uid, q in ledger.quarantined(run_id).items()}
-        airflow_quarantine = {uid: q[1] for uid, q in ledger.quarantined(airflow_run).items()}
-    quarantined = _expected(cohort)[1]
-    assert {uid: cli_quarantine[uid] for uid in quarantined} == {uid: airflow_quarantine[uid] for uid in quarantined}
+    # The quarantined studies were tried again and decided as the Airflow run decided them (the truth's reasons);
+    # the scored ones were skipped as done.
+    quarantined, scorable = _expected(cohort)[1], set(_expected(cohort)[0])
+    assert {uid: cli_quarantine.get(uid) for uid in quarantined} == quarantined
+    assert _count(sandbox, "already_done", run_id) >= len(scorable)
+    assert not _study_uids(sandbox, "retrievals", run_id) & scorable
     assert f"{run_id}" in resumed.stdout

@@ -54,3 +54,22 @@ def test_output_off_a_terminal_is_never_wrapped(monkeypatch: pytest.MonkeyPatch,
     assert result.exit_code == 2
     lines = [line for line in result.output.splitlines() if line.startswith("error:")]
     assert len(lines) == 1 and str(missing) in lines[0]
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["run", "--nightly", "--window", "2026-01-01..2026-01-02"], "give one of --window"),
+        (["run", "--window", "2026-01-01..2026-01-02", "--at", "2026-01-03T02:00"], "--at goes with --nightly"),
+        (["run", "--nightly", "--at", "tonight"], "--at must be a time like"),
+        (["run", "--nightly", "--kind", "backfill"], "--nightly runs are of kind nightly"),
+        (["coverage", "--from", "2026-01-02", "--to", "2026-01-01"], "before it starts"),
+    ],
+)
+def test_run_and_coverage_refuse_bad_options_in_one_line(
+    monkeypatch: pytest.MonkeyPatch, args: list[str], message: str
+) -> None:
+    monkeypatch.setenv("RISKBRIDGE_SITE__TIMEZONE", "Europe/Berlin")
+    result = runner.invoke(app, args, env={"COLUMNS": "200"})
+    assert result.exit_code == 2, result.output
+    assert message in result.output and "Traceback" not in result.output

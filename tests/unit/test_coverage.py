@@ -170,11 +170,11 @@ def test_the_watermark_follows_joined_coverage_but_never_jumps_a_gap() -> None:
     beyond = Interval(base + timedelta(days=3), base + timedelta(days=4))
     assert watermark([joined, beyond], base) == base + timedelta(days=2)
     assert watermark([beyond], base) == base
-    # A nightly run of an old night (triggered again by hand) continues from the nightly coverage before it, else
-    # from its data interval, and re-checks the lookback before that.
+    # A nightly run of an old night (triggered again by hand) continues the nightly coverage before it, else takes
+    # its data interval.
     old = base - timedelta(days=1)
     plan = plan_nightly(base, [joined], base + timedelta(days=2), old, LOOKBACK, MAX_CATCHUP, "UTC")
-    assert plan.watermark == old and plan.window == Interval(old - LOOKBACK, base)
+    assert plan.watermark == old and plan.window == Interval(old, base)
     later = Interval(old - timedelta(days=1), base + timedelta(days=2))  # nights before and after it ran already
     plan = plan_nightly(base, [later], old, old, LOOKBACK, MAX_CATCHUP, "UTC")
     assert plan.watermark == base and plan.new_coverage is None and plan.window == Interval(base - LOOKBACK, base)
@@ -184,7 +184,10 @@ def test_the_first_night_takes_the_data_interval() -> None:
     trigger = _utc(2026, 2, 2, 1)
     plan = plan_nightly(trigger, [], None, trigger - timedelta(days=1), LOOKBACK, MAX_CATCHUP, "Europe/Berlin")
     assert plan.watermark == trigger - timedelta(days=1)
-    assert plan.new_coverage == Interval(trigger - timedelta(days=1), trigger)
+    assert plan.window == plan.new_coverage == Interval(trigger - timedelta(days=1), trigger)
+    # A first window longer than the maximum catch-up is the site's setting, not a gap.
+    long = plan_nightly(trigger, [], None, trigger - timedelta(days=16), LOOKBACK, MAX_CATCHUP, "Europe/Berlin")
+    assert long.watermark == trigger - timedelta(days=16)
 
 
 def test_intervals_merge_and_report_gaps() -> None:
