@@ -151,7 +151,10 @@ def main() -> None:
         "recorded at discover and never retrieved, fetched or scored again. Studies quarantined by the first run "
         "(the minimum-data policy, or other cohorts' patients) are tried again by the rerun by design. `rescore` "
         "(`--rescore`) is what every rerun cost before this change: the whole pipeline again (the write-back's "
-        "conditional create still writes nothing twice).\n\n" + markdown_table(header, rows)
+        "conditional create still writes nothing twice); it reuses the scorer's cache of preprocessed volumes and "
+        "warm server caches, so it costs less than the first run. What a rerun itself costs is the STUDY-level "
+        "C-FIND (discover) plus the quarantined studies it tries again (match, select).\n\n"
+        + markdown_table(header, rows)
     )
     path = write_section("rerun-cost", "Rerun over a scored window: decided studies skipped at discover", body)
     console.print(f"written to {path}")
