@@ -229,3 +229,38 @@ def test_triage_skips_decided_studies_unless_rescoring_and_marks_late_arrivals()
     }
     again = triage([done], priors, mark, zone, rescore=True)
     assert not again.done and [item.earlier_run for item in again.work] == [7]
+
+
+def test_the_nightly_dags_first_task_fails_without_retries_naming_the_gap(monkeypatch: pytest.MonkeyPatch) -> None:
+    from collections.abc import Iterator
+    from contextlib import contextmanager
+    from types import SimpleNamespace
+
+    from airflow.sdk.exceptions import AirflowFailException
+
+    from riskbridge.airflow import dagkit
+
+    gap = Interval(_utc(2026, 3, 1, 7), _utc(2026, 3, 12, 6))
+    asked: list[tuple[str, datetime, datetime, bool]] = []
+
+    class _Pipeline:
+        def start_nightly_run(self, key: str, trigger: datetime, first_start: datetime, rescore: bool) -> int:
+            asked.append((key, trigger, first_start, rescore))
+            raise CoverageGapError(f"the nightly job has not covered {gap}: backfill it", gap)
+
+    @contextmanager
+    def open_pipeline() -> Iterator[_Pipeline]:
+        yield _Pipeline()
+
+    monkeypatch.setattr(dagkit, "open_pipeline", open_pipeline)
+    context = {
+        "params": {"rescore": False},
+        "data_interval_start": pendulum.instance(gap.end - timedelta(days=1)),
+        "data_interval_end": pendulum.instance(gap.end),
+        "dag": SimpleNamespace(dag_id="riskbridge_nightly"),
+        "run_id": "scheduled__2026-03-12T06:00:00+00:00",
+    }
+    with pytest.raises(AirflowFailException, match=r"2026-03-01T07:00Z \.\. 2026-03-12T06:00Z"):
+        dagkit.start_ledger_run("nightly", context)
+    key = "airflow:riskbridge_nightly:scheduled__2026-03-12T06:00:00+00:00"
+    assert asked == [(key, gap.end, gap.end - timedelta(days=1), False)]

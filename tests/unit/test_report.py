@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -186,3 +187,31 @@ def test_the_quarantine_alert_points_at_the_pattern_table_when_the_policy_quaran
     assert "validated pattern table" in alert and "pattern_auroc_floor" in alert
     other = quarantine_alert(_summary([], stage_counts=counts, quarantine={"identity_unmatched": 18}), 0.8, 10)
     assert other is not None and "pattern_auroc_floor" not in other
+
+
+def test_the_report_states_the_runs_coverage_and_names_a_gap(tmp_path: Path) -> None:
+    from riskbridge.coverage import Interval
+    from riskbridge.stages.report import CoverageSummary
+
+    window = Interval(STARTED - timedelta(days=4), STARTED)
+    gap = Interval(STARTED - timedelta(days=9), STARTED - timedelta(days=8, hours=23))
+    coverage = CoverageSummary(
+        window=window,
+        watermark=STARTED - timedelta(days=1),
+        already_done=12,
+        late_arrivals=2,
+        retried=3,
+        checked=Interval(STARTED - timedelta(days=31), STARTED),
+        gaps=(gap,),
+    )
+    page = write_report(_summary([], coverage=coverage), tmp_path).read_text()
+    for text in (
+        "2024-01-11T02:00Z .. 2024-01-15T02:00Z (new from 2024-01-14T02:00Z; before it the lookback)",
+        "late arrivals</th><td>2<",
+        "already done</th><td>12 (scored and written by an earlier run with this model)",
+        "quarantined before, tried again</th><td>3<",
+        "gaps since 2023-12-15T02:00Z</th><td>2024-01-06T02:00Z .. 2024-01-06T03:00Z<",
+    ):
+        assert text in page, text
+    clean = replace(coverage, gaps=())
+    assert dict(clean.lines())["gaps since 2023-12-15T02:00Z"] == "none"
