@@ -399,7 +399,8 @@ Studies already scored and written with the same model are skipped unless `"resc
 
 
 def nightly_dag(settings: Settings | None = None) -> DAG:
-    """Return ``riskbridge_nightly``: cron from [airflow] schedule; data interval = the preceding window."""
+    """Return ``riskbridge_nightly``: cron from [airflow] schedule; each run covers from the coverage's watermark
+    (less the lookback) to its trigger, the data interval (``nightly_window_hours``) only on the job's first night."""
     from airflow.sdk import CronTriggerTimetable
 
     settings = settings if settings is not None else load_settings()
