@@ -31,6 +31,7 @@ import re
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from datetime import datetime, tzinfo
 from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -50,6 +51,7 @@ from riskbridge.harmonize.notes_rule_file import (
     parse_rules,
     rule_file_key,
 )
+from riskbridge.harmonize.windows import parse_fhir_datetime
 
 if TYPE_CHECKING:
     from spacy.language import Language
@@ -430,8 +432,29 @@ def _status_code(concept: Any) -> str | None:
     return None
 
 
+def condition_known_from(condition: Mapping[str, Any], zone: str | tzinfo) -> datetime | None:
+    """The earliest time a Condition can have been known: its recordedDate, else its onset (onsetDateTime or
+    onsetPeriod.start); the start of a partial date (a day, in ``zone``). None when it says neither, or malformed."""
+    onset_period = condition.get("onsetPeriod")
+    candidates = (
+        condition.get("recordedDate"),
+        condition.get("onsetDateTime"),
+        onset_period.get("start") if isinstance(onset_period, Mapping) else None,
+    )
+    for value in candidates:
+        if isinstance(value, str) and value.strip():
+            try:
+                return parse_fhir_datetime(value, zone).start
+            except ValueError:
+                return None
+    return None
+
+
 def coded_evidence(
-    conditions: Iterable[Mapping[str, Any]], rules_path: str | Path | None = None
+    conditions: Iterable[Mapping[str, Any]],
+    rules_path: str | Path | None = None,
+    known_at: datetime | None = None,
+    zone: str | tzinfo = "UTC",
 ) -> list[CodedEvidence]:
     """Map Condition resources (plain dicts) to flags; one entry per (Condition, flag) its codes assert.
 
@@ -440,6 +463,10 @@ def coded_evidence(
     relapse; inactive, remission or resolved count only for flags with ``coded_inactive_counts`` (prior MI,
     prior malignancy). A Condition without clinicalStatus counts unless it has an abatement (R4 requires the
     status, but some feeds leave it out on current problem-list entries).
+
+    With ``known_at`` (the scan's index time), a Condition recorded after it never counts, whatever its onset: a
+    backfill or a training export must not see a diagnosis the scan's night could not have seen (the outcome
+    itself, for one). One without recordedDate or onset counts as the rules above say (a problem-list entry).
     """
     rules = load_rules(rules_path)
     found: list[CodedEvidence] = []
@@ -449,6 +476,8 @@ def coded_evidence(
         clinical = _status_code(condition.get("clinicalStatus"))
         verification = _status_code(condition.get("verificationStatus"))
         abated = any(key.startswith("abatement") for key in condition)
+        known_from = condition_known_from(condition, zone) if known_at is not None else None
+        late = known_at is not None and known_from is not None and known_from > known_at
         code_concept = condition.get("code")
         codings = code_concept.get("coding") if isinstance(code_concept, Mapping) else None
         seen: set[str] = set()
@@ -464,6 +493,8 @@ def coded_evidence(
                     continue
                 seen.add(flag.name)
                 counts, reason = _coded_decision(flag, clinical, verification, abated)
+                if late:
+                    counts, reason = False, "recorded after the index time"
                 found.append(
                     CodedEvidence(
                         condition_id=condition.get("id"),
@@ -532,12 +563,17 @@ def extract_comorbidities_batch(
     notes_by_patient: Mapping[str, Iterable[tuple[str, str]]],
     conditions_by_patient: Mapping[str, Iterable[Mapping[str, Any]]] | None = None,
     rules_path: str | Path | None = None,
+    index_times: Mapping[str, datetime] | None = None,
+    zone: str | tzinfo = "UTC",
 ) -> dict[str, PatientComorbidities]:
     """Comorbidity flags of many patients; all their notes go through one ``nlp.pipe`` run.
 
     ``notes_by_patient``: patient key -> ``(note_id, text)`` pairs (note ids unique across patients);
     ``conditions_by_patient``: patient key -> Condition dicts. Patients in either mapping get a result.
+    ``index_times``: patient key -> the scan's index time; a Condition recorded after it does not count
+    (:func:`coded_evidence`). ``zone`` reads partial FHIR dates.
     """
+    index_times = index_times or {}
     conditions_by_patient = conditions_by_patient or {}
     inputs: dict[str, _PatientInputs] = {}
     all_notes: list[tuple[str, str]] = []
@@ -557,7 +593,7 @@ def extract_comorbidities_batch(
     result = {}
     for patient, entry in inputs.items():
         patient_mentions = [m for note_id in entry.note_ids for m in mentions[note_id]]
-        coded = coded_evidence(entry.conditions, rules_path)
+        coded = coded_evidence(entry.conditions, rules_path, index_times.get(patient), zone)
         result[patient] = PatientComorbidities(
             flags=merge_flags(patient_mentions, coded, rules_path),
             note_ids=tuple(entry.note_ids),

@@ -237,7 +237,8 @@ class ClinicalHarmonizer:
                 "sex_male": _sex_male(person.get("gender")),
             }
             results[pid] = ClinicalResult(pid, build_vector(self.spec, {}, None, {}), selections, dispositions)
-        found = note_flags.extract_comorbidities_batch(note_texts, conditions)
+        index_times = {patient.patient_id: patient.index_time for patient in patients}
+        found = note_flags.extract_comorbidities_batch(note_texts, conditions, None, index_times, self.zone)
         for pid, result in results.items():
             result.comorbidities = found.get(pid)
             flags = result.comorbidities.as_booleans(self.spec.flags) if result.comorbidities is not None else None

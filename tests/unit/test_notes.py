@@ -507,3 +507,25 @@ def test_flags_match_the_synthetic_ground_truth(cohort: Path) -> None:
     assert compared >= COHORT_PATIENTS // 2
     assert total[0] > 0
     assert micro[2] >= MICRO_F1_TARGET
+
+
+def test_a_condition_recorded_after_the_scan_never_counts_for_it() -> None:
+    """A backfill or a training export must not see a diagnosis the scan's night could not have seen."""
+    index = datetime.fromisoformat("2024-01-10T09:30:00-05:00")
+    before = condition("hf-before", SNOMED, "84114007", recordedDate="2023-11-02")
+    after = condition("hf-after", SNOMED, "84114007", recordedDate="2024-02-20T10:00:00-05:00", onsetDateTime="2023-06")
+    onset_only = condition("copd-later", SNOMED, "13645005", onsetDateTime="2024-01-11")
+    same_day = condition("dm-same-day", SNOMED, "44054006", recordedDate="2024-01-10")
+    untimed = condition("ckd-untimed", SNOMED, "709044004")
+    found = {
+        e.condition_id: e
+        for e in coded_evidence([before, after, onset_only, same_day, untimed], None, index, "America/New_York")
+    }
+    assert found["hf-before"].counts
+    assert not found["hf-after"].counts and found["hf-after"].reason == "recorded after the index time"
+    assert not found["copd-later"].counts
+    assert found["dm-same-day"].counts  # the day may hold the scan: a partial date counts from its start
+    assert found["ckd-untimed"].counts  # a problem-list entry without times: the status rules decide
+    result = extract_comorbidities_batch({}, {"p": [after]}, None, {"p": index}, "America/New_York")["p"]
+    assert result.flags["heart_failure"].present is False
+    assert extract_comorbidities_batch({}, {"p": [after]})["p"].flags["heart_failure"].present  # no index: as before
