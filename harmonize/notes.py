@@ -450,6 +450,11 @@ def condition_known_from(condition: Mapping[str, Any], zone: str | tzinfo) -> da
     return None
 
 
+def _recorded_after(condition: Mapping[str, Any], known_at: datetime, zone: str | tzinfo) -> bool:
+    known_from = condition_known_from(condition, zone)
+    return known_from is not None and known_from > known_at
+
+
 def coded_evidence(
     conditions: Iterable[Mapping[str, Any]],
     rules_path: str | Path | None = None,
@@ -476,8 +481,7 @@ def coded_evidence(
         clinical = _status_code(condition.get("clinicalStatus"))
         verification = _status_code(condition.get("verificationStatus"))
         abated = any(key.startswith("abatement") for key in condition)
-        known_from = condition_known_from(condition, zone) if known_at is not None else None
-        late = known_at is not None and known_from is not None and known_from > known_at
+        late = known_at is not None and _recorded_after(condition, known_at, zone)
         code_concept = condition.get("code")
         codings = code_concept.get("coding") if isinstance(code_concept, Mapping) else None
         seen: set[str] = set()
@@ -593,11 +597,14 @@ def extract_comorbidities_batch(
     result = {}
     for patient, entry in inputs.items():
         patient_mentions = [m for note_id in entry.note_ids for m in mentions[note_id]]
-        coded = coded_evidence(entry.conditions, rules_path, index_times.get(patient), zone)
+        known_at = index_times.get(patient)
+        coded = coded_evidence(entry.conditions, rules_path, known_at, zone)
+        # A Condition recorded after the scan was not there to read: it makes no missing flags present-and-false.
+        read = [c for c in entry.conditions if known_at is None or not _recorded_after(c, known_at, zone)]
         result[patient] = PatientComorbidities(
             flags=merge_flags(patient_mentions, coded, rules_path),
             note_ids=tuple(entry.note_ids),
-            condition_ids=tuple(str(c.get("id")) for c in entry.conditions),
+            condition_ids=tuple(str(c.get("id")) for c in read),
         )
     return result
 

@@ -528,4 +528,5 @@ def test_a_condition_recorded_after_the_scan_never_counts_for_it() -> None:
     assert found["ckd-untimed"].counts  # a problem-list entry without times: the status rules decide
     result = extract_comorbidities_batch({}, {"p": [after]}, None, {"p": index}, "America/New_York")["p"]
     assert result.flags["heart_failure"].present is False
+    assert result.as_booleans() is None, "a Condition recorded after the scan was not there to read: flags missing"
     assert extract_comorbidities_batch({}, {"p": [after]})["p"].flags["heart_failure"].present  # no index: as before

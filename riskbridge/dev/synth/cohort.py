@@ -753,6 +753,10 @@ class PatientSpec:
     label: int = 0
     # OtherPatientIDsSequence: (PatientID, IssuerOfPatientID) pairs the images carry besides PatientID.
     pacs_other_ids: tuple[tuple[str, str], ...] = ()
+    # The outcome as the EHR records it after the scan: the diagnosis (positives, within OUTCOME_HORIZON) and a
+    # follow-up visit after the horizon (everyone), so labels can be derived from FHIR (docs/synthetic-cohort.md).
+    outcome_onset: datetime | None = None
+    follow_up: datetime | None = None
 
     @property
     def pacs_name(self) -> str:
@@ -1537,6 +1541,11 @@ def build_cohort(seed: int, patients: int, size: str = "small", rates: EdgeCaseR
         patient.logit_components = {k: round(v, 6) for k, v in components.items()}
         patient.probability = round(_sigmoid(sum(components.values())), 6)
         patient.label = int(rng_for(seed, "label", i).random() < patient.probability)
+        timing = rng_for(seed, "outcome_time", i)
+        acquired = patient.index_study.acquisition
+        onset_days, follow_up_days = float(timing.uniform(20.0, 330.0)), float(timing.uniform(400.0, 700.0))
+        patient.outcome_onset = _floor_minute(acquired + timedelta(days=onset_days)) if patient.label else None
+        patient.follow_up = _floor_minute(acquired + timedelta(days=follow_up_days))
         out.append(patient)
     return Cohort(seed=seed, size=size, rates=rates, cohort_id=cohort_id, patients=out)
 
@@ -1695,5 +1704,11 @@ def truth_record(p: PatientSpec, cohort_id: str) -> dict[str, Any]:
             "labs": {k: round(v, 6) for k, v in p.lab_state.items()},
             "age_years": p.age_years,
         },
-        "outcome": {"label": p.label, "probability": p.probability, "logit_components": p.logit_components},
+        "outcome": {
+            "label": p.label,
+            "probability": p.probability,
+            "logit_components": p.logit_components,
+            "onset": iso(p.outcome_onset) if p.outcome_onset is not None else None,
+            "follow_up": iso(p.follow_up) if p.follow_up is not None else None,
+        },
     }

@@ -12,12 +12,14 @@ Every resource also carries the identifier ``urn:riskbridge:synth|<id>`` so a co
 from __future__ import annotations
 
 import base64
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from fhir.resources.R4B.bundle import Bundle
+from fhir.resources.R4B.condition import Condition
 from fhir.resources.R4B.diagnosticreport import DiagnosticReport
 from fhir.resources.R4B.documentreference import DocumentReference
+from fhir.resources.R4B.encounter import Encounter
 from fhir.resources.R4B.observation import Observation
 from fhir.resources.R4B.patient import Patient
 
@@ -38,6 +40,15 @@ OBSERVATION_CATEGORY = "http://terminology.hl7.org/CodeSystem/observation-catego
 V2_0203 = "http://terminology.hl7.org/CodeSystem/v2-0203"
 V2_0074 = "http://terminology.hl7.org/CodeSystem/v2-0074"
 US_CORE_DOC_CATEGORY = "http://hl7.org/fhir/us/core/CodeSystem/us-core-documentreference-category"
+CONDITION_CLINICAL = "http://terminology.hl7.org/CodeSystem/condition-clinical"
+CONDITION_VERIFICATION = "http://terminology.hl7.org/CodeSystem/condition-ver-status"
+V3_ACT_CODE = "http://terminology.hl7.org/CodeSystem/v3-ActCode"
+# The outcome the reference model predicts (its RiskAssessment's prediction), coded as a problem-list diagnosis.
+OUTCOME_CODINGS = (
+    {"system": "http://snomed.info/sct", "code": "363358000", "display": "Malignant tumor of lung"},
+    {"system": "http://hl7.org/fhir/sid/icd-10-cm", "code": "C34.90",
+     "display": "Malignant neoplasm of unspecified part of unspecified bronchus or lung"},
+)  # fmt: skip
 REFERENCE_RANGE_CRP = {"high": {"value": 5, "unit": "mg/L", "system": UCUM, "code": "mg/L"}}
 
 
@@ -162,6 +173,47 @@ def note_resource(note: NoteDocument, patient_id: str) -> DocumentReference | Di
     )
 
 
+def outcome_condition_resource(patient: PatientSpec, patient_id: str) -> Condition | None:
+    """The outcome diagnosis of a positive patient (onset and recorded at its onset), or None for a negative."""
+    if patient.outcome_onset is None:
+        return None
+    resource_id = f"{patient_id}-outcome"
+    return Condition.model_validate(
+        {
+            "resourceType": "Condition",
+            "id": resource_id,
+            "identifier": [_synth_identifier(resource_id)],
+            "clinicalStatus": {"coding": [{"system": CONDITION_CLINICAL, "code": "active"}]},
+            "verificationStatus": {"coding": [{"system": CONDITION_VERIFICATION, "code": "confirmed"}]},
+            "code": {"coding": list(OUTCOME_CODINGS), "text": OUTCOME_CODINGS[0]["display"]},
+            "subject": {"reference": f"Patient/{patient_id}"},
+            "onsetDateTime": _fhir_time(patient.outcome_onset, utc=False),
+            "recordedDate": _fhir_time(patient.outcome_onset, utc=False),
+        }
+    )
+
+
+def follow_up_encounter_resource(patient: PatientSpec, patient_id: str) -> Encounter | None:
+    """The patient's follow-up visit after the outcome horizon (evidence that a negative is one)."""
+    if patient.follow_up is None:
+        return None
+    resource_id = f"{patient_id}-follow-up"
+    return Encounter.model_validate(
+        {
+            "resourceType": "Encounter",
+            "id": resource_id,
+            "identifier": [_synth_identifier(resource_id)],
+            "status": "finished",
+            "class": {"system": V3_ACT_CODE, "code": "AMB", "display": "ambulatory"},
+            "subject": {"reference": f"Patient/{patient_id}"},
+            "period": {
+                "start": _fhir_time(patient.follow_up, utc=False),
+                "end": _fhir_time(patient.follow_up + timedelta(minutes=30), utc=False),
+            },
+        }
+    )
+
+
 def patient_bundle(patient: PatientSpec, cohort_id: str) -> Bundle | None:
     """The transaction Bundle of one cohort patient (None when the patient has no FHIR Patient)."""
     if not patient.fhir_patients:
@@ -170,6 +222,9 @@ def patient_bundle(patient: PatientSpec, cohort_id: str) -> Bundle | None:
     resources: list[Any] = [patient_resource(fp) for fp in patient.fhir_patients]
     resources += [observation_resource(obs, owner) for obs in patient.labs]
     resources += [note_resource(note, owner) for note in patient.notes]
+    resources += [
+        r for r in (outcome_condition_resource(patient, owner), follow_up_encounter_resource(patient, owner)) if r
+    ]
     entries = [
         {
             "fullUrl": f"urn:uuid:{make_uuid(cohort_id, resource.get_resource_type(), resource.id)}",
