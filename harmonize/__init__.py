@@ -14,6 +14,7 @@ servers. The modules, by concern:
 - :mod:`~riskbridge.harmonize.notes`: comorbidity flags from notes and Conditions (the rule file in
   :mod:`~riskbridge.harmonize.notes_rule_file`);
 - :mod:`~riskbridge.harmonize.features`: the feature spec, the vector and the minimum-data policy;
+- :mod:`~riskbridge.harmonize.labels`: outcome labels from FHIR resources by a label spec (training, monitoring);
 - :mod:`~riskbridge.harmonize.volume`: one CT series as a volume in Hounsfield units.
 
 The main names of each are importable from here too (``from riskbridge.harmonize import select_series``). They are
@@ -52,6 +53,7 @@ if TYPE_CHECKING:
         match_patient,
         match_studies,
     )
+    from riskbridge.harmonize.labels import LabelDecision, LabelSpec, label_patient, load_label_spec
     from riskbridge.harmonize.notes import (
         FlagEvidence,
         PatientComorbidities,
@@ -121,6 +123,11 @@ _EXPORTS: dict[str, str] = {
     "default_table": "units",
     "load_table": "units",
     "normalize": "units",
+    # labels
+    "LabelDecision": "labels",
+    "LabelSpec": "labels",
+    "label_patient": "labels",
+    "load_label_spec": "labels",
     # notes
     "FlagEvidence": "notes",
     "PatientComorbidities": "notes",
@@ -156,6 +163,8 @@ __all__ = [
     "IdentityConfig",
     "IdentityMatch",
     "IndexTimeError",
+    "LabelDecision",
+    "LabelSpec",
     "Measurement",
     "NormalizePolicy",
     "NormalizedValue",
@@ -181,9 +190,11 @@ __all__ = [
     "extract_comorbidities_batch",
     "index_time",
     "index_time_of_study",
+    "label_patient",
     "load_default_feature_spec",
     "load_default_rules",
     "load_feature_spec",
+    "load_label_spec",
     "load_table",
     "match_patient",
     "match_studies",

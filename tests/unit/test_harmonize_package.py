@@ -17,11 +17,12 @@ import riskbridge.harmonize as harmonize
 ALLOWED = {
     "identity": {"identity", "identity_config", "identity_names"},
     "series": {"series", "series_rules", "series_rule_file", "rule_file"},
-    "notes": {"notes", "notes_rule_file", "rule_file"},
+    "notes": {"notes", "notes_rule_file", "rule_file", "windows"},
     "notes_rule_file": {"notes_rule_file", "rule_file"},
     "units": {"units", "unit_table", "ucum"},
     "windows": {"windows"},
     "features": {"features", "windows"},
+    "labels": {"labels", "windows", "rule_file"},
 }
 HEAVY = ("spacy", "medspacy", "torch", "monai")
 PROBE = """
