@@ -461,3 +461,37 @@ def coverage(
     emit(rows, COVERAGE_COLUMNS, fmt, title=f"coverage {span}: {uncovered_hours:.1f} h uncovered")
     if gaps:
         raise typer.Exit(code=1)
+
+
+cohort_app = typer.Typer(help="The site's own cohort: labelled, pseudonymized training tables (docs/site-training.md).")
+app.add_typer(cohort_app, name="cohort")
+
+
+@cohort_app.command("export")
+def cohort_export(
+    window: str = typer.Option(..., "--window", help="START..END: study dates (inclusive) in the site zone."),
+    out: Path = typer.Option(..., "--out", "-o", help="Training table directory (empty, or an earlier table)."),
+    labels: str | None = typer.Option(
+        None, "--labels", help="Label spec: a shipped name or a YAML file (default: [export] label_spec)."
+    ),
+    run_key: str | None = typer.Option(None, "--run-key", help="Names the export run; the same key resumes it."),
+) -> None:
+    """Run the stages up to harmonize over a past window (no score, nothing written to FHIR), label every patient
+    from the FHIR server and write a pseudonymized training table for ``riskbridge train --table``."""
+    from riskbridge.cohort import export_cohort
+
+    settings = _settings()
+    if labels is not None:
+        settings = settings.model_copy(update={"export": settings.export.model_copy(update={"label_spec": labels})})
+    bounds = _run_window(window, settings.site.timezone)
+    try:
+        with _count_progress() as report:
+            result = export_cohort(settings, bounds, out, run_key, report)
+    except (RiskbridgeError, OSError, ValueError) as exc:
+        raise _fail(str(exc)) from None
+    excluded = ", ".join(f"{reason} {n}" for reason, n in sorted(result.excluded.items())) or "none"
+    console.print(
+        f"export run {result.run_id}: {result.rows} rows ({result.positives} positive) -> {result.table}\n"
+        f"left out: {excluded}",
+        highlight=False,
+    )

@@ -276,6 +276,22 @@ class RunSettings(_Section):
     quarantine_alert_min_studies: int = Field(10, ge=1)  # smaller runs never alert
 
 
+class ExportSettings(_Section):
+    """How ``riskbridge cohort export`` labels and pseudonymizes a site's training table (docs/site-training.md)."""
+
+    label_spec: str = "chest_ct"  # a shipped label spec's name, or the path of a YAML label spec
+    # The key of the HMAC that turns (FHIR Patient id, StudyInstanceUID) into a table row's key. Keep it secret and
+    # the same across exports of one site (the same patient keeps the same key); without it nothing is exported.
+    pseudonym_secret: SecretStr | None = None
+
+    @field_validator("pseudonym_secret")
+    @classmethod
+    def _long_enough(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and len(value.get_secret_value()) < 16:
+            raise ValueError("the pseudonym secret needs at least 16 characters")
+        return value
+
+
 class AirflowSettings(_Section):
     """How the Airflow DAGs schedule, retry and place the pipeline's tasks (docs/operations.md)."""
 
@@ -354,6 +370,7 @@ class Settings(BaseSettings):
     identity: IdentitySettings = IdentitySettings()
     writeback: WritebackSettings = WritebackSettings()
     run: RunSettings = RunSettings()
+    export: ExportSettings = ExportSettings()
     airflow: AirflowSettings = AirflowSettings()
     sandbox: SandboxSettings = SandboxSettings()
 

@@ -28,3 +28,14 @@ def test_labels_from_the_synthetic_ehr_are_the_truths_labels() -> None:
         decisions.append(decision)
     counts = label_counts(decisions)
     assert counts[POSITIVE] > 5 and counts[NEGATIVE] > 20
+
+
+def test_pseudonyms_are_keyed_stable_and_name_nothing() -> None:
+    from riskbridge.cohort import label_resource_types, pseudonym
+
+    first = pseudonym(b"a-site-secret-of-enough-length", "rb-x-p00001", "1.2.3.4")
+    assert first == pseudonym(b"a-site-secret-of-enough-length", "rb-x-p00001", "1.2.3.4")
+    assert first != pseudonym(b"another-secret-of-enough-length", "rb-x-p00001", "1.2.3.4")
+    assert first != pseudonym(b"a-site-secret-of-enough-length", "rb-x-p00001", "1.2.3.5")
+    assert len(first) == 24 and "p00001" not in first
+    assert label_resource_types(load_label_spec("chest_ct")) == ("Condition", "Encounter", "Observation")

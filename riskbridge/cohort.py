@@ -1,0 +1,208 @@
+"""Cohort export: a labelled, pseudonymized training table of the site's own patients (docs/site-training.md).
+
+``riskbridge cohort export --window A..B --out DIR`` runs the pipeline's stages up to harmonize over a
+retrospective window as a run of kind ``export`` (the same ledger, resumable by its run key, idempotent; it scores
+nothing and writes nothing to the FHIR server, and it does every study again, whatever a nightly run decided),
+labels each patient from the FHIR server by a label spec (:mod:`riskbridge.harmonize.labels`), and writes a
+training table in the format :mod:`riskbridge.model.data` reads, so ``riskbridge train --table DIR`` trains on it.
+
+What leaves the hospital's systems in the table is only what the model needs: a key per row that is a keyed HMAC of
+(FHIR Patient id, StudyInstanceUID) with the site's secret (``[export] pseudonym_secret``), the label, the feature
+vector (ages in years, no dates) and the preprocessed volume (voxels, no DICOM header). No name, MRN, birth date,
+accession number or UID; the manifest has counts, exclusions by reason and the export's settings. One row per
+patient: the patient's first study of the window (later ones would put one patient on both sides of a split).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import logging
+from collections import Counter, defaultdict
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from riskbridge.coverage import Interval
+from riskbridge.errors import ConfigurationError, DataError
+from riskbridge.harmonize.features import FeatureVector
+from riskbridge.harmonize.labels import LabelDecision, LabelSpec, label_patient, load_label_spec
+from riskbridge.ledger import Ledger
+from riskbridge.pipeline import Pipeline
+from riskbridge.settings import Settings
+
+__all__ = ["ExportResult", "ExportStudy", "export_cohort", "label_resource_types", "pseudonym"]
+
+LOG = logging.getLogger(__name__)
+RUN_KIND = "export"
+LAST_STAGE = "harmonize"  # the vectors exist, the minimum-data decision is recorded; no score, no write-back
+LATER_STUDY = "later_study_of_patient"
+VOLUME_ERROR = "volume_unreadable"
+
+
+@dataclass(frozen=True)
+class ExportStudy:
+    """A study of the export run with a feature vector and a staged series: what a table row is built from."""
+
+    study_uid: str
+    fhir_patient_id: str
+    index_time: datetime
+    series_dir: Path
+    vector: FeatureVector
+
+
+@dataclass(frozen=True)
+class ExportResult:
+    """What an export wrote: the table, its rows and positives, the studies left out by reason, the ledger run."""
+
+    table: Path
+    run_id: int
+    rows: int
+    positives: int
+    excluded: Mapping[str, int]
+
+
+def pseudonym(secret: bytes, fhir_patient_id: str, study_uid: str) -> str:
+    """A table row's key: HMAC-SHA256 of the patient and study with the site's secret (24 hex characters): stable
+    across exports with the same secret, and not reversible or recomputable without it."""
+    digest = hmac.new(secret, f"{fhir_patient_id}|{study_uid}".encode(), hashlib.sha256).hexdigest()
+    return digest[:24]
+
+
+def label_resource_types(spec: LabelSpec) -> tuple[str, ...]:
+    """The FHIR resource types the label spec reads (outcomes and follow-up evidence), in a fixed order."""
+    wanted: set[str] = set(spec.negative.follow_up_resources)
+    if spec.outcome.conditions:
+        wanted.add("Condition")
+    if spec.outcome.observations:
+        wanted.add("Observation")
+    return tuple(sorted(wanted))
+
+
+def export_studies(ledger: Ledger, run_id: int, spec_label: str) -> list[ExportStudy]:
+    """The run's studies with a vector of ``spec_label`` and a complete retrieval, by index time."""
+    with ledger.transaction() as cursor:
+        cursor.execute(
+            """SELECT f.study_uid, f.fhir_patient_id, f.spec, f.names, f.feature_values, f.observed, r.path,
+                      r.index_time
+               FROM features f JOIN retrievals r USING (run_id, study_uid)
+               WHERE f.run_id = %s AND r.complete AND f.spec = %s ORDER BY r.index_time, f.study_uid""",
+            (run_id, spec_label),
+        )
+        rows = cursor.fetchall()
+    return [
+        ExportStudy(
+            row["study_uid"],
+            row["fhir_patient_id"],
+            row["index_time"],
+            Path(row["path"]),
+            FeatureVector(
+                row["spec"],
+                tuple(row["names"]),
+                tuple(float(v) for v in row["feature_values"]),
+                tuple(bool(v) for v in row["observed"]),
+            ),
+        )
+        for row in rows
+    ]
+
+
+def fetch_label_resources(
+    settings: Settings, pipeline: Pipeline, patient_ids: Iterable[str], types: Iterable[str]
+) -> dict[str, list[dict[str, Any]]]:
+    """FHIR Patient id -> the resources of ``types`` that reference it, with batched searches (``subject`` OR
+    lists, the clinical stage's way)."""
+    ids = sorted(set(patient_ids))
+    found: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    client = pipeline.context.fhir()
+    for resource_type in types:
+        for resource in client.search_by_patients(resource_type, ids):
+            reference = str((resource.get("subject") or {}).get("reference", ""))
+            found[reference.removeprefix("Patient/")].append(resource)
+    return dict(found)
+
+
+def export_cohort(
+    settings: Settings,
+    window: tuple[datetime, datetime],
+    out_dir: Path,
+    run_key: str | None = None,
+    progress: Callable[[str, int, int], None] | None = None,
+) -> ExportResult:
+    """Export the labelled, pseudonymized training table of ``window`` into ``out_dir`` (see the module docstring).
+
+    Raises :class:`riskbridge.errors.ConfigurationError` without ``[export] pseudonym_secret`` or a site zone; the
+    stages raise as they do in a nightly run. The same ``run_key`` resumes an interrupted export.
+    """
+    from riskbridge.model.data import DEFAULT_PREPROCESS, TableWriter, series_row
+    from riskbridge.model.preprocess import Preprocessor
+
+    secret = settings.export.pseudonym_secret
+    if secret is None:
+        raise ConfigurationError(
+            "set [export] pseudonym_secret (RISKBRIDGE_EXPORT__PSEUDONYM_SECRET): the key of the table's pseudonyms"
+        )
+    zone = settings.site.timezone
+    if zone is None:
+        raise ConfigurationError("set site.timezone (RISKBRIDGE_SITE__TIMEZONE): labels are judged in site time")
+    label_spec = load_label_spec(settings.export.label_spec)
+    span = Interval(*window)
+    key = run_key or f"cli:export:{span}"
+    excluded: Counter[str] = Counter()
+    with Pipeline.from_settings(settings) as pipeline:
+        run_id = pipeline.start_run(RUN_KIND, key, window, rescore=True)
+        pipeline.run_stages(run_id, progress, until=LAST_STAGE)
+        ledger = pipeline.ledger
+        feature_spec = pipeline.context.spec
+        studies = export_studies(ledger, run_id, feature_spec.label)
+        with_vector = {study.study_uid for study in studies}
+        for study_uid, (_, reason, _) in ledger.quarantined(run_id).items():
+            if study_uid not in with_vector:
+                excluded[reason.split(":", 1)[0]] += 1
+        first: dict[str, ExportStudy] = {}
+        for study in studies:
+            if study.fhir_patient_id in first:
+                excluded[LATER_STUDY] += 1
+            else:
+                first[study.fhir_patient_id] = study
+        resources = fetch_label_resources(settings, pipeline, first, label_resource_types(label_spec))
+        decisions: dict[str, LabelDecision] = {
+            patient: label_patient(label_spec, study.index_time, resources.get(patient, []), zone)
+            for patient, study in first.items()
+        }
+        source = {
+            "kind": "site export",
+            "window": str(span),
+            "label_spec": label_spec.label,
+            "feature_spec": feature_spec.label,
+            "series_rules": settings.series_rules,
+            "one_row_per": "patient (the first study of the window)",
+            "pseudonyms": "HMAC-SHA256(site secret, FHIR Patient id | StudyInstanceUID)[:24]",
+            "ledger_run": run_id,
+        }
+        writer = TableWriter(out_dir, feature_spec, DEFAULT_PREPROCESS, source)
+        preprocessor = Preprocessor(DEFAULT_PREPROCESS)
+        labelled = [(patient, study) for patient, study in first.items() if not decisions[patient].excluded]
+        for decision in decisions.values():
+            if decision.excluded:
+                excluded[decision.reason] += 1
+        for done, (patient, study) in enumerate(labelled, start=1):
+            label = decisions[patient].label
+            assert label is not None  # not excluded
+            row_key = pseudonym(secret.get_secret_value().encode(), patient, study.study_uid)
+            try:
+                row = series_row(row_key, label, study.vector, study.series_dir, preprocessor)
+            except (DataError, ValueError, OSError) as exc:  # the volume module's VolumeError is a DataError
+                LOG.warning("export row %s: volume not usable (%s)", row_key, type(exc).__name__)
+                excluded[VOLUME_ERROR] += 1
+                continue
+            writer.add(row)
+            if progress is not None:
+                progress("table", done, len(labelled))
+        counts = {reason: n for reason, n in excluded.items() if n}
+        writer.close(counts)
+        pipeline.finish_run(run_id, "success")
+    LOG.info("export run %d: %d rows (%d positive), excluded %s", run_id, writer.count, writer.positives, counts)
+    return ExportResult(Path(out_dir), run_id, writer.count, writer.positives, counts)
