@@ -33,7 +33,15 @@ from riskbridge.ledger import Ledger
 from riskbridge.pipeline import Pipeline
 from riskbridge.settings import Settings
 
-__all__ = ["ExportResult", "ExportStudy", "export_cohort", "label_resource_types", "pseudonym"]
+__all__ = [
+    "ExportResult",
+    "ExportStudy",
+    "export_cohort",
+    "label_resource_types",
+    "pseudonym",
+    "start_export_run",
+    "write_table",
+]
 
 LOG = logging.getLogger(__name__)
 RUN_KIND = "export"
@@ -110,7 +118,7 @@ def export_studies(ledger: Ledger, run_id: int, spec_label: str) -> list[ExportS
 
 
 def fetch_label_resources(
-    settings: Settings, pipeline: Pipeline, patient_ids: Iterable[str], types: Iterable[str]
+    pipeline: Pipeline, patient_ids: Iterable[str], types: Iterable[str]
 ) -> dict[str, list[dict[str, Any]]]:
     """FHIR Patient id -> the resources of ``types`` that reference it, with batched searches (``subject`` OR
     lists, the clinical stage's way)."""
@@ -124,21 +132,8 @@ def fetch_label_resources(
     return dict(found)
 
 
-def export_cohort(
-    settings: Settings,
-    window: tuple[datetime, datetime],
-    out_dir: Path,
-    run_key: str | None = None,
-    progress: Callable[[str, int, int], None] | None = None,
-) -> ExportResult:
-    """Export the labelled, pseudonymized training table of ``window`` into ``out_dir`` (see the module docstring).
-
-    Raises :class:`riskbridge.errors.ConfigurationError` without ``[export] pseudonym_secret`` or a site zone; the
-    stages raise as they do in a nightly run. The same ``run_key`` resumes an interrupted export.
-    """
-    from riskbridge.model.data import DEFAULT_PREPROCESS, TableWriter, series_row
-    from riskbridge.model.preprocess import Preprocessor
-
+def _required(settings: Settings) -> tuple[bytes, str]:
+    """The pseudonym secret and the site zone an export cannot do without."""
     secret = settings.export.pseudonym_secret
     if secret is None:
         raise ConfigurationError(
@@ -147,62 +142,99 @@ def export_cohort(
     zone = settings.site.timezone
     if zone is None:
         raise ConfigurationError("set site.timezone (RISKBRIDGE_SITE__TIMEZONE): labels are judged in site time")
+    return secret.get_secret_value().encode(), zone
+
+
+def start_export_run(pipeline: Pipeline, window: tuple[datetime, datetime], run_key: str | None = None) -> int:
+    """Create (or resume, by ``run_key``; default ``cli:export:<window>``) the export run of ``window``; it does
+    every study again, whatever earlier runs decided."""
+    _required(pipeline.settings)
+    return pipeline.start_run(RUN_KIND, run_key or f"cli:export:{Interval(*window)}", window, rescore=True)
+
+
+def write_table(
+    pipeline: Pipeline, run_id: int, out_dir: Path, progress: Callable[[str, int, int], None] | None = None
+) -> ExportResult:
+    """Label the export run's patients and write its training table into ``out_dir`` (after its stages up to
+    harmonize ran); mark the run finished. Writing again replaces the table with the same rows."""
+    from riskbridge.model.data import DEFAULT_PREPROCESS, TableWriter, series_row
+    from riskbridge.model.preprocess import Preprocessor
+
+    settings = pipeline.settings
+    secret, zone = _required(settings)
     label_spec = load_label_spec(settings.export.label_spec)
-    span = Interval(*window)
-    key = run_key or f"cli:export:{span}"
+    run = pipeline.ledger.run(run_id)
+    if run.kind != RUN_KIND or run.window is None:
+        raise ConfigurationError(f"run {run_id} is a {run.kind} run, not an export over a window")
     excluded: Counter[str] = Counter()
-    with Pipeline.from_settings(settings) as pipeline:
-        run_id = pipeline.start_run(RUN_KIND, key, window, rescore=True)
-        pipeline.run_stages(run_id, progress, until=LAST_STAGE)
-        ledger = pipeline.ledger
-        feature_spec = pipeline.context.spec
-        studies = export_studies(ledger, run_id, feature_spec.label)
-        with_vector = {study.study_uid for study in studies}
-        for study_uid, (_, reason, _) in ledger.quarantined(run_id).items():
-            if study_uid not in with_vector:
-                excluded[reason.split(":", 1)[0]] += 1
-        first: dict[str, ExportStudy] = {}
-        for study in studies:
-            if study.fhir_patient_id in first:
-                excluded[LATER_STUDY] += 1
-            else:
-                first[study.fhir_patient_id] = study
-        resources = fetch_label_resources(settings, pipeline, first, label_resource_types(label_spec))
-        decisions: dict[str, LabelDecision] = {
-            patient: label_patient(label_spec, study.index_time, resources.get(patient, []), zone)
-            for patient, study in first.items()
-        }
-        source = {
-            "kind": "site export",
-            "window": str(span),
-            "label_spec": label_spec.label,
-            "feature_spec": feature_spec.label,
-            "series_rules": settings.series_rules,
-            "one_row_per": "patient (the first study of the window)",
-            "pseudonyms": "HMAC-SHA256(site secret, FHIR Patient id | StudyInstanceUID)[:24]",
-            "ledger_run": run_id,
-        }
-        writer = TableWriter(out_dir, feature_spec, DEFAULT_PREPROCESS, source)
-        preprocessor = Preprocessor(DEFAULT_PREPROCESS)
-        labelled = [(patient, study) for patient, study in first.items() if not decisions[patient].excluded]
-        for decision in decisions.values():
-            if decision.excluded:
-                excluded[decision.reason] += 1
-        for done, (patient, study) in enumerate(labelled, start=1):
-            label = decisions[patient].label
-            assert label is not None  # not excluded
-            row_key = pseudonym(secret.get_secret_value().encode(), patient, study.study_uid)
-            try:
-                row = series_row(row_key, label, study.vector, study.series_dir, preprocessor)
-            except (DataError, ValueError, OSError) as exc:  # the volume module's VolumeError is a DataError
-                LOG.warning("export row %s: volume not usable (%s)", row_key, type(exc).__name__)
-                excluded[VOLUME_ERROR] += 1
-                continue
-            writer.add(row)
-            if progress is not None:
-                progress("table", done, len(labelled))
-        counts = {reason: n for reason, n in excluded.items() if n}
-        writer.close(counts)
-        pipeline.finish_run(run_id, "success")
+    ledger = pipeline.ledger
+    feature_spec = pipeline.context.spec
+    studies = export_studies(ledger, run_id, feature_spec.label)
+    with_vector = {study.study_uid for study in studies}
+    for study_uid, (_, reason, _) in ledger.quarantined(run_id).items():
+        if study_uid not in with_vector:
+            excluded[reason.split(":", 1)[0]] += 1
+    first: dict[str, ExportStudy] = {}
+    for study in studies:
+        if study.fhir_patient_id in first:
+            excluded[LATER_STUDY] += 1
+        else:
+            first[study.fhir_patient_id] = study
+    resources = fetch_label_resources(pipeline, first, label_resource_types(label_spec))
+    decisions: dict[str, LabelDecision] = {
+        patient: label_patient(label_spec, study.index_time, resources.get(patient, []), zone)
+        for patient, study in first.items()
+    }
+    for decision in decisions.values():
+        if decision.excluded:
+            excluded[decision.reason] += 1
+    source = {
+        "kind": "site export",
+        "window": str(Interval(*run.window)),
+        "label_spec": label_spec.label,
+        "feature_spec": feature_spec.label,
+        "series_rules": settings.series_rules,
+        "one_row_per": "patient (the first study of the window)",
+        "pseudonyms": "HMAC-SHA256(site secret, FHIR Patient id | StudyInstanceUID)[:24]",
+        "ledger_run": run_id,
+    }
+    writer = TableWriter(out_dir, feature_spec, DEFAULT_PREPROCESS, source)
+    preprocessor = Preprocessor(DEFAULT_PREPROCESS)
+    labelled = [(patient, study) for patient, study in first.items() if not decisions[patient].excluded]
+    for done, (patient, study) in enumerate(labelled, start=1):
+        label = decisions[patient].label
+        assert label is not None  # not excluded
+        row_key = pseudonym(secret, patient, study.study_uid)
+        try:
+            row = series_row(row_key, label, study.vector, study.series_dir, preprocessor)
+        except (DataError, ValueError, OSError) as exc:  # the volume module's VolumeError is a DataError
+            LOG.warning("export row %s: volume not usable (%s)", row_key, type(exc).__name__)
+            excluded[VOLUME_ERROR] += 1
+            continue
+        writer.add(row)
+        if progress is not None:
+            progress("table", done, len(labelled))
+    counts = {reason: n for reason, n in excluded.items() if n}
+    writer.close(counts)
+    pipeline.finish_run(run_id, "success")
     LOG.info("export run %d: %d rows (%d positive), excluded %s", run_id, writer.count, writer.positives, counts)
     return ExportResult(Path(out_dir), run_id, writer.count, writer.positives, counts)
+
+
+def export_cohort(
+    settings: Settings,
+    window: tuple[datetime, datetime],
+    out_dir: Path,
+    run_key: str | None = None,
+    progress: Callable[[str, int, int], None] | None = None,
+) -> ExportResult:
+    """Export the labelled, pseudonymized training table of ``window`` into ``out_dir`` (see the module docstring):
+    :func:`start_export_run`, the stages up to harmonize, :func:`write_table`.
+
+    Raises :class:`riskbridge.errors.ConfigurationError` without ``[export] pseudonym_secret`` or a site zone; the
+    stages raise as they do in a nightly run. The same ``run_key`` resumes an interrupted export.
+    """
+    with Pipeline.from_settings(settings) as pipeline:
+        run_id = start_export_run(pipeline, window, run_key)
+        pipeline.run_stages(run_id, progress, until=LAST_STAGE)
+        return write_table(pipeline, run_id, out_dir, progress)

@@ -21,6 +21,7 @@ import logging
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from datetime import UTC, date, datetime, timedelta
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from riskbridge.settings import Settings, load_settings
@@ -36,6 +37,7 @@ log = logging.getLogger(__name__)
 NIGHTLY_DAG_ID = "riskbridge_nightly"
 BACKFILL_DAG_ID = "riskbridge_backfill"
 ON_DEMAND_DAG_ID = "riskbridge_on_demand"
+COHORT_EXPORT_DAG_ID = "riskbridge_cohort_export"
 # Airflow creates no task for a logical date before a task's start_date: early, so past windows can run by hand
 # (airflow dags test, a cleared old run). catchup is off, so the scheduler never fills the years in between.
 START_DATE = datetime(2000, 1, 1, tzinfo=UTC)
@@ -136,7 +138,7 @@ def run_scope(
     params = context["params"]
     if kind == "nightly":  # the first night's window; later nights continue the coverage (start_ledger_run)
         return (_as_datetime(context["data_interval_start"]), _as_datetime(context["data_interval_end"])), (), ()
-    if kind == "backfill":
+    if kind in ("backfill", "export"):
         return backfill_window(params["start"], params["end"], settings), (), ()
     if kind == "on_demand":
         accessions = _identifiers(params.get("accessions"), "accessions")
@@ -161,7 +163,11 @@ def start_ledger_run(kind: str, context: Mapping[str, Any]) -> int:
     rescore = bool(context["params"].get("rescore", False))
     key = run_key(context["dag"].dag_id, context["run_id"])
     with open_pipeline() as pipeline:
-        if kind == "nightly" and window is not None:
+        if kind == "export" and window is not None:
+            from riskbridge.cohort import start_export_run
+
+            ledger_run = start_export_run(pipeline, window, key)
+        elif kind == "nightly" and window is not None:
             try:
                 ledger_run = pipeline.start_nightly_run(key, trigger=window[1], first_start=window[0], rescore=rescore)
             except CoverageGapError as exc:
@@ -222,6 +228,24 @@ def write_report(run_id: int, context: Mapping[str, Any]) -> str:
     return str(path)
 
 
+def write_export_table(run_id: int, params: Mapping[str, Any]) -> str:
+    """Label the export run's patients and write its training table to the param ``out`` (the label spec: param
+    ``labels``, else ``[export] label_spec``); return the table's path."""
+    from riskbridge.cohort import write_table
+
+    settings = task_settings()
+    if params.get("labels"):
+        settings = settings.model_copy(
+            update={"export": settings.export.model_copy(update={"label_spec": params["labels"]})}
+        )
+    with open_pipeline(settings) as pipeline:
+        result = write_table(pipeline, run_id, Path(params["out"]))
+    excluded = ", ".join(f"{reason} {n}" for reason, n in sorted(result.excluded.items())) or "none"
+    log.info("export run %d: %d rows (%d positive) in %s; left out: %s", run_id, result.rows, result.positives,
+             result.table, excluded)  # fmt: skip
+    return str(result.table)
+
+
 def finish_ledger_run(run_id: int) -> None:
     """Mark the ledger run successful, unless it quarantined so much that a site setting is likely wrong: then the
     task fails without retries (the failure callback marks the run failed) and the DAG run shows red."""
@@ -271,6 +295,15 @@ def default_args(settings: Settings) -> dict[str, Any]:
         "execution_timeout": timedelta(minutes=config.task_timeout_min),
         "on_failure_callback": on_task_failure,
     }
+
+
+def stages_of(kind: str) -> tuple[Stage, ...]:
+    """The stages a run of ``kind`` takes: all of them, or for an export those up to harmonize (no score, nothing
+    written to FHIR)."""
+    if kind != "export":
+        return STAGES
+    last = STAGE_NAMES.index("harmonize")
+    return STAGES[: last + 1]
 
 
 def _placement(stage: Stage, settings: Settings) -> dict[str, Any]:
@@ -326,7 +359,8 @@ def build_pipeline_dag(
     doc_md: str,
     max_active_runs: int = 1,
 ) -> DAG:
-    """Return a DAG running the pipeline stages of one ledger run of ``kind`` (nightly, backfill, on_demand)."""
+    """Return a DAG running the pipeline stages of one ledger run of ``kind`` (nightly, backfill, on_demand, or
+    export: the stages up to harmonize, then ``export_table`` instead of report and finish_run)."""
     from airflow.sdk import DAG, Param, TriggerRule, chain, get_current_context, task
 
     rescore = Param(
@@ -340,7 +374,7 @@ def build_pipeline_dag(
         start_date=START_DATE,
         catchup=False,
         max_active_runs=max_active_runs,
-        params={**params, "rescore": rescore},
+        params={**params, "rescore": rescore} if kind != "export" else dict(params),  # an export redoes all
         default_args=default_args(settings),
         tags=["riskbridge", kind],
     ) as dag:
@@ -357,11 +391,15 @@ def build_pipeline_dag(
         def finish_run(ledger_run: int) -> None:
             finish_ledger_run(ledger_run)
 
+        @task(task_id="export_table")
+        def export_table(ledger_run: int) -> str:
+            return write_export_table(ledger_run, get_current_context()["params"])
+
         # The ledger run id as an XComArg (Airflow's own run_id names the DAG run); Any: the tasks declare int.
         ledger_run: Any = start_run()
         steps: list[Any] = [ledger_run]
         after_mapped = False  # a mapped task with no chunks is skipped: the task after it must still run
-        for stage in STAGES:
+        for stage in stages_of(kind):
             trigger = TriggerRule.NONE_FAILED if after_mapped else TriggerRule.ALL_SUCCESS
             if stage.chunked:
                 plan = _plan_task(task, stage.name, trigger)(ledger_run)
@@ -370,7 +408,10 @@ def build_pipeline_dag(
             else:
                 steps.append(_stage_task(task, stage, settings, trigger)(ledger_run))
             after_mapped = stage.chunked
-        steps += [report(ledger_run), finish_run(ledger_run)]
+        if kind == "export":
+            steps.append(export_table.override(trigger_rule=TriggerRule.NONE_FAILED)(ledger_run))
+        else:
+            steps += [report(ledger_run), finish_run(ledger_run)]
         chain(*steps)
     return dag
 
@@ -445,4 +486,28 @@ def on_demand_dag(settings: Settings | None = None) -> DAG:
         params=params,
         doc_md=ON_DEMAND_DOC,
         max_active_runs=4,
+    )
+
+
+COHORT_EXPORT_DOC = """Export a labelled, pseudonymized training table of a past window (docs/site-training.md).
+
+Trigger it with `{"start": "2025-01-01", "end": "2025-06-30", "out": "/data/riskbridge/tables/2025h1"}` (and
+optionally `"labels"`: a label spec name or file). The stages up to harmonize run as an export run (no score,
+nothing written to FHIR); `export_table` labels every patient from the FHIR server and writes the table.
+"""
+
+
+def cohort_export_dag(settings: Settings | None = None) -> DAG:
+    """Return ``riskbridge_cohort_export``: triggered with ``start``, ``end``, ``out`` and optionally ``labels``."""
+    from airflow.sdk import Param
+
+    settings = settings if settings is not None else load_settings()
+    params = {
+        "start": Param(type="string", format="date", description="First study day (YYYY-MM-DD), included."),
+        "end": Param(type="string", format="date", description="Last study day (YYYY-MM-DD), included."),
+        "out": Param(type="string", minLength=1, description="Directory of the training table (workers see it)."),
+        "labels": Param("", type="string", description="Label spec name or file; empty: [export] label_spec."),
+    }
+    return build_pipeline_dag(
+        COHORT_EXPORT_DAG_ID, "export", settings=settings, schedule=None, params=params, doc_md=COHORT_EXPORT_DOC
     )

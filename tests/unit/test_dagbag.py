@@ -18,7 +18,7 @@ from riskbridge.airflow import dagkit
 from riskbridge.settings import Settings
 
 DAGS_FOLDER = Path(__file__).resolve().parents[2] / "dags"
-DAG_IDS = {"riskbridge_nightly", "riskbridge_backfill", "riskbridge_on_demand"}
+DAG_IDS = {"riskbridge_nightly", "riskbridge_backfill", "riskbridge_on_demand", "riskbridge_cohort_export"}
 STAGE_ORDER = [
     "start_run",
     "discover",
@@ -86,14 +86,18 @@ def _clean_environment() -> dict[str, str]:
     return {name: value for name, value in os.environ.items() if not name.startswith(("RISKBRIDGE_", "AIRFLOW_"))}
 
 
+EXPORT_ORDER = [*STAGE_ORDER[: STAGE_ORDER.index("harmonize") + 1], "export_table"]
+
+
 @pytest.mark.parametrize("dag_id", sorted(DAG_IDS))
 def test_every_dag_runs_the_stages_in_order(dagbag: DagBag, dag_id: str) -> None:
     dag = dagbag.dags[dag_id]
-    assert {task.task_id for task in dag.tasks} == set(STAGE_ORDER)
-    for upstream, downstream in itertools.pairwise(STAGE_ORDER):
+    order = EXPORT_ORDER if dag_id == "riskbridge_cohort_export" else STAGE_ORDER
+    assert {task.task_id for task in dag.tasks} == set(order)
+    for upstream, downstream in itertools.pairwise(order):
         assert upstream in dag.get_task(downstream).upstream_task_ids, f"{upstream} -> {downstream}"
     # Every stage knows its ledger run: start_run feeds each task directly.
-    assert all("start_run" in dag.get_task(task_id).upstream_task_ids for task_id in STAGE_ORDER[1:])
+    assert all("start_run" in dag.get_task(task_id).upstream_task_ids for task_id in order[1:])
 
 
 @pytest.mark.parametrize("dag_id", sorted(DAG_IDS))
@@ -195,3 +199,11 @@ def test_on_demand_scope_needs_an_identifier() -> None:
     )
     with pytest.raises(ValueError, match="needs accession numbers or patient IDs"):
         dagkit.run_scope("on_demand", {"params": {"accessions": [], "patient_ids": []}}, Settings())
+
+
+def test_the_cohort_export_dag_stops_at_harmonize_and_writes_the_table(dagbag: DagBag) -> None:
+    dag = dagbag.dags["riskbridge_cohort_export"]
+    assert dag.schedule is None and set(dag.params) == {"start", "end", "out", "labels"}
+    assert {"score", "write_back", "report", "finish_run"}.isdisjoint(dag.task_ids)
+    assert dag.get_task("export_table").trigger_rule == TriggerRule.NONE_FAILED
+    assert dagkit.stages_of("export")[-1].name == "harmonize"
