@@ -10,8 +10,8 @@ R5) and serialized with :func:`resource_json`.
 
 The package is split by concern: :mod:`.client` (the client and ``/metadata``), :mod:`.auth` (static, OAuth2 and
 SMART credentials), :mod:`.search` (query strings, OR-lists, paging), :mod:`.bundles` (outgoing resources and
-transaction answers), :mod:`.notes` (attachment text) and :mod:`.errors`. Import from here:
-``from riskbridge.connectors.fhir import FhirClient, code_filter``.
+transaction answers), :mod:`.notes` (attachment text), :mod:`.bulk` (Bulk Data ``$export`` jobs and their NDJSON
+files) and :mod:`.errors`. Import from here: ``from riskbridge.connectors.fhir import FhirClient, code_filter``.
 
 Errors are :class:`FhirError` (a :class:`riskbridge.errors.FhirServerError`) carrying the HTTP status and the
 OperationOutcome's diagnostics, so a message reads like ``GET /metadata: 503 HAPI-1234: ...``. Log lines and error
@@ -38,6 +38,7 @@ from .auth import (
     load_private_key,
     smart_client_assertion,
 )
+from .bulk import BulkExport, BulkExportError, bulk_export, read_ndjson, supports_bulk_export
 from .bundles import EntryResult, resource_json, transaction_entry
 from .client import ClientStats, FhirClient, ServerInfo, capability, session_for
 from .errors import FHIR_JSON, FhirError, diagnostics
@@ -75,6 +76,8 @@ __all__ = [
     "QUERY_SAFE",
     "RETRY_STATUSES",
     "TEXT_MEDIA_TYPES",
+    "BulkExport",
+    "BulkExportError",
     "ClientStats",
     "EntryResult",
     "FhirClient",
@@ -85,6 +88,7 @@ __all__ = [
     "attachment_text",
     "backoff_delay",
     "basic_authorization",
+    "bulk_export",
     "capability",
     "check_fhir_id",
     "code_filter",
@@ -98,12 +102,14 @@ __all__ = [
     "media_type",
     "or_list_chunks",
     "parse_retry_after",
+    "read_ndjson",
     "referenced_id",
     "resource_json",
     "search_pairs",
     "session_for",
     "smart_client_assertion",
     "subject_patient_id",
+    "supports_bulk_export",
     "transaction_entry",
     "transport_reason",
 ]

@@ -138,6 +138,7 @@ class FhirClient:
         self.base_url = settings.base_url
         self.stats = ClientStats()
         self.clock = clock
+        self.sleep = sleep
         retry = settings.retry
         self._http = HttpTransport(
             RetryPolicy(
@@ -213,13 +214,15 @@ class FhirClient:
         headers: Mapping[str, str] | None = None,
         authorize: bool = True,
         idempotent: bool = True,
+        stream: bool = False,
     ) -> requests.Response:
         """Send one request with retries; return the final response whatever its status (callers check it).
 
         Retried: 429 and 503 always; 502, 504 and connection errors only when ``idempotent`` (the server may have
         processed the request). ``Retry-After`` is honoured up to ``retry.max_retry_after_s``; otherwise the wait
         is exponential backoff with jitter. A 401 renews an OAuth2/SMART token once. Raises FhirError for
-        transport failures that outlast the attempts.
+        transport failures that outlast the attempts. With ``stream`` the body is read as the caller iterates it
+        (large downloads such as bulk export files); the caller then closes the response.
         """
         return self._http.send(
             method,
@@ -230,6 +233,7 @@ class FhirClient:
             headers=headers,
             authorize=authorize,
             idempotent=idempotent,
+            stream=stream,
         )
 
     def _checked(self, response: requests.Response, what: str, expected: Iterable[int] = (200,)) -> requests.Response:

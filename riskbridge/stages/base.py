@@ -169,16 +169,18 @@ class StageContext:
         return reference_package_path()
 
     def package_info(self) -> PackageInfo:
-        """The :class:`riskbridge.model.package.PackageInfo` of the configured model package: verified, read once,
-        without torch (the harmonize stage needs only its validated pattern table)."""
+        """The :class:`riskbridge.model.package.PackageInfo` of the configured model package: verified (against
+        ``[run] model_sha256`` when pinned), read once, without torch (the harmonize stage needs only its validated
+        pattern table)."""
         if self._package_info is None:
             from riskbridge.model.package import read_package_info
 
-            self._package_info = read_package_info(self.model_package_path())
+            self._package_info = read_package_info(self.model_package_path(), self.settings.run.model_sha256)
         return self._package_info
 
     def scorer(self) -> Scorer:
-        """The :class:`riskbridge.model.scoring.Scorer` of the configured package (loaded and verified once)."""
+        """The :class:`riskbridge.model.scoring.Scorer` of the configured package (loaded and verified once, against
+        ``[run] model_sha256`` when pinned)."""
         if self._scorer is None:
             from riskbridge.model.scoring import Scorer
 
@@ -187,5 +189,6 @@ class StageContext:
                 self.spec,
                 cache_dir=self.settings.model_dir / "preprocessed",
                 workers=self.settings.run.score_workers,
+                expected_sha256=self.settings.run.model_sha256,
             )
         return self._scorer

@@ -107,3 +107,16 @@ def test_a_stage_added_as_one_module_and_one_line_runs_in_its_place(audit_stage:
     assert next(r for r in results if r.stage == "audit").done == 3
     assert ("audit", "all") in {(t[1], t[2]) for t in ledger.timings}
     assert stage("audit").module.counts(None, 7)["done"] == 3
+
+
+def test_a_pinned_model_sha256_is_checked_before_anything_is_judged_or_scored() -> None:
+    from riskbridge.model.package import ModelPackageError, read_package_info, reference_package_path
+    from riskbridge.settings import RunSettings, Settings
+    from riskbridge.stages.base import StageContext
+
+    actual = read_package_info(reference_package_path()).sha256
+    pinned = StageContext(Settings(run=RunSettings(model_sha256=actual)))
+    assert pinned.package_info().sha256 == actual
+    wrong = StageContext(Settings(run=RunSettings(model_sha256="0" * 64)))
+    with pytest.raises(ModelPackageError, match="is not the expected 000000000000"):
+        wrong.package_info()
