@@ -272,6 +272,9 @@ class RunSettings(_Section):
     # The active package's sha256 (`riskbridge score`/train print it): every run verifies the package against it
     # before it judges or scores, so a package replaced on disk stops the run instead of scoring with another model.
     model_sha256: str | None = Field(None, pattern=r"^[0-9a-f]{64}$")
+    # A candidate package scored in shadow next to the active one: ledger and report only, never the FHIR server.
+    shadow_package: Path | None = None
+    shadow_sha256: str | None = Field(None, pattern=r"^[0-9a-f]{64}$")
     score_workers: int = Field(0, ge=0, le=32)  # DataLoader processes that preprocess volumes while the model scores
     # A run that quarantines more than this share of the studies it discovered fails at the end (report written
     # first) instead of finishing green: usually a site setting that matches nothing. 1.0 turns the alert off.

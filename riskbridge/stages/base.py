@@ -94,6 +94,7 @@ class StageContext:
         self._rules: RuleSet | None = None
         self._package_info: PackageInfo | None = None
         self._scorer: Scorer | None = None
+        self._shadow_scorer: Scorer | None = None
         self._kept: dict[str, Any] = {}
 
     def close(self) -> None:
@@ -192,3 +193,21 @@ class StageContext:
                 expected_sha256=self.settings.run.model_sha256,
             )
         return self._scorer
+
+    def shadow_scorer(self) -> Scorer | None:
+        """The :class:`riskbridge.model.scoring.Scorer` of ``[run] shadow_package`` (verified against
+        ``shadow_sha256`` when pinned), or None when no candidate is set. Its preprocessed volumes are cached apart
+        from the active model's (its preprocessing may differ)."""
+        if self.settings.run.shadow_package is None:
+            return None
+        if self._shadow_scorer is None:
+            from riskbridge.model.scoring import Scorer
+
+            self._shadow_scorer = Scorer.from_package(
+                self.settings.run.shadow_package,
+                self.spec,
+                cache_dir=self.settings.model_dir / "preprocessed-shadow",
+                workers=self.settings.run.score_workers,
+                expected_sha256=self.settings.run.shadow_sha256,
+            )
+        return self._shadow_scorer

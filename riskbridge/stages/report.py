@@ -29,6 +29,7 @@ from riskbridge.harmonize.features import NO_MODALITY, PATTERNS
 from riskbridge.ledger import Ledger, RunInfo
 from riskbridge.stages import STAGE_NAMES, STAGES
 from riskbridge.stages.base import OUTCOMES, Cursor
+from riskbridge.stages.shadow import ShadowComparison, shadow_comparisons
 
 MODALITIES = ("image", "labs", "notes")
 _OUTCOME_COLOURS = {"done": "#2b8a3e", "skipped": "#868e96", "quarantined": "#e67700", "failed": "#c92a2a"}
@@ -161,6 +162,7 @@ class RunSummary:
     patterns: Mapping[str, PatternCounts] = field(default_factory=dict)  # modality pattern -> harmonized studies
     sampling: HeaderSampling | None = None  # what header sampling did in select and match
     coverage: CoverageSummary | None = None  # a windowed run's coverage
+    shadow: Sequence[ShadowComparison] = ()  # candidate models scored in shadow
 
     def __post_init__(self) -> None:
         for _, probability, _ in self.scores:
@@ -212,6 +214,7 @@ def run_summary(ledger: Ledger, run_id: int, thresholds: tuple[float, float] | N
         )
         row = cursor.fetchone()
         sampling = HeaderSampling(int(row["series"]), float(row["seconds"]), int(row["identities"]))
+        shadow = shadow_comparisons(cursor, run_id)
     statuses = Counter(writeback.status for writeback in ledger.writebacks(run_id))
     return RunSummary(
         run_id=run.run_id,
@@ -232,6 +235,7 @@ def run_summary(ledger: Ledger, run_id: int, thresholds: tuple[float, float] | N
         patterns=patterns,
         sampling=sampling,
         coverage=coverage_summary(ledger, run),
+        shadow=shadow,
     )
 
 
@@ -507,6 +511,34 @@ def _plot_timings(summary: RunSummary, out: Path) -> str | None:
     return _save(fig, out / "stage_timings.png")
 
 
+def _shadow_row(comparison: ShadowComparison, labels: Mapping[str, int] | None) -> list[Any]:
+    def number(value: float | None) -> str:
+        return "-" if value is None else f"{value:.3f}"
+
+    aurocs = comparison.auroc(labels) if labels else None
+    versus = "-" if aurocs is None else f"{aurocs[0]:.3f} / {aurocs[1]:.3f} (n={aurocs[2]})"
+    return [comparison.model, comparison.scored, comparison.failed, number(comparison.spearman),
+            number(comparison.mean_abs_difference), number(comparison.risk_agreement), versus]  # fmt: skip
+
+
+def _plot_shadow(summary: RunSummary, out: Path) -> str | None:
+    comparisons = [c for c in summary.shadow if c.pairs]
+    if not comparisons:
+        return None
+    fig, ax = _figure(4.8, 4.4)
+    ax.plot([0, 1], [0, 1], color="#868e96", linestyle="--", linewidth=1)
+    for comparison in comparisons:
+        ax.scatter([a for _, a, _ in comparison.pairs], [c for _, _, c in comparison.pairs], s=12,
+                   label=f"{comparison.model} (n={comparison.scored})")  # fmt: skip
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    ax.set_xlabel("active model probability")
+    ax.set_ylabel("candidate probability")
+    ax.set_title("Shadow scoring")
+    ax.legend(fontsize="x-small", loc="upper left")
+    return _save(fig, out / "shadow.png")
+
+
 def _table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     head = "".join(f"<th>{html.escape(str(h))}</th>" for h in header)
     body = "".join("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in row) + "</tr>" for row in rows)
@@ -539,6 +571,7 @@ def write_report(summary: RunSummary, out_dir: Path, labels: Mapping[str, int] |
         ("Calibration", _plot_calibration(probabilities, observed, out_dir)),
         ("Attention", _plot_attention(summary, out_dir)),
         ("Stage timings", _plot_timings(summary, out_dir)),
+        ("Shadow model against the active model", _plot_shadow(summary, out_dir)),
     ]
     window = "-" if summary.window is None else f"{summary.window[0].isoformat()} .. {summary.window[1].isoformat()}"
     duration = "-" if summary.finished is None else f"{(summary.finished - summary.started).total_seconds():.0f} s"
@@ -603,6 +636,15 @@ def write_report(summary: RunSummary, out_dir: Path, labels: Mapping[str, int] |
         if summary.quarantine
         else "<p>Nothing was quarantined.</p>",
     ]
+    if summary.shadow:
+        parts.append("<h2>Shadow model</h2>")
+        header = ["candidate", "scored", "failed", "Spearman", "mean |difference|", "same risk level",
+                  "AUROC active / candidate"]  # fmt: skip
+        parts.append(_table(header, [_shadow_row(c, labels) for c in summary.shadow]))
+        parts.append(
+            "<p>The candidate scores every study the active model scored; its scores stay in the ledger and this "
+            "report, never in the FHIR server.</p>"
+        )
     if probabilities:
         ece = expected_calibration_error(probabilities, observed)
         parts.append(f"<p>Calibration against {len(observed)} known outcomes: ECE {ece:.3f} (10 equal-width bins).</p>")
