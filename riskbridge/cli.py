@@ -495,3 +495,55 @@ def cohort_export(
         f"left out: {excluded}",
         highlight=False,
     )
+
+
+model_app = typer.Typer(help="The active model: promotion of a candidate after its shadow record.")
+app.add_typer(model_app, name="model")
+
+PROMOTION_COLUMNS = (
+    Column("check", "check"),
+    Column("result", "result", style=lambda value: "green" if value == "OK" else "red"),
+    Column("detail", "detail"),
+)
+
+
+@model_app.command("promote")
+def model_promote(
+    package: Path = typer.Argument(..., help="The candidate model package directory."),
+    min_runs: int = typer.Option(3, "--min-runs", min=1, help="Finished runs that scored it in shadow."),
+    min_studies: int = typer.Option(50, "--min-studies", min=1, help="Studies it scored in shadow."),
+    max_failed_share: float = typer.Option(0.01, "--max-failed-share", min=0.0, max=1.0, help="Of its shadow scores."),
+    fmt: OutputFormat = format_option(),
+) -> None:
+    """Make a candidate package the active model after its checks: the package verifies, it was trained on the
+    pipeline's feature spec, and it scored enough studies in shadow. Then record the promotion and pin the package
+    and its sha256 in the config file ([run] model_package, model_sha256; the shadow settings removed), or print the
+    settings to set when there is no config file. Exit 1 when a check fails (nothing changes)."""
+    from riskbridge.ledger import Ledger
+    from riskbridge.promotion import check_candidate, pin_in_config, record_promotion
+    from riskbridge.settings import config_file_path
+
+    settings = _settings()
+    try:
+        with Ledger.connect(settings.database) as ledger:
+            ledger.check_schema()
+            promotion = check_candidate(settings, ledger, package, min_runs, min_studies, max_failed_share)
+            rows = [
+                {"check": c.name, "result": "OK" if c.passed else "FAIL", "detail": c.detail} for c in promotion.checks
+            ]
+            emit(rows, PROMOTION_COLUMNS, fmt, title=f"promote {package}")
+            if not promotion.passed:
+                raise typer.Exit(code=1)
+            config = config_file_path(_State.config)
+            if config is not None:
+                pin_in_config(config, package, promotion.sha256)
+            number = record_promotion(ledger, promotion)
+    except RiskbridgeError as exc:
+        raise _fail(str(exc)) from None
+    if fmt != OutputFormat.table:
+        return
+    pins = f'model_package = "{package.resolve().as_posix()}"\nmodel_sha256 = "{promotion.sha256}"'
+    if config is not None:
+        console.print(f"promotion {number}: {promotion.name} {promotion.version} is the active model in {config}")
+    else:
+        console.print(f"promotion {number} recorded; no config file: set in [run] (and drop shadow_package):\n{pins}")

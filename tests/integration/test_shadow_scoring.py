@@ -7,6 +7,7 @@ of different fusion strategies so their scores differ. The run is on demand over
 
 from __future__ import annotations
 
+import tomllib
 import uuid
 from collections.abc import Callable
 from pathlib import Path
@@ -14,7 +15,9 @@ from pathlib import Path
 import pytest
 from synthetic_site import synthetic_site_settings
 from tiny_model import tiny_package
+from typer.testing import CliRunner
 
+from riskbridge import cli
 from riskbridge.connectors.fhir import FhirClient
 from riskbridge.dev.synth import generate, load, read_truth
 from riskbridge.ledger import Ledger
@@ -26,8 +29,11 @@ from riskbridge.stages.write_back import assessment_key
 pytestmark = pytest.mark.integration
 
 
-def test_a_candidate_in_shadow_is_compared_in_the_report_and_never_written(
-    sandbox: Settings, tmp_path: Path, scratch_database: Callable[[str], tuple[DatabaseSettings, str]]
+def test_a_candidate_in_shadow_is_compared_in_the_report_never_written_then_promoted(
+    sandbox: Settings,
+    tmp_path: Path,
+    scratch_database: Callable[[str], tuple[DatabaseSettings, str]],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     cohort = tmp_path / "cohort"
     generate(cohort, patients=8, seed=3131)
@@ -83,3 +89,22 @@ def test_a_candidate_in_shadow_is_compared_in_the_report_and_never_written(
     assert sorted(r["identifier"][0]["value"] for r in written) == sorted(
         assessment_key(version, patient, study) for study, patient in scored.items()
     ), "only the active model's RiskAssessments reach the FHIR server"
+
+    # Promotion: refused while the shadow record is too short (nothing changes), then done, pinned in the config.
+    config = tmp_path / "riskbridge.toml"
+    config.write_text(f'[run]\nshadow_package = "{candidate.as_posix()}"\n', encoding="utf-8")
+    monkeypatch.setattr(cli, "_settings", lambda: settings)
+    promote = ["--config", str(config), "model", "promote", str(candidate), "--min-studies", "3"]
+    refused = CliRunner().invoke(cli.app, [*promote, "--min-runs", "2"], env={"COLUMNS": "200"})
+    assert refused.exit_code == 1, refused.output
+    assert "FAIL" in refused.output and "1 finished run(s) scored it in shadow (need 2)" in refused.output
+    assert "model_sha256" not in config.read_text()
+    promoted = CliRunner().invoke(cli.app, [*promote, "--min-runs", "1"], env={"COLUMNS": "200"})
+    assert promoted.exit_code == 0, promoted.output
+    assert tomllib.loads(config.read_text())["run"] == {
+        "model_package": candidate.resolve().as_posix(),
+        "model_sha256": candidate_sha,
+    }
+    with Ledger.connect(database) as ledger, ledger.transaction() as cursor:
+        cursor.execute("SELECT model_sha256, shadow_runs, shadow_studies FROM model_promotions")
+        assert [tuple(r.values()) for r in cursor.fetchall()] == [(candidate_sha, 1, len(scored))]
