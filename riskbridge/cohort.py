@@ -3,7 +3,8 @@
 ``riskbridge cohort export --window A..B --out DIR`` runs the pipeline's stages up to harmonize over a
 retrospective window as a run of kind ``export`` (the same ledger, resumable by its run key, idempotent; it scores
 nothing and writes nothing to the FHIR server, and it does every study again, whatever a nightly run decided),
-labels each patient from the FHIR server by a label spec (:mod:`riskbridge.harmonize.labels`), and writes a
+labels each patient from the FHIR server by a label spec (:mod:`riskbridge.harmonize.labels`; the resources come
+through FHIR Bulk Data ``$export`` when the server offers it, else batched searches), and writes a
 training table in the format :mod:`riskbridge.model.data` reads, so ``riskbridge train --table DIR`` trains on it.
 
 What leaves the hospital's systems in the table is only what the model needs: a key per row that is a keyed HMAC of
@@ -18,8 +19,9 @@ from __future__ import annotations
 import hashlib
 import hmac
 import logging
+import shutil
 from collections import Counter, defaultdict
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -117,19 +119,50 @@ def export_studies(ledger: Ledger, run_id: int, spec_label: str) -> list[ExportS
     ]
 
 
+def _by_subject(resources: Iterable[dict[str, Any]], found: dict[str, list[dict[str, Any]]]) -> None:
+    from riskbridge.connectors.fhir import subject_patient_id
+
+    for resource in resources:
+        patient = subject_patient_id(resource)
+        if patient is not None:
+            found[patient].append(resource)
+
+
 def fetch_label_resources(
-    pipeline: Pipeline, patient_ids: Iterable[str], types: Iterable[str]
-) -> dict[str, list[dict[str, Any]]]:
-    """FHIR Patient id -> the resources of ``types`` that reference it, with batched searches (``subject`` OR
-    lists, the clinical stage's way)."""
+    pipeline: Pipeline, run_id: int, patient_ids: Iterable[str], types: Sequence[str]
+) -> tuple[dict[str, list[dict[str, Any]]], str]:
+    """FHIR Patient id -> the resources of ``types`` that reference it, and how they were read: ``bulk`` (one
+    ``Patient/$export`` job for the patients; its NDJSON files live in the staging directory only while they are
+    read) or ``search`` (batched ``subject`` OR-list searches, the clinical stage's way), by ``[export]
+    clinical_source`` (auto: bulk when the server declares ``$export`` at Patient level)."""
+    from riskbridge.connectors.fhir.bulk import bulk_export, read_ndjson, supports_bulk_export
+
+    settings = pipeline.settings.export
     ids = sorted(set(patient_ids))
     found: dict[str, list[dict[str, Any]]] = defaultdict(list)
     client = pipeline.context.fhir()
+    source = settings.clinical_source
+    if source == "auto":
+        source = "bulk" if ids and supports_bulk_export(client, "patient") else "search"
+    if source == "bulk":
+        work = pipeline.settings.staging_dir / "bulk-export" / str(run_id)
+        try:
+            files = bulk_export(
+                client,
+                list(types),
+                out_dir=work,
+                patient_ids=ids,
+                timeout_s=settings.bulk_timeout_s,
+                max_poll_interval_s=settings.bulk_max_poll_interval_s,
+            )
+            for paths in files.values():
+                _by_subject(read_ndjson(paths), found)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)  # PHI: not kept beyond the labelling
+        return dict(found), source
     for resource_type in types:
-        for resource in client.search_by_patients(resource_type, ids):
-            reference = str((resource.get("subject") or {}).get("reference", ""))
-            found[reference.removeprefix("Patient/")].append(resource)
-    return dict(found)
+        _by_subject(client.search_by_patients(resource_type, ids), found)
+    return dict(found), source
 
 
 def _required(settings: Settings) -> tuple[bytes, str]:
@@ -180,7 +213,7 @@ def write_table(
             excluded[LATER_STUDY] += 1
         else:
             first[study.fhir_patient_id] = study
-    resources = fetch_label_resources(pipeline, first, label_resource_types(label_spec))
+    resources, clinical_source = fetch_label_resources(pipeline, run_id, first, label_resource_types(label_spec))
     decisions: dict[str, LabelDecision] = {
         patient: label_patient(label_spec, study.index_time, resources.get(patient, []), zone)
         for patient, study in first.items()
@@ -192,6 +225,7 @@ def write_table(
         "kind": "site export",
         "window": str(Interval(*run.window)),
         "label_spec": label_spec.label,
+        "label_resources_from": "FHIR Bulk Data $export" if clinical_source == "bulk" else "FHIR searches",
         "feature_spec": feature_spec.label,
         "series_rules": settings.series_rules,
         "one_row_per": "patient (the first study of the window)",

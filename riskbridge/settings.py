@@ -289,6 +289,11 @@ class ExportSettings(_Section):
     # The key of the HMAC that turns (FHIR Patient id, StudyInstanceUID) into a table row's key. Keep it secret and
     # the same across exports of one site (the same patient keeps the same key); without it nothing is exported.
     pseudonym_secret: SecretStr | None = None
+    # How the labels' resources are read: FHIR Bulk Data $export (one server-side job), batched searches, or
+    # auto: $export when the server's CapabilityStatement declares it at Patient level, else searches.
+    clinical_source: Literal["auto", "bulk", "search"] = "auto"
+    bulk_timeout_s: float = Field(3600.0, gt=0)  # the longest wait for the export job
+    bulk_max_poll_interval_s: float = Field(30.0, gt=0)  # HAPI always asks for 120 s; poll at least this often
 
     @field_validator("pseudonym_secret")
     @classmethod

@@ -101,14 +101,21 @@ def poll_delay(
 
     ``Retry-After`` (delay-seconds or an HTTP-date) is honoured within ``[min_s, max_s]``: never sooner than
     ``min_s`` (a date in the past or ``0`` would make us hammer the server), never later than ``max_s`` (HAPI asks
-    for 120 s whatever the job). Without one the wait doubles from ``min_s`` up to ``max_s``.
+    for 120 s whatever the job). Without one the wait doubles from ``min_s`` up to ``max_s``. A ``max_s`` below
+    ``min_s`` wins.
     """
-    if min_s <= 0 or max_s < min_s:
-        raise ValueError("need 0 < min_s <= max_s")
+    _check_intervals(min_s, max_s)
+    floor = min(min_s, max_s)
     asked = parse_retry_after(retry_after, now)
     if asked is None:
-        asked = min_s * 2 ** max(0, polls - 1)
-    return min(max_s, max(min_s, asked))
+        asked = floor * 2 ** max(0, polls - 1)
+    return min(max_s, max(floor, asked))
+
+
+def _check_intervals(min_s: float, max_s: float, timeout_s: float = 1.0) -> None:
+    """ValueError unless the poll intervals and the timeout are positive."""
+    if min_s <= 0 or max_s <= 0 or timeout_s <= 0:
+        raise ValueError("poll intervals and timeout must be positive")
 
 
 def export_parameters(
@@ -385,6 +392,7 @@ class BulkExport:
         Raises BulkExportError when the job failed or is gone, or when it is not complete ``timeout_s`` after this
         call (the job is then cancelled).
         """
+        _check_intervals(min_poll_interval_s, max_poll_interval_s, timeout_s)
         clock, sleep = self.client.clock, self.client.sleep
         began = clock()
         deadline = began + timeout_s
@@ -535,6 +543,7 @@ def bulk_export(
     abandoned (timeout, interrupt, a failed poll) is cancelled with ``DELETE``. Read the files with
     :func:`read_ndjson`. Raises BulkExportError (see :class:`BulkExport`) and ValueError for bad arguments.
     """
+    _check_intervals(min_poll_interval_s, max_poll_interval_s, timeout_s)  # before a job exists
     types = list(dict.fromkeys(resource_types))
     patients = list(dict.fromkeys(patient_ids)) if patient_ids is not None else None
     if patients is not None and not patients:

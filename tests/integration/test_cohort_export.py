@@ -3,7 +3,8 @@
 A cohort whose EHR records the outcome (a lung cancer Condition within the year for positives, a follow-up
 Encounter after it for everyone) is loaded; ``riskbridge cohort export`` runs the stages up to harmonize over part of
 its index window with a ledger of the test's own, labels every patient from HAPI FHIR with the shipped chest CT
-label spec and writes the table. Checked: every row of the cohort carries the truth's label under the HMAC
+label spec and writes the table; the labels' resources read through FHIR Bulk Data ``$export`` and through batched
+searches give the same table. Checked: every row of the cohort carries the truth's label under the HMAC
 pseudonym of its patient and study, the table loads for training, no PHI string of the cohort (name, MRN, birth
 date, accession number, PACS patient id, UIDs, FHIR ids) appears in the table, its manifest or the logs, nothing
 was scored or written to FHIR, and the same command again resumes the same run and writes the same table.
@@ -25,7 +26,7 @@ from tiny_model import tiny_package
 from typer.testing import CliRunner
 
 from riskbridge import cli
-from riskbridge.cohort import pseudonym
+from riskbridge.cohort import export_cohort, pseudonym
 from riskbridge.dev.synth import generate, load, read_truth
 from riskbridge.harmonize.features import load_default_feature_spec
 from riskbridge.ledger import Ledger
@@ -50,7 +51,9 @@ def settings(
     package = tiny_package(tmp_path / "tiny", version=f"0.0.1-{uuid.uuid4().hex[:8]}", spacing_mm=8.0)
     run = RunSettings(report_dir=tmp_path / "reports", model_package=package, quarantine_alert_fraction=1.0)
     site = synthetic_site_settings(sandbox, database, tmp_path, run)
-    return site.model_copy(update={"export": ExportSettings(pseudonym_secret=SECRET)})
+    # HAPI asks to poll its $export jobs every 120 s; a small job is done in a few.
+    export = ExportSettings(pseudonym_secret=SECRET, bulk_max_poll_interval_s=1.0)
+    return site.model_copy(update={"export": export})
 
 
 def _phi(record: dict[str, Any]) -> set[str]:
@@ -117,6 +120,23 @@ def test_a_labelled_pseudonymized_table_from_the_synthetic_hospital(
             assert cursor.fetchone()["n"] == 0, "an export scores nothing"
             cursor.execute("SELECT count(*) AS n FROM writebacks WHERE run_id = %s", (run.run_id,))
             assert cursor.fetchone()["n"] == 0, "an export writes nothing to FHIR"
+
+    # The labels' resources through FHIR Bulk Data $export and through batched searches: the same table.
+    tables = {}
+    for source in ("bulk", "search"):
+        export = settings.export.model_copy(update={"clinical_source": source})
+        done = export_cohort(settings.model_copy(update={"export": export}), (start, end), tmp_path / source)
+        assert done.run_id == run.run_id
+        tables[source] = (tmp_path / source / "table.jsonl").read_text()
+        written = json.loads((tmp_path / source / "manifest.json").read_text())
+        assert written["source"]["label_resources_from"] == (
+            "FHIR Bulk Data $export" if source == "bulk" else "FHIR searches"
+        )
+    assert tables["bulk"] == tables["search"] == (out / "table.jsonl").read_text()
+    assert manifest["source"]["label_resources_from"] == "FHIR Bulk Data $export", "auto takes $export from HAPI"
+    assert not (settings.staging_dir / "bulk-export").exists() or not any(
+        (settings.staging_dir / "bulk-export").iterdir()
+    )
 
     again = CliRunner().invoke(cli.app, ["cohort", "export", "--window", WINDOW, "--out", str(out)])
     assert again.exit_code == 0, again.output

@@ -1,5 +1,6 @@
 package org.riskbridge.hapi;
 
+import ca.uhn.fhir.batch2.jobs.export.BulkDataExportProvider;
 import ca.uhn.fhir.context.support.IValidationSupport;
 import ca.uhn.fhir.interceptor.api.IInterceptorService;
 import ca.uhn.fhir.jpa.api.config.JpaStorageSettings;
@@ -28,13 +29,19 @@ public class FhirServletConfig {
 			IInterceptorService theInterceptorService,
 			JpaStorageSettings theStorageSettings,
 			ISearchParamRegistry theSearchParamRegistry,
-			IValidationSupport theValidationSupport) {
+			IValidationSupport theValidationSupport,
+			BulkDataExportProvider theBulkDataExportProvider) {
 		RestfulServer server = new RestfulServer(theSystemDao.getContext(), theInterceptorService);
 		server.setServerName("riskbridge HAPI FHIR JPA server");
 		// One provider per resource type backed by the JPA DAOs (Patient, Observation, ...).
 		server.registerProviders(theResourceProviderFactory.createProviders());
 		// System level: transaction / batch bundles POSTed to the base URL, history, $meta, ...
 		server.registerProvider(theSystemProvider);
+		// FHIR Bulk Data export: $export (system, Patient, Group) and $export-poll-status. HAPI defines the provider
+		// bean (JpaConfig) and the batch2 job behind it (Batch2JobsConfig -> BulkExportAppCtx) but leaves registering
+		// it to the server. The job writes its NDJSON files as Binary resources into the same database (HAPI purges
+		// them after 2 h); the manifest lists them as [base]/Binary/<id>, served raw for Accept: application/fhir+ndjson.
+		server.registerProvider(theBulkDataExportProvider);
 		server.setServerConformanceProvider(new JpaCapabilityStatementProvider(
 				server, theSystemDao, theStorageSettings, theSearchParamRegistry, theValidationSupport));
 		server.setPagingProvider(thePagingProvider);
