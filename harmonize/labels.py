@@ -63,7 +63,7 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, ValidationError, model_validator
 
-from riskbridge.harmonize.rule_file import RuleFileError
+from riskbridge.harmonize.rule_file import RuleFileError, read_rule_text
 from riskbridge.harmonize.windows import parse_fhir_datetime, site_zone
 from riskbridge.settings import names_a_file
 
@@ -266,13 +266,7 @@ def load_label_spec(path_or_name: str | Path) -> LabelSpec:
     a slash, as for the other name-or-path settings); :class:`RuleFileError` when missing, unreadable or malformed."""
     if isinstance(path_or_name, Path) or names_a_file(path_or_name):
         path = Path(path_or_name)
-        try:
-            text = path.read_text(encoding="utf-8")
-        except FileNotFoundError:
-            raise RuleFileError(f"{path}: label spec not found") from None
-        except (OSError, UnicodeDecodeError) as exc:
-            raise RuleFileError(f"{path}: cannot read the label spec: {exc}") from None
-        return _parse_text(text, str(path))
+        return _parse_text(read_rule_text(path, "label spec"), str(path))
     resource = importlib.resources.files("riskbridge.harmonize").joinpath("data", f"labels_{path_or_name}.yaml")
     if not resource.is_file():
         shipped = ", ".join(shipped_label_specs()) or "none"

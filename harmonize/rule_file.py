@@ -7,9 +7,11 @@ importable from :mod:`riskbridge.harmonize.series` and :mod:`riskbridge.harmoniz
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from riskbridge.errors import ConfigurationError
 
-__all__ = ["RuleFileError"]
+__all__ = ["RuleFileError", "read_rule_text"]
 
 
 class RuleFileError(ConfigurationError, ValueError):
@@ -18,3 +20,14 @@ class RuleFileError(ConfigurationError, ValueError):
     Raised for series-selection rule files (format in docs/series-selection.md) and comorbidity rule files
     (format in docs/notes.md). Still a ``ValueError``, as it always was.
     """
+
+
+def read_rule_text(path: Path, what: str) -> str:
+    """The text of a YAML file of harmonize (``what``: "rule file", "label spec", ...); :class:`RuleFileError` naming
+    the file when it is missing or unreadable."""
+    try:
+        return path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise RuleFileError(f"{path}: {what} not found") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise RuleFileError(f"{path}: cannot read the {what}: {exc}") from None

@@ -18,7 +18,7 @@ from typing import Any
 import yaml
 from pydicom.datadict import tag_for_keyword
 
-from riskbridge.harmonize.rule_file import RuleFileError
+from riskbridge.harmonize.rule_file import RuleFileError, read_rule_text
 from riskbridge.harmonize.series_rules import (
     ORIENTATION_ATTRIBUTE,
     ORIENTATIONS,
@@ -248,13 +248,7 @@ def parse_rules_text(text: str, source: str = "<rules>") -> RuleSet:
 def load_rules(path: str | Path) -> RuleSet:
     """Read and validate a rule file; :class:`RuleFileError` names the file and the offending rule."""
     path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise RuleFileError(f"{path}: rule file not found") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise RuleFileError(f"{path}: cannot read the rule file: {exc}") from None
-    return parse_rules_text(text, str(path))
+    return parse_rules_text(read_rule_text(path, "rule file"), str(path))
 
 
 def shipped_rule_files() -> tuple[str, ...]:

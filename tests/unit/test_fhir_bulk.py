@@ -14,8 +14,8 @@ from typing import Any
 
 import pytest
 import requests
+from fhir_responses import make_response
 from pydantic import SecretStr
-from requests.structures import CaseInsensitiveDict
 
 from riskbridge.connectors.fhir import FhirClient, FhirError
 from riskbridge.connectors.fhir.bulk import (
@@ -41,21 +41,6 @@ Handler = Callable[[str, str, dict[str, str], Any], requests.Response]
 
 
 # --- a scripted Session and a fake clock -------------------------------------------------------------------------
-
-
-def make_response(status: int, body: Any = None, headers: dict[str, str] | None = None, raw: bytes | None = None):
-    """A requests.Response with a JSON (or raw) body, as the transport would return it."""
-    response = requests.Response()
-    response.status_code = status
-    response.headers = CaseInsensitiveDict(headers or {})
-    response._content_consumed = True  # type: ignore[attr-defined]
-    if raw is not None:
-        response._content = raw
-    else:
-        response._content = b"" if body is None else json.dumps(body).encode()
-        if body is not None:
-            response.headers.setdefault("Content-Type", "application/fhir+json")
-    return response
 
 
 def outcome(status: int, text: str) -> requests.Response:

@@ -20,8 +20,8 @@ import pytest
 import requests
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from fhir_responses import make_response
 from pydantic import ValidationError
-from requests.structures import CaseInsensitiveDict
 
 from riskbridge.connectors.fhir import (
     FhirClient,
@@ -48,21 +48,6 @@ SECRET = "client s3cr3t+/&value"  # characters RFC 6749 form-encodes in client_s
 
 
 # --- a scripted Session ------------------------------------------------------------------------------------------
-
-
-def make_response(status: int, body: Any = None, headers: dict[str, str] | None = None, raw: bytes | None = None):
-    """A requests.Response with a JSON (or raw) body, as the transport would return it."""
-    response = requests.Response()
-    response.status_code = status
-    response.headers = CaseInsensitiveDict(headers or {})
-    # the body is already in memory; close() has no connection to release (a private attribute the stubs omit)
-    response._content_consumed = True  # type: ignore[attr-defined]
-    if raw is not None:
-        response._content = raw
-    else:
-        response._content = b"" if body is None else json.dumps(body).encode()
-        response.headers.setdefault("Content-Type", "application/fhir+json")
-    return response
 
 
 class ScriptedSession(requests.Session):
