@@ -166,7 +166,6 @@ def pin_in_config(config_file: Path, package: Path, sha256: str) -> None:
         written = load_settings(Path(temporary))
         if written.run.model_sha256 != sha256 or written.run.shadow_package is not None:
             raise PromotionError(f"{config_file}: the pins did not take (an environment variable overrides them?)")
-    except Exception:
-        os.unlink(temporary)
-        raise
-    os.replace(temporary, config_file)
+        os.replace(temporary, config_file)
+    finally:
+        Path(temporary).unlink(missing_ok=True)  # gone after the replace; left over when a check failed

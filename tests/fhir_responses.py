@@ -1,9 +1,10 @@
-"""requests.Response objects as a FHIR server's transport would return them, for client unit tests that script a
-Session (the faults and sequences a real server cannot be made to produce on demand)."""
+"""A scripted requests Session and the Responses it hands out, for FHIR client unit tests (the faults and sequences
+a real server cannot be made to produce on demand)."""
 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from typing import Any
 
 import requests
@@ -26,3 +27,17 @@ def make_response(
         if body is not None:
             response.headers.setdefault("Content-Type", "application/fhir+json")
     return response
+
+
+class ScriptedSession(requests.Session):
+    """Answers each request with ``handler(method, url, headers, data)`` and records every request."""
+
+    def __init__(self, handler: Callable[[str, str, dict[str, str], Any], requests.Response]) -> None:
+        super().__init__()
+        self.handler = handler
+        self.calls: list[tuple[str, str, dict[str, str], Any]] = []
+
+    def request(self, method, url, params=None, data=None, headers=None, **kwargs):  # type: ignore[override]
+        merged = {**self.headers, **(headers or {})}
+        self.calls.append((method, url, merged, data))
+        return self.handler(method, url, merged, data)

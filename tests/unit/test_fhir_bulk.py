@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 import requests
-from fhir_responses import make_response
+from fhir_responses import ScriptedSession, make_response
 from pydantic import SecretStr
 
 from riskbridge.connectors.fhir import FhirClient, FhirError
@@ -49,20 +49,6 @@ def outcome(status: int, text: str) -> requests.Response:
         "issue": [{"severity": "error", "code": "processing", "diagnostics": text}],
     }
     return make_response(status, body)
-
-
-class ScriptedSession(requests.Session):
-    """Answers each request with ``handler(method, url, headers, data)`` and records every request."""
-
-    def __init__(self, handler: Handler) -> None:
-        super().__init__()
-        self.handler = handler
-        self.calls: list[tuple[str, str, dict[str, str], Any]] = []
-
-    def request(self, method, url, params=None, data=None, headers=None, **kwargs):  # type: ignore[override]
-        merged = {**self.headers, **(headers or {})}
-        self.calls.append((method, url, merged, data))
-        return self.handler(method, url, merged, data)
 
 
 class FakeTime:

@@ -9,7 +9,6 @@ import itertools
 import json
 import logging
 import random
-from collections.abc import Callable
 from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
@@ -20,7 +19,7 @@ import pytest
 import requests
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
-from fhir_responses import make_response
+from fhir_responses import ScriptedSession, make_response
 from pydantic import ValidationError
 
 from riskbridge.connectors.fhir import (
@@ -48,20 +47,6 @@ SECRET = "client s3cr3t+/&value"  # characters RFC 6749 form-encodes in client_s
 
 
 # --- a scripted Session ------------------------------------------------------------------------------------------
-
-
-class ScriptedSession(requests.Session):
-    """Answers each request with ``handler(method, url, headers, data)`` and records every request."""
-
-    def __init__(self, handler: Callable[[str, str, dict[str, str], Any], requests.Response]) -> None:
-        super().__init__()
-        self.handler = handler
-        self.calls: list[tuple[str, str, dict[str, str], Any]] = []
-
-    def request(self, method, url, params=None, data=None, headers=None, **kwargs):  # type: ignore[override]
-        merged = {**self.headers, **(headers or {})}
-        self.calls.append((method, url, merged, data))
-        return self.handler(method, url, merged, data)
 
 
 def make_client(handler, auth: FhirAuth | None = None, clock=None, **settings: Any):
