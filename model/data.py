@@ -30,7 +30,7 @@ import json
 import math
 import os
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -217,15 +217,11 @@ def read_manifest(root: Path) -> dict[str, Any]:
     return dict(manifest)
 
 
-def load_table(root: Path, spec: FeatureSpec) -> TrainingTable:
-    """Load a table built with ``spec``; every row's names must be the spec's and every volume must exist."""
-    root = Path(root)
+def _table_rows(root: Path, spec: FeatureSpec) -> Iterator[tuple[int, dict[str, Any], FeatureVector, int]]:
+    """The table's rows, checked: (line number, row, feature vector, label), for a table built with ``spec``."""
     manifest = read_manifest(root)
     if manifest["feature_spec"] != spec.label:
         raise TrainingTableError(f"{root}: built with feature spec {manifest['feature_spec']}, not {spec.label}")
-    preprocess = PreprocessConfig.from_dict(manifest["preprocess"])
-    keys: list[str] = []
-    labels, labs, notes, present, volume_files, image_targets, mask_files = [], [], [], [], [], [], []
     with (root / "table.jsonl").open(encoding="utf-8") as stream:
         for number, line in enumerate(stream, start=1):
             try:
@@ -243,21 +239,42 @@ def load_table(root: Path, spec: FeatureSpec) -> TrainingTable:
                 raise TrainingTableError(f"{root}/table.jsonl line {number}: label must be 0 or 1")
             if not all(math.isfinite(v) for v in vector.values):
                 raise TrainingTableError(f"{root}/table.jsonl line {number}: non-finite feature value")
-            try:
-                lab_input, note_input, has_labs, has_notes = tabular_tensors(spec, vector)
-            except ValueError as exc:
-                raise TrainingTableError(f"{root}/table.jsonl line {number}: {exc}") from None
-            keys.append(str(row["key"]))
-            labels.append(label)
-            labs.append(lab_input)
-            notes.append(note_input)
-            volume_files.append(row.get("volume"))
-            mask_files.append(row.get("mask"))
-            if row.get("mask") is not None and row.get("volume") is None:
-                raise TrainingTableError(f"{root}/table.jsonl line {number}: a mask without a volume")
-            target = row.get("image_target")
-            image_targets.append(float(target) if target is not None else math.nan)
-            present.append((row.get("volume") is not None, has_labs, has_notes))
+            yield number, row, vector, label
+
+
+def table_vectors(root: Path, spec: FeatureSpec) -> list[tuple[FeatureVector, bool]]:
+    """The feature vector of every row and whether the row has a volume, without reading any volume: what the
+    monitor compares a site's recent patients with."""
+    root = Path(root)
+    found = [(vector, row.get("volume") is not None) for _, row, vector, _ in _table_rows(root, spec)]
+    if not found:
+        raise TrainingTableError(f"{root}: the table has no rows")
+    return found
+
+
+def load_table(root: Path, spec: FeatureSpec) -> TrainingTable:
+    """Load a table built with ``spec``; every row's names must be the spec's and every volume must exist."""
+    root = Path(root)
+    manifest = read_manifest(root)
+    preprocess = PreprocessConfig.from_dict(manifest["preprocess"])
+    keys: list[str] = []
+    labels, labs, notes, present, volume_files, image_targets, mask_files = [], [], [], [], [], [], []
+    for number, row, vector, label in _table_rows(root, spec):
+        try:
+            lab_input, note_input, has_labs, has_notes = tabular_tensors(spec, vector)
+        except ValueError as exc:
+            raise TrainingTableError(f"{root}/table.jsonl line {number}: {exc}") from None
+        keys.append(str(row["key"]))
+        labels.append(label)
+        labs.append(lab_input)
+        notes.append(note_input)
+        volume_files.append(row.get("volume"))
+        mask_files.append(row.get("mask"))
+        if row.get("mask") is not None and row.get("volume") is None:
+            raise TrainingTableError(f"{root}/table.jsonl line {number}: a mask without a volume")
+        target = row.get("image_target")
+        image_targets.append(float(target) if target is not None else math.nan)
+        present.append((row.get("volume") is not None, has_labs, has_notes))
     if not keys:
         raise TrainingTableError(f"{root}: the table has no rows")
     shape = (1, *preprocess.size)

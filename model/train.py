@@ -77,6 +77,11 @@ def train_package(
         "metrics": {k: v.to_dict() for k, v in estimates.items()},
         "ece_uncalibrated": round(expected_calibration_error(fitted.calibration_labels, raw), 4),
     }
+    metrics["score_reference"] = {
+        "description": "calibrated probabilities of the final model on its calibration split, sorted: the score "
+        "distribution riskbridge monitor compares a site's scores with",
+        "probabilities": sorted(round(float(p), 4) for p in calibrated),
+    }
     source = table.manifest.get("source", {})
     metrics["threshold"] = round(fitted.threshold, 4)
     metrics["training"] = {

@@ -469,7 +469,10 @@ app.add_typer(cohort_app, name="cohort")
 
 @cohort_app.command("export")
 def cohort_export(
-    window: str = typer.Option(..., "--window", help="START..END: study dates (inclusive) in the site zone."),
+    window: str | None = typer.Option(None, "--window", help="START..END: study dates (inclusive) in the site zone."),
+    accessions: Path | None = typer.Option(
+        None, "--accessions", help="Instead of --window: a file of accession numbers, one per line (a chosen cohort)."
+    ),
     out: Path = typer.Option(..., "--out", "-o", help="Training table directory (empty, or an earlier table)."),
     labels: str | None = typer.Option(
         None, "--labels", help="Label spec: a shipped name or a YAML file (default: [export] label_spec)."
@@ -483,10 +486,20 @@ def cohort_export(
     settings = _settings()
     if labels is not None:
         settings = settings.model_copy(update={"export": settings.export.model_copy(update={"label_spec": labels})})
-    bounds = _run_window(window, settings.site.timezone)
+    if (window is None) == (accessions is None):
+        raise _fail("give either --window or --accessions")
+    bounds = _run_window(window, settings.site.timezone) if window else None
+    listed: list[str] = []
+    if accessions is not None:
+        try:
+            listed = [line.strip() for line in accessions.read_text(encoding="utf-8").splitlines() if line.strip()]
+        except OSError as exc:
+            raise _fail(f"--accessions: {exc}") from None
+        if not listed:
+            raise _fail(f"--accessions: {accessions} lists no accession number")
     try:
         with _count_progress() as report:
-            result = export_cohort(settings, bounds, out, run_key, report)
+            result = export_cohort(settings, bounds, out, run_key, report, listed)
     except (RiskbridgeError, OSError, ValueError) as exc:
         raise _fail(str(exc)) from None
     excluded = ", ".join(f"{reason} {n}" for reason, n in sorted(result.excluded.items())) or "none"
@@ -547,3 +560,34 @@ def model_promote(
         console.print(f"promotion {number}: {promotion.name} {promotion.version} is the active model in {config}")
     else:
         console.print(f"promotion {number} recorded; no config file: set in [run] (and drop shadow_package):\n{pins}")
+
+
+@app.command()
+def monitor(
+    window: str = typer.Option(..., "--window", help="START..END: study dates (inclusive) in the site zone."),
+    outcome_window: str | None = typer.Option(
+        None, "--outcome-window", help="START..END of the scans judged against their outcomes (default: --window)."
+    ),
+    table: Path | None = typer.Option(
+        None, "--table", help="The active model's training table (default: [monitor] training_table)."
+    ),
+    out: Path | None = typer.Option(None, "--out", "-o", help="Page directory (default: under [run] report_dir)."),
+) -> None:
+    """Drift of the active model's inputs and scores in a window against its training table, and its AUROC and
+    calibration on the outcomes that arrived since; an HTML page with plots. Exit 1 on an alert
+    (docs/site-training.md "Monitoring")."""
+    from riskbridge.monitor import monitor as run_monitor
+
+    settings = _settings()
+    bounds = _run_window(window, settings.site.timezone)
+    outcomes = _run_window(outcome_window, settings.site.timezone) if outcome_window else None
+    where = out or settings.run.report_dir / f"monitor-{window.replace('..', '_')}"
+    try:
+        result = run_monitor(settings, bounds, where, outcomes, table)
+    except (RiskbridgeError, OSError, ValueError) as exc:
+        raise _fail(str(exc)) from None
+    for line in result.lines():
+        console.print(line, highlight=False, markup=False)
+    if result.alerts:
+        console.print("ALERT: " + "; ".join(result.alerts), highlight=False, markup=False)
+        raise typer.Exit(code=1)

@@ -1,7 +1,8 @@
 """Cohort export: a labelled, pseudonymized training table of the site's own patients (docs/site-training.md).
 
 ``riskbridge cohort export --window A..B --out DIR`` runs the pipeline's stages up to harmonize over a
-retrospective window as a run of kind ``export`` (the same ledger, resumable by its run key, idempotent; it scores
+retrospective window (or over the studies of a list of accession numbers: ``--accessions FILE``, a cohort the site
+chose) as a run of kind ``export`` (the same ledger, resumable by its run key, idempotent; it scores
 nothing and writes nothing to the FHIR server, and it does every study again, whatever a nightly run decided),
 labels each patient from the FHIR server by a label spec (:mod:`riskbridge.harmonize.labels`; the resources come
 through FHIR Bulk Data ``$export`` when the server offers it, else batched searches), and writes a
@@ -11,7 +12,7 @@ What leaves the hospital's systems in the table is only what the model needs: a 
 (FHIR Patient id, StudyInstanceUID) with the site's secret (``[export] pseudonym_secret``), the label, the feature
 vector (ages in years, no dates) and the preprocessed volume (voxels, no DICOM header). No name, MRN, birth date,
 accession number or UID; the manifest has counts, exclusions by reason and the export's settings. One row per
-patient: the patient's first study of the window (later ones would put one patient on both sides of a split).
+patient: the patient's first study of the export (later ones would put one patient on both sides of a split).
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ __all__ = [
     "ExportResult",
     "ExportStudy",
     "export_cohort",
+    "fetch_label_resources",
     "label_resource_types",
     "pseudonym",
     "start_export_run",
@@ -129,12 +131,12 @@ def _by_subject(resources: Iterable[dict[str, Any]], found: dict[str, list[dict[
 
 
 def fetch_label_resources(
-    pipeline: Pipeline, run_id: int, patient_ids: Iterable[str], types: Sequence[str]
+    pipeline: Pipeline, job: str, patient_ids: Iterable[str], types: Sequence[str]
 ) -> tuple[dict[str, list[dict[str, Any]]], str]:
     """FHIR Patient id -> the resources of ``types`` that reference it, and how they were read: ``bulk`` (one
-    ``Patient/$export`` job for the patients; its NDJSON files live in the staging directory only while they are
-    read) or ``search`` (batched ``subject`` OR-list searches, the clinical stage's way), by ``[export]
-    clinical_source`` (auto: bulk when the server declares ``$export`` at Patient level)."""
+    ``Patient/$export`` job for the patients; its NDJSON files live in the staging directory, in a folder named
+    ``job``, only while they are read) or ``search`` (batched ``subject`` OR-list searches, the clinical stage's
+    way), by ``[export] clinical_source`` (auto: bulk when the server declares ``$export`` at Patient level)."""
     from riskbridge.connectors.fhir.bulk import bulk_export, read_ndjson, supports_bulk_export
 
     settings = pipeline.settings.export
@@ -145,7 +147,7 @@ def fetch_label_resources(
     if source == "auto":
         source = "bulk" if ids and supports_bulk_export(client, "patient") else "search"
     if source == "bulk":
-        work = pipeline.settings.staging_dir / "bulk-export" / str(run_id)
+        work = pipeline.settings.staging_dir / "bulk-export" / job
         try:
             files = bulk_export(
                 client,
@@ -178,11 +180,27 @@ def _required(settings: Settings) -> tuple[bytes, str]:
     return secret.get_secret_value().encode(), zone
 
 
-def start_export_run(pipeline: Pipeline, window: tuple[datetime, datetime], run_key: str | None = None) -> int:
-    """Create (or resume, by ``run_key``; default ``cli:export:<window>``) the export run of ``window``; it does
-    every study again, whatever earlier runs decided."""
+def _scope_key(window: tuple[datetime, datetime] | None, accessions: Sequence[str]) -> str:
+    if window is not None:
+        return str(Interval(*window))
+    digest = hashlib.sha256("\n".join(sorted(set(accessions))).encode()).hexdigest()[:16]
+    return f"accessions-{len(set(accessions))}-{digest}"
+
+
+def start_export_run(
+    pipeline: Pipeline,
+    window: tuple[datetime, datetime] | None,
+    run_key: str | None = None,
+    accessions: Sequence[str] = (),
+) -> int:
+    """Create (or resume, by ``run_key``; default ``cli:export:<window>``, or ``cli:export:accessions-<n>-<digest>``)
+    the export run of ``window``, or of a list of accession numbers (a cohort the site chose, e.g. from a
+    registry); it does every study again, whatever earlier runs decided."""
     _required(pipeline.settings)
-    return pipeline.start_run(RUN_KIND, run_key or f"cli:export:{Interval(*window)}", window, rescore=True)
+    if (window is None) == (not accessions):
+        raise ConfigurationError("an export takes either a window or a list of accession numbers")
+    key = run_key or f"cli:export:{_scope_key(window, accessions)}"
+    return pipeline.start_run(RUN_KIND, key, window, accessions=tuple(accessions), rescore=True)
 
 
 def write_table(
@@ -197,8 +215,8 @@ def write_table(
     secret, zone = _required(settings)
     label_spec = load_label_spec(settings.export.label_spec)
     run = pipeline.ledger.run(run_id)
-    if run.kind != RUN_KIND or run.window is None:
-        raise ConfigurationError(f"run {run_id} is a {run.kind} run, not an export over a window")
+    if run.kind != RUN_KIND:
+        raise ConfigurationError(f"run {run_id} is a {run.kind} run, not an export")
     excluded: Counter[str] = Counter()
     ledger = pipeline.ledger
     feature_spec = pipeline.context.spec
@@ -213,7 +231,7 @@ def write_table(
             excluded[LATER_STUDY] += 1
         else:
             first[study.fhir_patient_id] = study
-    resources, clinical_source = fetch_label_resources(pipeline, run_id, first, label_resource_types(label_spec))
+    resources, clinical_source = fetch_label_resources(pipeline, str(run_id), first, label_resource_types(label_spec))
     decisions: dict[str, LabelDecision] = {
         patient: label_patient(label_spec, study.index_time, resources.get(patient, []), zone)
         for patient, study in first.items()
@@ -223,12 +241,13 @@ def write_table(
             excluded[decision.reason] += 1
     source = {
         "kind": "site export",
-        "window": str(Interval(*run.window)),
+        "window": str(Interval(*run.window)) if run.window else None,
+        "accessions": len(run.accessions) if run.accessions else None,
         "label_spec": label_spec.label,
         "label_resources_from": "FHIR Bulk Data $export" if clinical_source == "bulk" else "FHIR searches",
         "feature_spec": feature_spec.label,
         "series_rules": settings.series_rules,
-        "one_row_per": "patient (the first study of the window)",
+        "one_row_per": "patient (the first study of the export)",
         "pseudonyms": "HMAC-SHA256(site secret, FHIR Patient id | StudyInstanceUID)[:24]",
         "ledger_run": run_id,
     }
@@ -257,18 +276,19 @@ def write_table(
 
 def export_cohort(
     settings: Settings,
-    window: tuple[datetime, datetime],
+    window: tuple[datetime, datetime] | None,
     out_dir: Path,
     run_key: str | None = None,
     progress: Callable[[str, int, int], None] | None = None,
+    accessions: Sequence[str] = (),
 ) -> ExportResult:
-    """Export the labelled, pseudonymized training table of ``window`` into ``out_dir`` (see the module docstring):
-    :func:`start_export_run`, the stages up to harmonize, :func:`write_table`.
+    """Export the labelled, pseudonymized training table of ``window`` (or of the studies of ``accessions``) into
+    ``out_dir`` (see the module docstring): :func:`start_export_run`, the stages up to harmonize, :func:`write_table`.
 
     Raises :class:`riskbridge.errors.ConfigurationError` without ``[export] pseudonym_secret`` or a site zone; the
     stages raise as they do in a nightly run. The same ``run_key`` resumes an interrupted export.
     """
     with Pipeline.from_settings(settings) as pipeline:
-        run_id = start_export_run(pipeline, window, run_key)
+        run_id = start_export_run(pipeline, window, run_key, accessions)
         pipeline.run_stages(run_id, progress, until=LAST_STAGE)
         return write_table(pipeline, run_id, out_dir, progress)

@@ -303,6 +303,28 @@ class ExportSettings(_Section):
         return value
 
 
+class MonitorSettings(_Section):
+    """What ``riskbridge monitor`` and the weekly ``riskbridge_monitor`` DAG compare, and when they alert
+    (docs/site-training.md "Monitoring"). PSI below 0.1 is the usual "no shift", 0.1 to 0.25 "some", above 0.25
+    "a shift to act on"."""
+
+    # The training table of the active model (riskbridge cohort export's output); its features are the reference.
+    training_table: Path | None = None
+    schedule: str = "0 6 * * 1"  # riskbridge_monitor's cron, in site.timezone: Mondays 06:00, the week before
+    psi_warn: float = Field(0.1, gt=0)
+    psi_alert: float = Field(0.25, gt=0)
+    # An alert also needs the shift to be significant at the window's size (KS, Fisher's exact or chi-square test):
+    # PSI of a small site's week is mostly noise (riskbridge.model.drift.DriftThresholds says why).
+    p_alert: float = Field(0.001, gt=0, lt=1)
+    missing_share_alert: float = Field(0.15, gt=0, le=1)  # a feature's missing share moved this much (absolute)
+    auroc_drop_alert: float = Field(0.10, gt=0, le=1)  # AUROC on arrived labels this far below the package's own
+    ece_alert: float = Field(0.10, gt=0, le=1)
+    min_current: int = Field(30, ge=1)  # fewer values in the window: reported, never an alert
+    # The weekly DAG judges outcomes of the scans this long before its week: a label needs the horizon (365 days
+    # for the shipped spec) plus follow-up evidence after it.
+    outcome_lag_days: int = Field(455, ge=1, le=3650)
+
+
 class AirflowSettings(_Section):
     """How the Airflow DAGs schedule, retry and place the pipeline's tasks (docs/operations.md)."""
 
@@ -382,6 +404,7 @@ class Settings(BaseSettings):
     writeback: WritebackSettings = WritebackSettings()
     run: RunSettings = RunSettings()
     export: ExportSettings = ExportSettings()
+    monitor: MonitorSettings = MonitorSettings()
     airflow: AirflowSettings = AirflowSettings()
     sandbox: SandboxSettings = SandboxSettings()
 

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from riskbridge.dev.synth.cohort import MRN_SYSTEM, PACS_ISSUER, SITE_TIMEZONE
 from riskbridge.settings import DatabaseSettings, IdentitySettings, RunSettings, Settings, SiteSettings
@@ -23,3 +24,16 @@ def synthetic_site_settings(
             "run": run,
         }
     )
+
+
+def phi_strings(record: dict[str, Any]) -> set[str]:
+    """The identifying strings of one synthetic truth record (names, MRN, PACS id, birth date, UIDs, accession
+    numbers, FHIR id) that a test checks never appear in an output."""
+    pacs = record["pacs"]
+    family, _, given = pacs["name"].partition("^")
+    birth = pacs["birth_date"]
+    found = {record["mrn"], pacs["patient_id"], family, given, birth, f"{birth[:4]}-{birth[4:6]}-{birth[6:]}"}
+    for study in [record["index_study"], *record["prior_studies"]]:
+        found |= {study["study_uid"], study["accession"]}
+    found.add(record["identity"]["fhir_patient_id"] or "")
+    return {value for value in found if value and len(value) >= 4}

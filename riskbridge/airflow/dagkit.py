@@ -38,6 +38,7 @@ NIGHTLY_DAG_ID = "riskbridge_nightly"
 BACKFILL_DAG_ID = "riskbridge_backfill"
 ON_DEMAND_DAG_ID = "riskbridge_on_demand"
 COHORT_EXPORT_DAG_ID = "riskbridge_cohort_export"
+MONITOR_DAG_ID = "riskbridge_monitor"
 # Airflow creates no task for a logical date before a task's start_date: early, so past windows can run by hand
 # (airflow dags test, a cleared old run). catchup is off, so the scheduler never fills the years in between.
 START_DATE = datetime(2000, 1, 1, tzinfo=UTC)
@@ -511,3 +512,82 @@ def cohort_export_dag(settings: Settings | None = None) -> DAG:
     return build_pipeline_dag(
         COHORT_EXPORT_DAG_ID, "export", settings=settings, schedule=None, params=params, doc_md=COHORT_EXPORT_DOC
     )
+
+
+MONITOR_DOC = """Every week: drift of the active model's inputs and scores against its training table, and its AUROC and
+calibration on the outcomes that have arrived (docs/site-training.md "Monitoring").
+
+The cron is `[monitor] schedule` in `[site] timezone`. Drift covers the scans of the week before the trigger (params
+`start`/`end`, ISO days both included, override it); outcomes cover the same week `[monitor] outcome_lag_days` earlier,
+whose labels can be known by now. The task writes an HTML page with plots under `[run] report_dir` and fails, without
+retries, when anything is above an alert threshold: its log names each alert.
+"""
+
+
+def monitor_windows(
+    context: Mapping[str, Any], settings: Settings
+) -> tuple[tuple[datetime, datetime], tuple[datetime, datetime]]:
+    """The drift window of a monitor run (params ``start``/``end`` when given, else its data interval: the week
+    before the trigger) and its outcome window (the same, ``[monitor] outcome_lag_days`` earlier)."""
+    params = context["params"]
+    if params.get("start") or params.get("end"):
+        window = backfill_window(str(params.get("start") or ""), str(params.get("end") or ""), settings)
+    else:
+        window = (_as_datetime(context["data_interval_start"]), _as_datetime(context["data_interval_end"]))
+    lag = timedelta(days=settings.monitor.outcome_lag_days)
+    return window, (window[0] - lag, window[1] - lag)
+
+
+def run_monitor(context: Mapping[str, Any]) -> str:
+    """The monitor task: compare, write the page, log the result; fail (no retries) with the alerts as message."""
+    from airflow.sdk.exceptions import AirflowFailException
+
+    from riskbridge.monitor import monitor
+
+    settings = task_settings()
+    window, outcome_window = monitor_windows(context, settings)
+    params = context["params"]
+    table = Path(params["table"]) if params.get("table") else None
+    out = settings.run.report_dir / f"monitor-{window[0]:%Y%m%dT%H%M}"
+    result = monitor(settings, window, out, outcome_window, table)
+    log.info("monitor:\n%s", "\n".join(result.lines()))
+    if result.alerts:
+        message = "monitoring alerts: " + "; ".join(result.alerts) + f" (page {result.page})"
+        log.error("%s", message)
+        raise AirflowFailException(message)
+    return str(result.page)
+
+
+def monitor_dag(settings: Settings | None = None) -> DAG:
+    """Return ``riskbridge_monitor``: weekly by ``[monitor] schedule``, one task (see :data:`MONITOR_DOC`)."""
+    from airflow.sdk import DAG, CronTriggerTimetable, Param, get_current_context, task
+
+    settings = settings if settings is not None else load_settings()
+    zone = settings.site.timezone or "UTC"
+    timetable = CronTriggerTimetable(settings.monitor.schedule, timezone=zone, interval=timedelta(days=7))
+    params = {
+        "start": Param("", type="string", description="First scan day (YYYY-MM-DD); empty: the week before."),
+        "end": Param("", type="string", description="Last scan day (YYYY-MM-DD), included."),
+        "table": Param("", type="string", description="Training table directory; empty: [monitor] training_table."),
+    }
+    args = {**default_args(settings), "retries": 0}  # an alert is a finding, not a transient failure
+    del args["on_failure_callback"]  # no ledger run to mark failed
+    with DAG(
+        dag_id=MONITOR_DAG_ID,
+        description=MONITOR_DOC.strip().splitlines()[0],
+        doc_md=MONITOR_DOC,
+        schedule=timetable,
+        start_date=START_DATE,
+        catchup=False,
+        max_active_runs=1,
+        params=params,
+        default_args=args,
+        tags=["riskbridge", "monitor"],
+    ) as dag:
+
+        @task(task_id="monitor")
+        def monitor_task() -> str:
+            return run_monitor(get_current_context())
+
+        monitor_task()
+    return dag

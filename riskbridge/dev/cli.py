@@ -102,9 +102,20 @@ def synth(
     pacs: str = typer.Option(
         "orthanc", "--pacs", help="With --load, where the DICOM files go: orthanc (REST) or dcmqrscp (C-STORE)."
     ),
+    lab_shift: list[str] = typer.Option(
+        [], "--lab-shift", help="LAB=FACTOR: multiply a lab's true values (a shifted population); repeatable."
+    ),
 ) -> None:
     """Generate a deterministic synthetic cohort with ground truth (and optionally load it)."""
     from riskbridge.dev import synth as synthetic
+
+    shift: dict[str, float] = {}
+    for item in lab_shift:
+        name, _, factor = item.partition("=")
+        try:
+            shift[name.strip()] = float(factor)
+        except ValueError:
+            raise fail(f"--lab-shift takes LAB=FACTOR (e.g. crp=3), not {item!r}") from None
 
     if size not in ("small", "full"):
         raise fail(f"--size must be 'small' or 'full', not {size!r}")
@@ -113,7 +124,7 @@ def synth(
     settings = cli_settings()
     try:
         with count_progress() as report:
-            summary = synthetic.generate(out, patients=patients, seed=seed, size=size, progress=report)
+            summary = synthetic.generate(out, patients=patients, seed=seed, size=size, progress=report, lab_shift=shift)
     except synthetic.CohortError as exc:
         raise fail(str(exc)) from None
     console.print(summary.describe())

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from synthetic_site import synthetic_site_settings
+from synthetic_site import phi_strings, synthetic_site_settings
 from tiny_model import tiny_package
 from typer.testing import CliRunner
 
@@ -54,18 +54,6 @@ def settings(
     # HAPI asks to poll its $export jobs every 120 s; a small job is done in a few.
     export = ExportSettings(pseudonym_secret=SECRET, bulk_max_poll_interval_s=1.0)
     return site.model_copy(update={"export": export})
-
-
-def _phi(record: dict[str, Any]) -> set[str]:
-    """The identifying strings of one truth record."""
-    pacs = record["pacs"]
-    family, _, given = pacs["name"].partition("^")
-    birth = pacs["birth_date"]
-    found = {record["mrn"], pacs["patient_id"], family, given, birth, f"{birth[:4]}-{birth[4:6]}-{birth[6:]}"}
-    for study in [record["index_study"], *record["prior_studies"]]:
-        found |= {study["study_uid"], study["accession"]}
-    found.add(record["identity"]["fhir_patient_id"] or "")
-    return {value for value in found if value and len(value) >= 4}
 
 
 def test_a_labelled_pseudonymized_table_from_the_synthetic_hospital(
@@ -105,7 +93,7 @@ def test_a_labelled_pseudonymized_table_from_the_synthetic_hospital(
     text = (out / "table.jsonl").read_text() + (out / "manifest.json").read_text()
     logs = caplog.text + result.output
     for record in truth:
-        for value in _phi(record):
+        for value in phi_strings(record):
             assert value not in text, f"PHI of {record['patient_key']} in the table"
             assert value not in logs, f"PHI of {record['patient_key']} in the log"
 

@@ -64,6 +64,10 @@ def test_output_off_a_terminal_is_never_wrapped(monkeypatch: pytest.MonkeyPatch,
         (["run", "--nightly", "--at", "tonight"], "--at must be a time like"),
         (["run", "--nightly", "--kind", "backfill"], "--nightly runs are of kind nightly"),
         (["coverage", "--from", "2026-01-02", "--to", "2026-01-01"], "before it starts"),
+        (["cohort", "export", "--out", "table"], "give either --window or --accessions"),
+        (["cohort", "export", "--window", "2026-01-01..2026-01-02", "--accessions", "a.txt", "--out", "t"], "either"),
+        (["cohort", "export", "--accessions", "/nonexistent/a.txt", "--out", "table"], "--accessions:"),
+        (["monitor", "--window", "2026-01-02"], "--window must look like"),
     ],
 )
 def test_run_and_coverage_refuse_bad_options_in_one_line(

@@ -19,6 +19,7 @@ from riskbridge.settings import Settings
 
 DAGS_FOLDER = Path(__file__).resolve().parents[2] / "dags"
 DAG_IDS = {"riskbridge_nightly", "riskbridge_backfill", "riskbridge_on_demand", "riskbridge_cohort_export"}
+MONITOR = "riskbridge_monitor"  # not a pipeline run: one task, no ledger run
 STAGE_ORDER = [
     "start_run",
     "discover",
@@ -62,7 +63,7 @@ def dagbag() -> DagBag:
 
 def test_dag_files_import_without_errors(dagbag: DagBag) -> None:
     assert dagbag.import_errors == {}
-    assert set(dagbag.dags) == DAG_IDS
+    assert set(dagbag.dags) == DAG_IDS | {MONITOR}
 
 
 @pytest.mark.parametrize("dag_file", sorted(DAGS_FOLDER.glob("*.py")), ids=lambda path: path.name)
@@ -207,3 +208,24 @@ def test_the_cohort_export_dag_stops_at_harmonize_and_writes_the_table(dagbag: D
     assert {"score", "write_back", "report", "finish_run"}.isdisjoint(dag.task_ids)
     assert dag.get_task("export_table").trigger_rule == TriggerRule.NONE_FAILED
     assert dagkit.stages_of("export")[-1].name == "harmonize"
+
+
+def test_the_monitor_dag_runs_weekly_in_the_site_zone_and_fails_on_an_alert_without_retries(dagbag: DagBag) -> None:
+    dag = dagbag.dags[MONITOR]
+    assert dag.task_ids == ["monitor"] and set(dag.params) == {"start", "end", "table"}
+    timetable = dag.timetable
+    assert isinstance(timetable, CronTriggerTimetable)
+    assert (timetable.expression, timetable.interval) == (Settings().monitor.schedule, timedelta(days=7))
+    (task,) = dag.tasks
+    assert task.retries == 0 and not task.on_failure_callback
+
+    zone = "America/New_York"
+    settings = Settings(site={"timezone": zone})
+    start, end = datetime(2026, 11, 2, 11, tzinfo=UTC), datetime(2026, 11, 9, 11, tzinfo=UTC)
+    context = {"params": {"start": "", "end": ""}, "data_interval_start": start, "data_interval_end": end}
+    window, outcomes = dagkit.monitor_windows(context, settings)
+    assert window == (start, end)
+    assert outcomes == (start - timedelta(days=455), end - timedelta(days=455))
+    given = {"params": {"start": "2026-03-01", "end": "2026-03-07"}, **{k: context[k] for k in list(context)[1:]}}
+    window, _ = dagkit.monitor_windows(given, settings)
+    assert window == (datetime(2026, 3, 1, 5, tzinfo=UTC), datetime(2026, 3, 8, 5, tzinfo=UTC))

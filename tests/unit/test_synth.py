@@ -152,6 +152,22 @@ def test_bad_parameters_are_rejected() -> None:
         EdgeCaseRates(shared_mrn=0.5, no_fhir_patient=0.6)
 
 
+def test_a_lab_shift_moves_only_the_named_labs_and_names_another_cohort() -> None:
+    plain = build_cohort(SEED, 60)
+    shifted = build_cohort(SEED, 60, lab_shift={"crp": 3.0, "creatinine": 2.0})
+    assert build_cohort(SEED, 60, lab_shift={}).cohort_id == plain.cohort_id, "no shift: the same cohort"
+    assert shifted.cohort_id != plain.cohort_id and shifted.lab_shift == {"crp": 3.0, "creatinine": 2.0}
+    for before, after in zip(plain.patients, shifted.patients, strict=True):
+        assert after.lab_state["hemoglobin"] == before.lab_state["hemoglobin"]
+        assert after.lab_state["creatinine"] == pytest.approx(min(12.0, 2.0 * before.lab_state["creatinine"]))
+    ratio = np.median([a.lab_state["crp"] / b.lab_state["crp"] for a, b in zip(shifted.patients, plain.patients)])
+    assert ratio == pytest.approx(3.0, rel=0.05)
+    with pytest.raises(CohortError, match="not a lab"):
+        build_cohort(SEED, 3, lab_shift={"ldl": 2.0})
+    with pytest.raises(CohortError, match="factor"):
+        build_cohort(SEED, 3, lab_shift={"crp": 0.0})
+
+
 def test_zero_rates_give_a_cohort_without_edge_cases() -> None:
     zero = EdgeCaseRates(**{name: 0.0 for name in EdgeCaseRates.__dataclass_fields__})
     cohort = build_cohort(SEED, 20, rates=zero)

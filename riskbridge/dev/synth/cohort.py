@@ -15,6 +15,7 @@ import json
 import math
 import uuid
 import zlib
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields
 from datetime import date, datetime, timedelta, timezone
 from typing import Any
@@ -793,6 +794,7 @@ class Cohort:
     rates: EdgeCaseRates
     cohort_id: str
     patients: list[PatientSpec]
+    lab_shift: dict[str, float] = field(default_factory=dict)
 
     @property
     def preset(self) -> SizePreset:
@@ -822,9 +824,15 @@ def make_uuid(cohort_id: str, *parts: object) -> str:
     return str(uuid.uuid5(uuid.NAMESPACE_URL, "urn:riskbridge:synth:" + ":".join([cohort_id, *map(str, parts)])))
 
 
-def cohort_id_for(seed: int, patients: int, size: str, rates: EdgeCaseRates) -> str:
+def cohort_id_for(
+    seed: int, patients: int, size: str, rates: EdgeCaseRates, lab_shift: Mapping[str, float] | None = None
+) -> str:
     """Eight hex digits naming a cohort: a hash of the generator version and all parameters."""
-    params = {"version": GENERATOR_VERSION, "seed": seed, "patients": patients, "size": size, "rates": asdict(rates)}
+    params: dict[str, Any] = {
+        "version": GENERATOR_VERSION, "seed": seed, "patients": patients, "size": size, "rates": asdict(rates)
+    }  # fmt: skip
+    if lab_shift:  # only when given: the ids of unshifted cohorts stay what they were
+        params["lab_shift"] = dict(sorted(lab_shift.items()))
     return hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest()[:8]
 
 
@@ -1394,15 +1402,38 @@ def note_signal(comorbidities: dict[str, bool]) -> float:
 # --- the cohort ------------------------------------------------------------------------------------------
 
 
-def build_cohort(seed: int, patients: int, size: str = "small", rates: EdgeCaseRates | None = None) -> Cohort:
-    """Generate the cohort's specification (no files): identities, studies, labs, notes, outcome."""
+def check_lab_shift(lab_shift: Mapping[str, float] | None) -> dict[str, float]:
+    """The lab shift of a cohort, checked: lab feature -> factor (> 0) its true values are multiplied by."""
+    shift = dict(lab_shift or {})
+    for name, factor in shift.items():
+        if name not in LAB_LIMITS:
+            raise CohortError(f"lab_shift: {name!r} is not a lab of the cohort ({', '.join(LAB_LIMITS)})")
+        if not isinstance(factor, int | float) or not 0.05 <= factor <= 20.0:
+            raise CohortError(f"lab_shift.{name}: must be a factor from 0.05 to 20 (value {factor!r})")
+    return shift
+
+
+def build_cohort(
+    seed: int,
+    patients: int,
+    size: str = "small",
+    rates: EdgeCaseRates | None = None,
+    lab_shift: Mapping[str, float] | None = None,
+) -> Cohort:
+    """Generate the cohort's specification (no files): identities, studies, labs, notes, outcome.
+
+    ``lab_shift`` (lab -> factor) multiplies the patients' true lab values, within the plausible limits, before
+    anything is drawn from them: a population that differs from the training one (the monitor's drift test). The
+    outcome follows the shifted values, as it would in a sicker population.
+    """
     if size not in SIZES:
         raise CohortError(f"size: must be one of {', '.join(SIZES)} (value {size!r})")
     if not isinstance(patients, int) or patients < 1 or patients > 99999:
         raise CohortError(f"patients: must be an integer from 1 to 99999 (value {patients!r})")
     rates = rates or EdgeCaseRates()
+    shift = check_lab_shift(lab_shift)
     preset = SIZES[size]
-    cohort_id = cohort_id_for(seed, patients, size, rates)
+    cohort_id = cohort_id_for(seed, patients, size, rates, shift)
     cases = _assign_edge_cases(seed, patients, rates)
     ordinals = {
         code: _variant_counter(cases, code)
@@ -1494,6 +1525,8 @@ def build_cohort(seed: int, patients: int, size: str = "small", rates: EdgeCaseR
         comorbid = {c: bool(rng.random() < COMORBIDITY_PREVALENCE[c]) for c in COMORBIDITIES}
         acuity = float(rng.normal())
         state = _lab_state(rng, acuity, comorbid, sex)
+        for name, factor in shift.items():
+            state[name] = float(np.clip(state[name] * factor, *LAB_LIMITS[name]))
         if "lab_censored" in mine:
             if ordinals["lab_censored"][i] % 2 == 0:
                 state["crp"] = round(float(rng.uniform(0.5, 4.5)), 2)
@@ -1547,7 +1580,7 @@ def build_cohort(seed: int, patients: int, size: str = "small", rates: EdgeCaseR
         patient.outcome_onset = _floor_minute(acquired + timedelta(days=onset_days)) if patient.label else None
         patient.follow_up = _floor_minute(acquired + timedelta(days=follow_up_days))
         out.append(patient)
-    return Cohort(seed=seed, size=size, rates=rates, cohort_id=cohort_id, patients=out)
+    return Cohort(seed=seed, size=size, rates=rates, cohort_id=cohort_id, patients=out, lab_shift=shift)
 
 
 # --- ground truth ----------------------------------------------------------------------------------------

@@ -16,7 +16,7 @@ import os
 import shutil
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
 from datetime import timedelta
@@ -140,6 +140,7 @@ def _manifest(
         "patients": len(cohort.patients),
         "size": cohort.size,
         "rates": asdict(cohort.rates),
+        "lab_shift": cohort.lab_shift,
         "index_window": {"start": iso(start), "end": iso(ANCHOR)},
         "policy": {
             "lab_window_hours_before_index": LAB_WINDOW.total_seconds() / 3600.0,
@@ -163,16 +164,18 @@ def generate(
     rates: EdgeCaseRates | None = None,
     progress: Progress | None = None,
     workers: int | None = None,
+    lab_shift: Mapping[str, float] | None = None,
 ) -> CohortSummary:
     """Generate a cohort into ``out_dir`` (see the module docstring); the same arguments give the same files.
 
     ``progress(stage, done, total)`` is called per patient for the stages "dicom" and "fhir". ``workers``
     processes write DICOM in parallel (default: up to 4, one per CPU); the output does not depend on it.
+    ``lab_shift`` (lab -> factor) shifts the population's labs (:func:`build_cohort`); the manifest records it.
     Raises :class:`CohortError` for bad parameters or a non-empty ``out_dir`` that is not a cohort.
     """
     began = time.perf_counter()
     out_dir = Path(out_dir)
-    cohort = build_cohort(seed, patients, size, rates)
+    cohort = build_cohort(seed, patients, size, rates, lab_shift)
     _prepare(out_dir)
     log.info("synth: cohort %s, %d patients, size %s", cohort.cohort_id, patients, size)
     workers = workers if workers is not None else min(4, os.cpu_count() or 1)
