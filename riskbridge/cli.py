@@ -8,6 +8,7 @@ and exit status 2, never a stack trace. Listings (``doctor``, ``imaging studies|
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, cast
@@ -121,7 +122,10 @@ def train(
     strategy: str = typer.Option("hybrid", "--strategy", help="image, tabular, early, late or hybrid."),
     folds: int = typer.Option(5, "--folds", min=0, max=20, help="Stratified k-fold for the metrics; 0 skips it."),
     image_encoder: str = typer.Option(
-        "detector", "--image-encoder", help="detector (U-Net on dense nodule masks) or resnet (end to end)."
+        "auto",
+        "--image-encoder",
+        help="detector (U-Net on dense nodule masks), resnet (end to end) or auto: detector when the table has "
+        "masks (the synthetic table), resnet when not (a site's export).",
     ),
     dense_iterations: int = typer.Option(
         4000, "--dense-iterations", min=1, help="Batches of the detector's segmenter training."
@@ -144,14 +148,13 @@ def train(
         raise _fail(f"--strategy must be one of {', '.join(STRATEGIES)}, not {strategy!r}")
     if calibration not in ("temperature", "platt", "none"):
         raise _fail(f"--calibration must be temperature, platt or none, not {calibration!r}")
-    if image_encoder not in ("detector", "resnet"):
-        raise _fail(f"--image-encoder must be detector or resnet, not {image_encoder!r}")
+    if image_encoder not in ("auto", "detector", "resnet"):
+        raise _fail(f"--image-encoder must be auto, detector or resnet, not {image_encoder!r}")
     try:
         spec = resolve_feature_spec(_settings().feature_spec)
     except RiskbridgeError as exc:
         raise _fail(str(exc)) from None
     options = TrainOptions(
-        image_encoder=cast(Literal["resnet", "detector"], image_encoder),  # checked above
         dense_iterations=dense_iterations,
         image_epochs=epochs,
         fusion_epochs=fusion_epochs,
@@ -169,6 +172,9 @@ def train(
                     progress=lambda done, total: report("table", done, total),
                 )  # fmt: skip
             rows = load_table(table, spec)
+            encoder = image_encoder if image_encoder != "auto" else "detector" if rows.mask_rows.size else "resnet"
+            options = replace(options, image_encoder=cast(Literal["resnet", "detector"], encoder))  # checked above
+            console.print(f"image encoder: {encoder}", highlight=False)
             sha256, metrics = train_package(
                 spec, rows, out, cast(Strategy, strategy), options, folds=folds, version=version,
                 progress=report,
@@ -591,3 +597,43 @@ def monitor(
     if result.alerts:
         console.print("ALERT: " + "; ".join(result.alerts), highlight=False, markup=False)
         raise typer.Exit(code=1)
+
+
+@app.command()
+def survey(
+    window: str = typer.Option(..., "--window", help="START..END: study dates (inclusive) in the site zone."),
+    sample: int = typer.Option(200, "--sample", min=1, help="Matched patients whose feeds are read."),
+    run_key: str | None = typer.Option(None, "--run-key", help="Names the survey run; the same key resumes it."),
+    fmt: str = typer.Option("text", "--format", help="text (lines to read) or json (one document on stdout)."),
+) -> None:
+    """Before a site's first night: what its lab and note feeds send for the window's CT patients, judged as a
+    night would judge it: per feature the LOINC codes and units seen, the share converted, rejected (and why) and
+    outside the window; the codes no feature reads; the notes (docs/units.md "Surveying a site's feeds")."""
+    import json
+
+    from riskbridge.survey import survey_window
+
+    if fmt not in ("text", "json"):
+        raise _fail(f"--format must be text or json, not {fmt!r}")
+    settings = _settings()
+    bounds = _run_window(window, settings.site.timezone)
+    try:
+        if fmt == "json":  # one document on stdout, no progress bars in it
+            result, scope = survey_window(settings, bounds, sample, run_key)
+        else:
+            with _count_progress() as report:
+                result, scope = survey_window(settings, bounds, sample, run_key, report)
+    except (RiskbridgeError, OSError, ValueError) as exc:
+        raise _fail(str(exc)) from None
+    if fmt == "json":
+        print(json.dumps({"run_id": scope.run_id, "studies": scope.studies, "matched_patients":
+                          scope.matched_patients, **result.to_dict()}, indent=2))  # fmt: skip
+        return
+    console.print(
+        f"survey run {scope.run_id}: {scope.studies} CT studies in the window, {scope.matched_patients} matched "
+        f"patients, {scope.sampled} sampled",
+        highlight=False,
+        markup=False,
+    )
+    for line in result.lines():
+        console.print(line, highlight=False, markup=False)

@@ -38,7 +38,7 @@ from riskbridge.errors import LedgerError
 from riskbridge.records import WriteBack
 from riskbridge.settings import DatabaseSettings
 
-RUN_KINDS = ("nightly", "backfill", "on_demand", "export")
+RUN_KINDS = ("nightly", "backfill", "on_demand", "export", "survey")
 RUN_STATUSES = ("running", "success", "failed")
 _MIGRATION_NAME = re.compile(r"^(\d{4})_([a-z0-9_]+)\.sql$")
 # Serializes concurrent `db upgrade`s (two Airflow workers starting at once); any constant works.

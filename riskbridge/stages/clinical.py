@@ -83,8 +83,9 @@ class ClinicalResult:
         return tuple(n.resource_id for n in self.notes if n.code == "used" and n.resource_type == "DocumentReference")
 
 
-def _measurement(observation: Mapping[str, Any], loinc: str, unit: str, table: UnitTable) -> Measurement:
-    """The Observation with its value in ``unit`` (the feature's), or None and the units module's reason."""
+def measurement_of(observation: Mapping[str, Any], loinc: str, unit: str, table: UnitTable) -> Measurement:
+    """The Observation with its value in ``unit`` (the feature's), or None and the units module's reason (also what
+    ``riskbridge survey`` counts, so a survey and a night decide alike)."""
     normalized = table.normalize(observation)
     if isinstance(normalized, Exclusion):
         return Measurement(observation, None, str(normalized.reason))
@@ -111,7 +112,9 @@ def _sex_male(gender: str | None) -> float | None:
     return {"male": 1.0, "female": 0.0}.get(gender or "")
 
 
-def _note_time(resource: Mapping[str, Any], zone: tzinfo | str) -> datetime | None:
+def note_time(resource: Mapping[str, Any], zone: tzinfo | str) -> datetime | None:
+    """The time a note is judged by (a DocumentReference's ``date``, a DiagnosticReport's effective time or issue
+    time) read in ``zone`` when it has no offset; None when it has none or it does not parse."""
     keys = ("date",) if resource.get("resourceType") == "DocumentReference" else ("effectiveDateTime", "issued")
     for key in keys:
         value = resource.get(key)
@@ -164,7 +167,7 @@ class ClinicalHarmonizer:
         for observation in observations:
             codes = [code for code in loinc_codes(observation) if code in lab.loinc]
             if codes:
-                measurements.append(_measurement(observation, codes[0], lab.unit, self.table))
+                measurements.append(measurement_of(observation, codes[0], lab.unit, self.table))
         return measurements
 
     def _by_patient(
@@ -185,7 +188,7 @@ class ClinicalHarmonizer:
         first = patient.index_time - self.spec.note_lookback
         for resource in resources:
             kind, ident = str(resource.get("resourceType")), str(resource.get("id", ""))
-            moment = _note_time(resource, self.zone)
+            moment = note_time(resource, self.zone)
             if str(resource.get("status", "")) in UNUSABLE_NOTE_STATUSES:
                 code = "status"
             elif moment is None:

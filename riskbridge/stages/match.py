@@ -13,9 +13,10 @@ the ledger.
 from __future__ import annotations
 
 from collections import Counter, defaultdict
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from datetime import datetime
+from typing import Any
 
 from riskbridge.connectors.fhir import FhirClient, FhirError
 from riskbridge.connectors.sampling import HeaderSampler
@@ -70,29 +71,29 @@ def pending(ledger: Ledger, run_id: int) -> list[StudyRef]:
             (run_id,),
         )
         rows = cursor.fetchall()
-    studies = []
-    for row in rows:
-        patient = PacsPatient(
-            patient_id=row["patient_id"],
-            issuer=row["patient_issuer"],
-            other_ids=tuple((str(pair[0]), pair[1]) for pair in row["patient_other_ids"]),
-            name=row["patient_name"] or "",
-            birth_date=row["patient_birth_date"],
-            sex=row["patient_sex"],
-        )
-        studies.append(
-            StudyRef(
-                study_uid=row["study_uid"],
-                accession=row["accession"],
-                patient=patient,
-                study_datetime=datetime.fromisoformat(row["study_datetime"]) if row["study_datetime"] else None,
-                timezone_offset=row["timezone_offset"],
-                modalities=tuple(row["modalities"]),
-                description=row["description"],
-                instance_count=row["instance_count"],
-            )
-        )
-    return studies
+    return [study_ref(row) for row in rows]
+
+
+def study_ref(row: Mapping[str, Any]) -> StudyRef:
+    """The :class:`StudyRef` of a ``studies`` row of the ledger, with its PACS patient."""
+    patient = PacsPatient(
+        patient_id=row["patient_id"],
+        issuer=row["patient_issuer"],
+        other_ids=tuple((str(pair[0]), pair[1]) for pair in row["patient_other_ids"]),
+        name=row["patient_name"] or "",
+        birth_date=row["patient_birth_date"],
+        sex=row["patient_sex"],
+    )
+    return StudyRef(
+        study_uid=row["study_uid"],
+        accession=row["accession"],
+        patient=patient,
+        study_datetime=datetime.fromisoformat(row["study_datetime"]) if row["study_datetime"] else None,
+        timezone_offset=row["timezone_offset"],
+        modalities=tuple(row["modalities"]),
+        description=row["description"],
+        instance_count=row["instance_count"],
+    )
 
 
 def record(

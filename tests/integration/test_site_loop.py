@@ -1,12 +1,12 @@
 """The site's own training loop on the sandbox, end to end: export -> train -> package -> shadow -> promote.
 
 A training cohort of the synthetic hospital (outcomes recorded in its FHIR server) is exported by its list of
-accession numbers (``riskbridge cohort export --accessions``), ``riskbridge train`` fits a package on the table
-(resnet image encoder: a site's table has no dense nodule masks), the package scores a held-out cohort in shadow
-next to the shipped reference model (nothing of it reaches FHIR), and ``riskbridge model promote`` makes it the
-active model. The AUROC of both models on the held-out patients is printed; at this size it says little (see
+accession numbers (``riskbridge cohort export --accessions``); ``riskbridge train`` fits a package on the table (its
+image encoder ``auto`` takes resnet: a site's table has no dense nodule masks); the package scores a held-out cohort
+in shadow next to the shipped reference model (nothing of it reaches FHIR); ``riskbridge model promote`` makes it
+the active model. The AUROC of both models on the held-out patients is printed; at this size it says little (see
 ``bench/site_loop.py`` for the loop at a size where it does). No PHI string of the training cohort appears in the
-table, its manifest or the logs.
+table, its manifest, the package's metrics or the logs.
 """
 
 from __future__ import annotations
@@ -80,10 +80,11 @@ def test_export_train_shadow_promote_on_the_sandbox(
     tag = uuid.uuid4().hex[:8]
     package = tmp_path / "site-model"
     with caplog.at_level(logging.INFO):
-        options = ["--image-encoder", "resnet", "--folds", "2", "--epochs", "1", "--fusion-epochs", "15"]
+        options = ["--folds", "2", "--epochs", "1", "--fusion-epochs", "15"]
         arguments = ["train", "--table", str(table), "--out", str(package), *options, "--version", f"0.2.0-{tag}"]
         trained = runner.invoke(cli.app, arguments, env=WIDE)
     assert trained.exit_code == 0, trained.output
+    assert "image encoder: resnet" in trained.output, "an export has no dense masks: auto takes resnet"
     info = read_package_info(package)
     assert info.feature_spec == "chest_ct@1" and info.metrics["training"]["rows"] == manifest["rows"]
     assert not info.metrics["training"]["synthetic"], "a site export is not the synthetic training table"

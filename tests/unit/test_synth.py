@@ -160,7 +160,8 @@ def test_a_lab_shift_moves_only_the_named_labs_and_names_another_cohort() -> Non
     for before, after in zip(plain.patients, shifted.patients, strict=True):
         assert after.lab_state["hemoglobin"] == before.lab_state["hemoglobin"]
         assert after.lab_state["creatinine"] == pytest.approx(min(12.0, 2.0 * before.lab_state["creatinine"]))
-    ratio = np.median([a.lab_state["crp"] / b.lab_state["crp"] for a, b in zip(shifted.patients, plain.patients)])
+    pairs = zip(shifted.patients, plain.patients, strict=True)
+    ratio = np.median([after.lab_state["crp"] / before.lab_state["crp"] for after, before in pairs])
     assert ratio == pytest.approx(3.0, rel=0.05)
     with pytest.raises(CohortError, match="not a lab"):
         build_cohort(SEED, 3, lab_shift={"ldl": 2.0})

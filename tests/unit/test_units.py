@@ -578,3 +578,105 @@ def test_planted_bad_values_are_excluded_with_reasons(
             assert result.reason is reason, (reason, result)
             assert result.observation_id == original["id"]
             assert result.loinc is not None and result.detail
+
+
+# --- site variants of the feature spec's analytes ------------------------------------------------------------------
+
+# Every LOINC variant the table carries for an analyte of the chest CT feature spec besides the spec's own codes:
+# (code, the spec feature it is a variant of, a typical value in a typical site unit, the value in the feature's unit).
+LACTIC_ACID = 90.08
+HEMOGLOBIN_HAEM = 16114.5
+SPEC_VARIANTS = [
+    # leukocytes: manual count and estimate, reported per uL or as x10^9/L
+    ("804-5", "wbc", 7.2, "x10^9/L", 7.2),
+    ("49498-9", "wbc", 6500, "/uL", 6.5),
+    # CRP: high-sensitivity in blood (mg/dL from some analyzers), capillary point of care
+    ("71426-1", "crp", 0.45, "mg/dL", 4.5),
+    ("48421-2", "crp", 12, "mg/L", 12.0),
+    # creatinine: blood and arterial (mass), blood, venous and any specimen (molar)
+    ("38483-4", "creatinine", 97, "umol/L", 97 * CREATININE / 1e4),
+    ("21232-4", "creatinine", 1.1, "mg/dL", 1.1),
+    ("59826-8", "creatinine", 88.4, "\u00b5mol/L", 88.4 * CREATININE / 1e4),
+    ("101475-2", "creatinine", 0.11, "mmol/L", 110 * CREATININE / 1e4),
+    ("77140-2", "creatinine", 1.0, "mg/dL", 1.0),
+    # glucose: point of care, capillary, arterial, venous, any specimen, fasting; mmol/L and mg/dL
+    ("41653-7", "glucose", 5.5, "mmol/L", 5.5 * GLUCOSE / 10),
+    ("14743-9", "glucose", 5.5, "mmol/L", 5.5 * GLUCOSE / 10),
+    ("32016-8", "glucose", 99, "mg/dL", 99.0),
+    ("51596-5", "glucose", 7.2, "mmol/l", 7.2 * GLUCOSE / 10),
+    ("2340-8", "glucose", 120, "mg/dl", 120.0),
+    ("2341-6", "glucose", 6.1, "mmol/L", 6.1 * GLUCOSE / 10),
+    ("72516-8", "glucose", 4.8, "mmol/L", 4.8 * GLUCOSE / 10),
+    ("41651-1", "glucose", 140, "mg/dL", 140.0),
+    ("39481-7", "glucose", 8.0, "mmol/L", 8.0 * GLUCOSE / 10),
+    ("41652-9", "glucose", 1.05, "g/L", 105.0),
+    ("39480-9", "glucose", 5.0, "mmol/L", 5.0 * GLUCOSE / 10),
+    ("74774-1", "glucose", 95, "mg/dL", 95.0),
+    ("77135-2", "glucose", 5.5, "mmol/L", 5.5 * GLUCOSE / 10),
+    ("1558-6", "glucose", 92, "mg/dL", 92.0),
+    ("14771-0", "glucose", 5.1, "mmol/L", 5.1 * GLUCOSE / 10),
+    # hemoglobin: blood gas and oximetry in g/L, molar (per haem) in mmol/L
+    ("20509-6", "hemoglobin", 13.2, "g/dL", 13.2),
+    ("55782-7", "hemoglobin", 128, "g/L", 12.8),
+    ("30313-1", "hemoglobin", 135, "g/L", 13.5),
+    ("30350-3", "hemoglobin", 12.9, "g/dL", 12.9),
+    ("30351-1", "hemoglobin", 11.8, "g/dL", 11.8),
+    ("30352-9", "hemoglobin", 14.1, "g/dL", 14.1),
+    ("59260-0", "hemoglobin", 8.4, "mmol/L", 8.4 * HEMOGLOBIN_HAEM / 1e4),
+    ("75928-2", "hemoglobin", 8.0, "mmol/L", 8.0 * HEMOGLOBIN_HAEM / 1e4),
+    ("93846-4", "hemoglobin", 7.6, "mmol/L", 7.6 * HEMOGLOBIN_HAEM / 1e4),
+    # lactate: blood gas specimens in mmol/L or mEq/L, mass codes in mg/dL
+    ("2518-9", "lactate", 1.4, "mmol/L", 1.4),
+    ("2519-7", "lactate", 2.2, "mEq/L", 2.2),
+    ("19240-1", "lactate", 1.8, "mmol/L", 1.8),
+    ("19239-3", "lactate", 18, "mg/dL", 18 * 10 / LACTIC_ACID),
+    ("14118-4", "lactate", 13.5, "mg/dL", 13.5 * 10 / LACTIC_ACID),
+    ("59032-3", "lactate", 2.0, "mmol/L", 2.0),
+    # sodium: blood gas and point-of-care analyzers, mEq/L (valence 1)
+    ("32717-1", "sodium", 138, "mmol/L", 138.0),
+    ("39791-9", "sodium", 141, "mEq/L", 141.0),
+    ("41657-8", "sodium", 137, "mmol/L", 137.0),
+    ("39792-7", "sodium", 139, "meq/L", 139.0),
+    ("77139-4", "sodium", 140, "mmol/L", 140.0),
+]
+
+
+@pytest.mark.parametrize(("loinc", "feature", "value", "unit", "expected"), SPEC_VARIANTS)
+def test_spec_analyte_variants_load_and_convert_to_the_features_unit(
+    loinc: str, feature: str, value: float, unit: str, expected: float
+) -> None:
+    from riskbridge.harmonize.features import load_default_feature_spec
+
+    table = default_table()
+    lab = next(lab for lab in load_default_feature_spec().labs if lab.name == feature)
+    entry = table.entry(loinc)
+    assert entry is not None and entry.display, loinc
+    assert loinc not in lab.loinc  # a variant: whether the spec reads it is a site decision
+    assert entry.analyte is table.codes[lab.loinc[0]].analyte  # the same analyte, so the same constants
+    result = normalize(observation(loinc, value, unit), table=table)
+    assert isinstance(result, NormalizedValue), result
+    assert result.unit == entry.unit
+    assert converted(result.value, result.unit, loinc, target=lab.unit).value == pytest.approx(expected, rel=1e-9)
+
+
+def test_spec_variants_cover_every_variant_in_the_table() -> None:
+    # A code added to the table for a spec analyte gets a row above (and thus a conversion check).
+    from riskbridge.harmonize.features import load_default_feature_spec
+
+    table = default_table()
+    spec = load_default_feature_spec()
+    analytes = {table.codes[code].analyte.name for lab in spec.labs for code in lab.loinc}
+    spec_codes = {code for lab in spec.labs for code in lab.loinc}
+    variants = {code for code, entry in table.codes.items() if entry.analyte.name in analytes} - spec_codes
+    already = {"26464-8", "30522-7", "14682-9", "2339-0", "14749-6", "15074-8", "2947-0"}  # before issue 14
+    assert variants - already == {row[0] for row in SPEC_VARIANTS}
+
+
+def test_a_variant_value_outside_the_plausible_range_is_excluded() -> None:
+    # 5.5 sent as mg/dL on a glucometer code reads as 5.5 mg/dL: below 10 mg/dL, a unit error, not a patient
+    assert excluded(normalize(observation("41653-7", 5.5, "mg/dL"))).reason is ExclusionReason.IMPLAUSIBLE
+    # a hemoglobin of 135 g/L labelled mmol/L on the molar code: above 15.5 mmol/L (25 g/dL)
+    assert isinstance(normalize(observation("59260-0", 135, "g/L")), NormalizedValue)
+    assert excluded(normalize(observation("59260-0", 135, "mmol/L"))).reason is ExclusionReason.IMPLAUSIBLE
+    # a lactate in mg/dL on a mass code is judged in mg/dL: 400 mg/dL is 44 mmol/L, above 40 mmol/L
+    assert excluded(normalize(observation("14118-4", 400, "mg/dL"))).reason is ExclusionReason.IMPLAUSIBLE
