@@ -255,3 +255,14 @@ def test_fetch_reads_every_laboratory_observation_and_the_notes_in_batched_searc
     for query in queries.values():
         assert ("date", f"ge{since.isoformat()}") in query
     assert fetch_survey_resources(client, [], None) == ({}, {})
+
+
+def test_the_sample_of_a_cohort_is_deterministic_and_not_in_id_order() -> None:
+    from riskbridge.survey import sample_patients
+
+    patients = [f"patient-{i:03d}" for i in range(50)]
+    chosen = sample_patients(patients, 10)
+    assert len(chosen) == 10 and set(chosen) <= set(patients)
+    assert sample_patients(list(reversed(patients)), 10) == chosen, "the same cohort, the same sample"
+    assert chosen != patients[:10], "a hash order, not the ids' order"
+    assert sample_patients(patients, 500) == sample_patients(patients, 50) and len(sample_patients(patients, 500)) == 50
