@@ -12,23 +12,27 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from datetime import date
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
+from airflow.sdk.exceptions import AirflowFailException
 from synthetic_site import phi_strings, synthetic_site_settings
 from typer.testing import CliRunner
 
 from riskbridge import cli
+from riskbridge.airflow import dagkit
 from riskbridge.dev.synth import generate, load, read_truth
+from riskbridge.dev.synth.cohort import SITE_TIMEZONE
 from riskbridge.dev.training_table import build_synthetic_table
 from riskbridge.harmonize import features
 from riskbridge.ledger import Ledger
 from riskbridge.model.data import load_table
 from riskbridge.model.preprocess import PreprocessConfig
 from riskbridge.model.train import TrainOptions, train_package
-from riskbridge.pipeline import Pipeline
+from riskbridge.pipeline import Pipeline, window_of_days
 from riskbridge.settings import DatabaseSettings, ExportSettings, MonitorSettings, RunSettings, Settings
 
 pytestmark = pytest.mark.integration
@@ -129,6 +133,16 @@ def test_monitor_finds_drift_in_a_shifted_cohort_and_none_in_an_unshifted_one(
     else:
         assert result.exit_code == 0, output
         assert "ALERT" not in output and "alert " not in output
+
+    # The weekly DAG's task over the same week: it fails without retries on the alerts, else returns the page.
+    monkeypatch.setattr(dagkit, "task_settings", lambda: settings)
+    start, end = window_of_days(date(2024, 1, 1), date(2024, 1, 15), SITE_TIMEZONE)
+    context = {"params": {"start": "", "end": "", "table": ""}, "data_interval_start": start, "data_interval_end": end}
+    if shifted:
+        with pytest.raises(AirflowFailException, match="value drift of creatinine"):
+            dagkit.run_monitor(context)
+    else:
+        assert Path(dagkit.run_monitor(context)).name == "monitor.html"
 
     text = page + caplog.text + output
     for record in read_truth(cohort):
