@@ -27,35 +27,22 @@ import uuid
 from datetime import date
 from pathlib import Path
 
-import psycopg2
-import psycopg2.extensions
-from pydantic import SecretStr
 from rich.console import Console
 from rich.table import Table
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _report import markdown_table, write_section
+from _site import synthetic_site
 
 from riskbridge.dev.sandbox import Sandbox
 from riskbridge.dev.synth import EdgeCaseRates, generate, load
-from riskbridge.dev.synth.cohort import MRN_SYSTEM, PACS_ISSUER, SITE_TIMEZONE
-from riskbridge.ledger import Ledger
+from riskbridge.dev.synth.cohort import SITE_TIMEZONE
 from riskbridge.pipeline import Pipeline, StageResult, window_of_days
-from riskbridge.settings import DatabaseSettings, IdentitySettings, Settings, SiteSettings, load_settings
+from riskbridge.settings import Settings, load_settings
 from riskbridge.stages import STAGE_NAMES
 
 console = Console(width=160)
 WINDOW = (date(2024, 1, 1), date(2024, 1, 14))  # the synthetic cohort's index days
-
-
-def _admin(settings: Settings, statement: str) -> None:
-    connection = psycopg2.connect(settings.database.dsn.get_secret_value())
-    connection.autocommit = True
-    try:
-        with connection.cursor() as cursor:
-            cursor.execute(statement)
-    finally:
-        connection.close()
 
 
 def run_once(settings: Settings, key: str, rescore: bool) -> tuple[float, dict[str, StageResult]]:
@@ -94,36 +81,22 @@ def main() -> None:
     clean = EdgeCaseRates(shared_mrn=0, no_fhir_patient=0, no_usable_series=0, pacs_missing_issuer=0)
     generate(cohort, patients=args.patients, seed=4242, rates=clean)
     load(cohort, f"http://127.0.0.1:{base.sandbox.orthanc_http_port}", base.fhir.base_url)
-    name = f"rb_bench_rerun_{uuid.uuid4().hex[:8]}"
-    _admin(base, f'CREATE DATABASE "{name}"')
-    dsn = psycopg2.extensions.make_dsn(base.database.dsn.get_secret_value(), dbname=name)
-    settings = base.model_copy(
-        update={
-            "database": DatabaseSettings(dsn=SecretStr(dsn)),
-            "site": SiteSettings(timezone=SITE_TIMEZONE),
-            "identity": IdentitySettings(issuer_systems={PACS_ISSUER: MRN_SYSTEM}, default_issuer=PACS_ISSUER),
-            "staging_dir": work / "staging",
-            "model_dir": work / "models",
-            "run": base.run.model_copy(update={"report_dir": work / "reports", "quarantine_alert_fraction": 1.0}),
-            "writeback": base.writeback.model_copy(
-                update={"identifier_system": f"urn:riskbridge:bench-rerun-{uuid.uuid4().hex[:8]}"}
-            ),
-        }
+    writeback = base.writeback.model_copy(
+        update={"identifier_system": f"urn:riskbridge:bench-rerun-{uuid.uuid4().hex[:8]}"}
     )
     try:
-        with Ledger.connect(settings.database) as ledger:
-            ledger.upgrade()
-        ways = []
-        for label, key, rescore in (
-            ("first run", "bench:first", False),
-            ("rerun", "bench:rerun", False),
-            ("rescore", "bench:rescore", True),
-        ):
-            if label != "rerun":
-                shutil.rmtree(settings.staging_dir, ignore_errors=True)
-            ways.append((label, *run_once(settings, key, rescore)))
+        with synthetic_site(base, work, "rb_bench_rerun") as site:
+            settings = site.model_copy(update={"writeback": writeback})
+            ways = []
+            for label, key, rescore in (
+                ("first run", "bench:first", False),
+                ("rerun", "bench:rerun", False),
+                ("rescore", "bench:rescore", True),
+            ):
+                if label != "rerun":
+                    shutil.rmtree(settings.staging_dir, ignore_errors=True)
+                ways.append((label, *run_once(settings, key, rescore)))
     finally:
-        _admin(base, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
         shutil.rmtree(work, ignore_errors=True)
 
     header = ["run", "total s", "vs first run", "discovered", "skipped as done", "retrieved", "clinical fetched",

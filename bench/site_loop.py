@@ -25,52 +25,33 @@ import shutil
 import sys
 import tempfile
 import time
-import uuid
 from pathlib import Path
 
 import numpy as np
-import psycopg2
-import psycopg2.extensions
-from pydantic import SecretStr
 from rich.console import Console
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _report import markdown_table, write_section
+from _site import synthetic_site
 
-from riskbridge.cohort import export_cohort
+from riskbridge.cohort import export_cohort, pseudonym
 from riskbridge.dev.sandbox import Sandbox
 from riskbridge.dev.synth import generate, load, read_truth
-from riskbridge.dev.synth.cohort import MRN_SYSTEM, PACS_ISSUER, SITE_TIMEZONE
 from riskbridge.dev.training_table import build_synthetic_table
 from riskbridge.harmonize.features import load_default_feature_spec
-from riskbridge.ledger import Ledger
 from riskbridge.model.data import TrainingTable, load_table
 from riskbridge.model.fitting import predict
 from riskbridge.model.metrics import Estimate, bootstrap_metrics
 from riskbridge.model.package import load_package
 from riskbridge.model.train import TrainOptions, train_package
 from riskbridge.settings import (
-    DatabaseSettings,
     ExportSettings,
-    IdentitySettings,
-    Settings,
-    SiteSettings,
     load_settings,
 )
 
 console = Console(width=160)
 TRAIN_SEED, HELD_OUT_SEED = 6060, 6161
 SECRET = "bench-site-loop-secret-0123456789"
-
-
-def _admin(settings: Settings, statement: str) -> None:
-    connection = psycopg2.connect(settings.database.dsn.get_secret_value())
-    connection.autocommit = True
-    try:
-        with connection.cursor() as cursor:
-            cursor.execute(statement)
-    finally:
-        connection.close()
 
 
 def evaluate(package: Path, table: TrainingTable) -> tuple[Estimate, int]:
@@ -80,6 +61,28 @@ def evaluate(package: Path, table: TrainingTable) -> tuple[Estimate, int]:
     probabilities = loaded.calibrator.probabilities(logits[scored])
     labels = table.labels[scored]
     return bootstrap_metrics(labels, probabilities, loaded.threshold)["auroc"], int(scored.sum())
+
+
+def agreement(site: TrainingTable, truth: TrainingTable, records: list[dict[str, object]]) -> list[str]:
+    """How the exported table compares with the truth table of the same patients: rows in both, labels equal,
+    tabular inputs equal, volumes' mean absolute difference (volumes scaled 0..1)."""
+    secret = SECRET.encode()
+    site_row = {key: i for i, key in enumerate(site.keys)}
+    pairs = []
+    for record in records:
+        identity, study = record["identity"], record["index_study"]
+        assert isinstance(identity, dict) and isinstance(study, dict)
+        if not identity.get("fhir_patient_id") or record["patient_key"] not in truth.keys:
+            continue
+        key = pseudonym(secret, str(identity["fhir_patient_id"]), str(study["study_uid"]))
+        if key in site_row:
+            pairs.append((site_row[key], truth.keys.index(str(record["patient_key"]))))
+    s_index, t_index = (np.array(column) for column in zip(*pairs, strict=True))
+    labels = int((site.labels[s_index] == truth.labels[t_index]).sum())
+    tabular = np.concatenate([site.labs[s_index] - truth.labs[t_index], site.notes[s_index] - truth.notes[t_index]], 1)
+    equal = int((np.abs(tabular) < 1e-4).all(axis=1).sum())
+    volume = float(np.abs(site.volumes[s_index].astype(np.float32) - truth.volumes[t_index].astype(np.float32)).mean())
+    return [str(len(pairs)), f"{labels} of {len(pairs)}", f"{equal} of {len(pairs)}", f"{volume:.4f}"]
 
 
 def main() -> None:
@@ -94,26 +97,14 @@ def main() -> None:
     Sandbox(base).up(only=["orthanc", "hapi-fhir", "postgres"])
     work = args.keep or Path(tempfile.mkdtemp(prefix="rb-bench-loop-"))
     spec = load_default_feature_spec()
-    name = f"rb_bench_loop_{uuid.uuid4().hex[:8]}"
-    _admin(base, f'CREATE DATABASE "{name}"')
-    dsn = psycopg2.extensions.make_dsn(base.database.dsn.get_secret_value(), dbname=name)
-    settings = base.model_copy(
-        update={
-            "database": DatabaseSettings(dsn=SecretStr(dsn)),
-            "site": SiteSettings(timezone=SITE_TIMEZONE),
-            "identity": IdentitySettings(issuer_systems={PACS_ISSUER: MRN_SYSTEM}, default_issuer=PACS_ISSUER),
-            "staging_dir": work / "staging",
-            "model_dir": work / "models",
-            "run": base.run.model_copy(update={"report_dir": work / "reports", "quarantine_alert_fraction": 1.0}),
-            "export": ExportSettings(pseudonym_secret=SECRET, bulk_max_poll_interval_s=2.0),
-        }
-    )
     seconds: dict[str, float] = {}
     tables: dict[str, TrainingTable] = {}
+    agreements: list[list[str]] = []
     truth_auroc: Estimate | None = None
-    try:
-        with Ledger.connect(settings.database) as ledger:
-            ledger.upgrade()
+    with synthetic_site(base, work, "rb_bench_loop") as site:
+        settings = site.model_copy(
+            update={"export": ExportSettings(pseudonym_secret=SECRET, bulk_max_poll_interval_s=2.0)}
+        )
         for role, seed, patients in (("train", TRAIN_SEED, args.train), ("held-out", HELD_OUT_SEED, args.held_out)):
             began = time.perf_counter()
             cohort = work / f"cohort-{role}"
@@ -131,14 +122,13 @@ def main() -> None:
             seconds[f"{role}: truth table"] = time.perf_counter() - began
             tables[f"site-{role}"] = load_table(work / f"site-{role}", spec)
             tables[f"truth-{role}"] = load_table(work / f"truth-{role}", spec)
+            agreements.append([role, *agreement(tables[f"site-{role}"], tables[f"truth-{role}"], truth)])
             if role == "held-out":
                 by_key = {r["patient_key"]: r for r in truth}
                 keys = tables["truth-held-out"].keys
                 labels = np.array([by_key[k]["outcome"]["label"] for k in keys])
                 probability = np.array([by_key[k]["outcome"]["probability"] for k in keys])
                 truth_auroc = bootstrap_metrics(labels, probability, 0.5)["auroc"]
-    finally:
-        _admin(base, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
     options = TrainOptions(image_encoder="resnet", threads=2)
     variants = [("site loop (exported table, resnet)", "site-train", options)]

@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from riskbridge.model.drift import Drift, Performance, alerts
+from riskbridge.model.plots import figure, figures_html, save_png, write_page
 
 STATUS_COLOURS = {
     "ok": "#2b8a3e",
@@ -42,25 +43,6 @@ figure { display: inline-block; margin: 0 1em 1em 0; vertical-align: top; }
 td.status { color: white; font-weight: 600; text-align: center; }
 ul.alerts li { color: #c92a2a; }
 """
-
-
-def _figure(width: float = 6.4, height: float = 3.6) -> Any:
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(width, height), dpi=100)
-    return fig, ax
-
-
-def _save(fig: Any, path: Path) -> str:
-    import matplotlib.pyplot as plt
-
-    fig.tight_layout()
-    fig.savefig(path, format="png")
-    plt.close(fig)
-    return path.name
 
 
 def _slug(name: str) -> str:
@@ -86,7 +68,7 @@ def _plot_histogram(name: str, values: tuple[np.ndarray, np.ndarray], path: Path
     if low == high:
         low, high = low - 0.5, high + 0.5
     bins = np.linspace(low, high, _HISTOGRAM_BINS + 1)
-    fig, ax = _figure(4.8, 3.2)
+    fig, ax = figure(4.8, 3.2)
     # densities, so a window of 200 and a training table of 5000 compare
     if reference.size:
         ax.hist(reference, bins=bins, density=True, color=_REFERENCE_COLOUR, alpha=0.6,
@@ -97,14 +79,14 @@ def _plot_histogram(name: str, values: tuple[np.ndarray, np.ndarray], path: Path
     ax.set_ylabel("density")
     ax.set_title(_plain(name))
     ax.legend(fontsize="x-small")
-    return _save(fig, path)
+    return save_png(fig, path)
 
 
 def _plot_missing(drifts: Sequence[Drift], out: Path) -> str | None:
     missing = [d for d in drifts if d.kind == "missing"]
     if not missing:
         return None
-    fig, ax = _figure(height=max(2.0, 0.4 * len(missing) + 1.2))
+    fig, ax = figure(height=max(2.0, 0.4 * len(missing) + 1.2))
     positions = np.arange(len(missing))[::-1]
     reference = [d.reference_missing_share or 0.0 for d in missing]
     current = [d.current_missing_share or 0.0 for d in missing]
@@ -116,13 +98,13 @@ def _plot_missing(drifts: Sequence[Drift], out: Path) -> str | None:
     ax.set_xlabel("missing share")
     ax.set_title("Missing share per feature")
     ax.legend(fontsize="x-small", loc="lower right")
-    return _save(fig, out / "missing_share.png")
+    return save_png(fig, out / "missing_share.png")
 
 
 def _plot_calibration(performance: Performance | None, out: Path) -> str | None:
     if performance is None or not performance.calibration:
         return None
-    fig, ax = _figure(4.8, 4.4)
+    fig, ax = figure(4.8, 4.4)
     points = performance.calibration
     ax.plot([0, 1], [0, 1], color="#868e96", linestyle="--", linewidth=1, label="perfect")
     ax.plot([b.mean_predicted for b in points], [b.observed_rate for b in points], marker="o",
@@ -137,7 +119,7 @@ def _plot_calibration(performance: Performance | None, out: Path) -> str | None:
     ece = "" if performance.ece is None else f"ECE {performance.ece:.3f}, "
     ax.set_title(f"Calibration ({ece}n={performance.n})")
     ax.legend(fontsize="small", loc="upper left")
-    return _save(fig, out / "calibration.png")
+    return save_png(fig, out / "calibration.png")
 
 
 def _number(value: float | None, spec: str = ".3f") -> str:
@@ -227,8 +209,10 @@ def write_monitor_page(
         else "<p>No alerts.</p>",
         "<h2>Drift</h2>",
         "<p>" + html.escape(", ".join(f"{n} {s.replace('_', ' ')}" for s, n in counts.items())) + ". Value drift "
-        "compares observed values only (imputed values left out); the status is decided by the population stability "
-        "index (PSI), the Kolmogorov-Smirnov test is shown alongside.</p>",
+        "compares observed values only (imputed values left out). An alert needs a large shift (the population "
+        "stability index, PSI, or a missing share's change past its threshold) that is also significant at this "
+        "window's size (Kolmogorov-Smirnov, Fisher's exact or chi-square test); a large shift that is not is a "
+        "warning.</p>",
         _drift_table(drifts) if drifts else "<p>No drift was computed.</p>",
         "<h2>Outcome performance</h2>",
         _performance_table(performance)
@@ -236,15 +220,6 @@ def write_monitor_page(
         else "<p>No outcomes have arrived for this window's scores.</p>",
         "<h2>Plots</h2>",
     ]
-    for caption, name in plots:
-        if name is not None:
-            parts.append(
-                f"<figure><img src='{html.escape(name)}' alt='{html.escape(caption)}'>"
-                f"<figcaption>{html.escape(caption)}</figcaption></figure>"
-            )
+    parts += figures_html(plots)
     parts.append("</body></html>")
-    page = out_dir / "monitor.html"
-    tmp = page.with_suffix(".html.tmp")
-    tmp.write_text("\n".join(parts), encoding="utf-8")
-    tmp.replace(page)
-    return page
+    return write_page(out_dir / "monitor.html", parts)

@@ -35,6 +35,7 @@ from riskbridge.harmonize.labels import LabelDecision, LabelSpec, label_patient,
 from riskbridge.ledger import Ledger
 from riskbridge.pipeline import Pipeline
 from riskbridge.settings import Settings
+from riskbridge.stages.clinical import feature_vector_of
 
 __all__ = [
     "ExportResult",
@@ -110,12 +111,7 @@ def export_studies(ledger: Ledger, run_id: int, spec_label: str) -> list[ExportS
             row["fhir_patient_id"],
             row["index_time"],
             Path(row["path"]),
-            FeatureVector(
-                row["spec"],
-                tuple(row["names"]),
-                tuple(float(v) for v in row["feature_values"]),
-                tuple(bool(v) for v in row["observed"]),
-            ),
+            feature_vector_of(row),
         )
         for row in rows
     ]

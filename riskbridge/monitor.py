@@ -37,6 +37,7 @@ from riskbridge.harmonize.labels import label_patient, load_label_spec
 from riskbridge.ledger import Ledger
 from riskbridge.pipeline import Pipeline
 from riskbridge.settings import MonitorSettings, Settings
+from riskbridge.stages.clinical import feature_vector_of
 
 __all__ = ["MonitorResult", "ScoredStudy", "monitor", "scored_studies", "thresholds_of"]
 
@@ -118,12 +119,7 @@ def scored_studies(ledger: Ledger, window: tuple[datetime, datetime], model_sha2
             row["fhir_patient_id"],
             row["index_time"],
             float(row["probability"]),
-            FeatureVector(
-                row["spec"],
-                tuple(row["names"]),
-                tuple(float(v) for v in row["feature_values"]),
-                tuple(bool(v) for v in row["observed"]),
-            ),
+            feature_vector_of(row),
         )
         for row in rows
     ]

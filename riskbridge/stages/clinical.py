@@ -274,17 +274,22 @@ class StoredVector:
     document_ids: tuple[str, ...]
 
 
+def feature_vector_of(row: Mapping[str, Any]) -> FeatureVector:
+    """The :class:`FeatureVector` of a ``features`` row (its spec, names, values and observed flags)."""
+    return FeatureVector(
+        row["spec"],
+        tuple(row["names"]),
+        tuple(float(v) for v in row["feature_values"]),
+        tuple(bool(v) for v in row["observed"]),
+    )
+
+
 def stored_vector(row: Mapping[str, Any]) -> StoredVector:
     """A ``features`` row (with any columns joined to it) as a :class:`StoredVector`."""
     return StoredVector(
         study_uid=row["study_uid"],
         fhir_patient_id=row["fhir_patient_id"],
-        vector=FeatureVector(
-            row["spec"],
-            tuple(row["names"]),
-            tuple(float(v) for v in row["feature_values"]),
-            tuple(bool(v) for v in row["observed"]),
-        ),
+        vector=feature_vector_of(row),
         observation_ids=tuple(row["observation_ids"]),
         document_ids=tuple(row["document_ids"]),
     )

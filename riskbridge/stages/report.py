@@ -27,6 +27,7 @@ from riskbridge.coverage import Interval, uncovered
 from riskbridge.errors import DataError
 from riskbridge.harmonize.features import NO_MODALITY, PATTERNS
 from riskbridge.ledger import Ledger, RunInfo
+from riskbridge.model.plots import figure, figures_html, save_png, write_page
 from riskbridge.stages import STAGE_NAMES, STAGES
 from riskbridge.stages.base import OUTCOMES, Cursor
 from riskbridge.stages.shadow import ShadowComparison, shadow_comparisons
@@ -323,25 +324,6 @@ def quarantine_alert(summary: RunSummary, max_fraction: float, min_studies: int)
     )
 
 
-def _figure(width: float = 6.4, height: float = 3.6) -> Any:
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(width, height), dpi=100)
-    return fig, ax
-
-
-def _save(fig: Any, path: Path) -> str:
-    import matplotlib.pyplot as plt
-
-    fig.tight_layout()
-    fig.savefig(path, format="png")
-    plt.close(fig)
-    return path.name
-
-
 def _in_stage_order(by_stage: Mapping[str, Any]) -> list[str]:
     """The stages of ``by_stage`` in pipeline order, then any others (older runs' names) by name."""
     return [s for s in STAGE_NAMES if s in by_stage] + sorted(set(by_stage) - set(STAGE_NAMES))
@@ -353,7 +335,7 @@ def _plot_stage_counts(summary: RunSummary, out: Path) -> str | None:
     )
     if not stages:
         return None
-    fig, ax = _figure()
+    fig, ax = figure()
     bottoms = [0] * len(stages)
     for outcome in OUTCOMES:
         heights = [int(summary.stage_counts[s].get(outcome, 0)) for s in stages]
@@ -364,25 +346,25 @@ def _plot_stage_counts(summary: RunSummary, out: Path) -> str | None:
     ax.set_title("Studies per stage")
     ax.tick_params(axis="x", rotation=30)
     ax.legend(fontsize="small")
-    return _save(fig, out / "stage_counts.png")
+    return save_png(fig, out / "stage_counts.png")
 
 
 def _plot_quarantine(summary: RunSummary, out: Path) -> str | None:
     reasons = sorted(((n, r) for r, n in summary.quarantine.items() if n), reverse=True)
     if not reasons:
         return None
-    fig, ax = _figure(height=max(2.0, 0.45 * len(reasons) + 1.2))
+    fig, ax = figure(height=max(2.0, 0.45 * len(reasons) + 1.2))
     ax.barh([r for _, r in reasons][::-1], [n for n, _ in reasons][::-1], color=_OUTCOME_COLOURS["quarantined"])
     ax.set_xlabel("studies")
     ax.set_title("Quarantine reasons")
-    return _save(fig, out / "quarantine.png")
+    return save_png(fig, out / "quarantine.png")
 
 
 def _plot_patterns(summary: RunSummary, out: Path) -> str | None:
     patterns = [p for p in summary.pattern_order() if summary.patterns[p].total]
     if not patterns:
         return None
-    fig, ax = _figure(height=max(2.0, 0.45 * len(patterns) + 1.4))
+    fig, ax = figure(height=max(2.0, 0.45 * len(patterns) + 1.4))
     lefts = [0] * len(patterns)
     for outcome in PATTERN_OUTCOMES:
         widths = [summary.patterns[p].count(outcome) for p in patterns]
@@ -395,7 +377,7 @@ def _plot_patterns(summary: RunSummary, out: Path) -> str | None:
     ax.set_xlabel("studies")
     ax.set_title("Studies per modality pattern")
     ax.legend(fontsize="small", loc="lower right")
-    return _save(fig, out / "patterns.png")
+    return save_png(fig, out / "patterns.png")
 
 
 def _pattern_rows(summary: RunSummary) -> list[list[Any]]:
@@ -415,7 +397,7 @@ def _pattern_rows(summary: RunSummary) -> list[list[Any]]:
 def _plot_risk(summary: RunSummary, out: Path) -> str | None:
     if not summary.scores:
         return None
-    fig, ax = _figure()
+    fig, ax = figure()
     bins = [i / 20 for i in range(21)]
     for level in ("low", "moderate", "high"):
         values = [p for _, p, q in summary.scores if q == level]
@@ -432,7 +414,7 @@ def _plot_risk(summary: RunSummary, out: Path) -> str | None:
     ax.set_ylabel("studies")
     ax.set_title("Risk distribution")
     ax.legend(fontsize="small")
-    return _save(fig, out / "risk_distribution.png")
+    return save_png(fig, out / "risk_distribution.png")
 
 
 def calibration_bins(
@@ -468,7 +450,7 @@ def _labelled(summary: RunSummary, labels: Mapping[str, int] | None) -> tuple[li
 def _plot_calibration(probabilities: list[float], labels: list[int], out: Path) -> str | None:
     if not probabilities:
         return None
-    fig, ax = _figure(4.8, 4.4)
+    fig, ax = figure(4.8, 4.4)
     points = calibration_bins(probabilities, labels)
     ax.plot([0, 1], [0, 1], color="#868e96", linestyle="--", linewidth=1, label="perfect")
     ax.plot([p for p, _, _ in points], [y for _, y, _ in points], marker="o", color="#1c7ed6", label="this run")
@@ -480,19 +462,19 @@ def _plot_calibration(probabilities: list[float], labels: list[int], out: Path) 
     ax.set_ylabel("observed rate")
     ax.set_title(f"Calibration (ECE {expected_calibration_error(probabilities, labels):.3f}, n={len(labels)})")
     ax.legend(fontsize="small", loc="upper left")
-    return _save(fig, out / "calibration.png")
+    return save_png(fig, out / "calibration.png")
 
 
 def _plot_attention(summary: RunSummary, out: Path) -> str | None:
     if not summary.attention:
         return None
-    fig, ax = _figure()
+    fig, ax = figure()
     data = [[float(a.get(m, 0.0)) for a in summary.attention] for m in MODALITIES]
     ax.boxplot(data, tick_labels=list(MODALITIES))
     ax.set_ylim(0, 1)
     ax.set_ylabel("attention weight")
     ax.set_title(f"Per-modality attention ({len(summary.attention)} scores)")
-    return _save(fig, out / "attention.png")
+    return save_png(fig, out / "attention.png")
 
 
 def _plot_timings(summary: RunSummary, out: Path) -> str | None:
@@ -501,14 +483,14 @@ def _plot_timings(summary: RunSummary, out: Path) -> str | None:
     )
     if not stages:
         return None
-    fig, ax = _figure()
+    fig, ax = figure()
     seconds = [float(summary.stage_seconds[s]) for s in stages]
     ax.barh(stages[::-1], seconds[::-1], color="#1c7ed6")
     for y, value in enumerate(seconds[::-1]):
         ax.annotate(f"{value:.1f} s", (value, y), textcoords="offset points", xytext=(3, -3), fontsize="x-small")
     ax.set_xlabel("seconds")
     ax.set_title("Stage timings")
-    return _save(fig, out / "stage_timings.png")
+    return save_png(fig, out / "stage_timings.png")
 
 
 def _shadow_row(comparison: ShadowComparison, labels: Mapping[str, int] | None) -> list[Any]:
@@ -525,7 +507,7 @@ def _plot_shadow(summary: RunSummary, out: Path) -> str | None:
     comparisons = [c for c in summary.shadow if c.pairs]
     if not comparisons:
         return None
-    fig, ax = _figure(4.8, 4.4)
+    fig, ax = figure(4.8, 4.4)
     ax.plot([0, 1], [0, 1], color="#868e96", linestyle="--", linewidth=1)
     for comparison in comparisons:
         ax.scatter([a for _, a, _ in comparison.pairs], [c for _, _, c in comparison.pairs], s=12,
@@ -536,7 +518,7 @@ def _plot_shadow(summary: RunSummary, out: Path) -> str | None:
     ax.set_ylabel("candidate probability")
     ax.set_title("Shadow scoring")
     ax.legend(fontsize="x-small", loc="upper left")
-    return _save(fig, out / "shadow.png")
+    return save_png(fig, out / "shadow.png")
 
 
 def _table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
@@ -649,15 +631,6 @@ def write_report(summary: RunSummary, out_dir: Path, labels: Mapping[str, int] |
         ece = expected_calibration_error(probabilities, observed)
         parts.append(f"<p>Calibration against {len(observed)} known outcomes: ECE {ece:.3f} (10 equal-width bins).</p>")
     parts.append("<h2>Plots</h2>")
-    for title, name in plots:
-        if name is not None:
-            parts.append(
-                f"<figure><img src='{html.escape(name)}' alt='{html.escape(title)}'>"
-                f"<figcaption>{html.escape(title)}</figcaption></figure>"
-            )
+    parts += figures_html(plots)
     parts.append("</body></html>")
-    page = out_dir / "index.html"
-    tmp = page.with_suffix(".html.tmp")
-    tmp.write_text("\n".join(parts), encoding="utf-8")
-    tmp.replace(page)
-    return page
+    return write_page(out_dir / "index.html", parts)
