@@ -294,7 +294,7 @@ class HttpTransport:
         *,
         what: str,
         params: Sequence[tuple[str, str]] | Mapping[str, str | int] | None = None,
-        data: bytes | Mapping[str, str] | None = None,
+        data: bytes | Mapping[str, str] | Callable[[], bytes | Mapping[str, str]] | None = None,
         headers: Mapping[str, str] | None = None,
         authorize: bool = True,
         idempotent: bool = True,
@@ -304,7 +304,8 @@ class HttpTransport:
 
         What is retried and how long is waited is the :class:`RetryPolicy`'s. A 401 renews a renewable
         authorizer's token once (not counted as an attempt). Raises ``error(what, exc, attempts)`` for a failure
-        below HTTP that is not retried or outlasts the attempts.
+        below HTTP that is not retried or outlasts the attempts. ``data`` may be a callable, called for the body of
+        each attempt (a body that must differ per attempt: a signed assertion with its own ``jti``).
         """
         policy = self.policy
         attempt = 0
@@ -320,7 +321,7 @@ class HttpTransport:
                     method,
                     url,
                     params=params,
-                    data=data,
+                    data=data() if callable(data) else data,
                     headers=request_headers,
                     timeout=self.timeout,
                     stream=stream,

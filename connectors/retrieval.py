@@ -5,6 +5,10 @@ never by the retrieve status alone (Orthanc answers many different failures with
 stops a whole C-MOVE when one sub-operation fails). A partial retrieval retries only the missing instances, a
 bounded number of times, then fails with an error naming the series (hashed) and the counts.
 
+Before a series is fetched, its staging directory is swept of a crashed attempt's temporary files, and the staging
+filesystem must have room for the instances still to come plus a reserve (``PacsSettings.staging_min_free_mb``):
+a series that would not fit fails ``staging_disk_full`` before any transfer, rather than mid-write.
+
 Several series are retrieved in parallel. Over C-MOVE and C-GET the workers are processes, not threads:
 pynetdicom is bound by Python CPU (about 250 images/s per association), so each worker has its own association
 and, for C-MOVE, its own storage SCP and AE title (``PacsSettings.scp_endpoints``). Over DICOMweb they are
@@ -34,6 +38,9 @@ LOG = logging.getLogger(__name__)
 
 DIMSE_TRANSPORTS = ("c-move", "c-get")
 
+# The quarantine reason of a series the staging filesystem has no room for (checked before any transfer).
+DISK_FULL = "staging_disk_full"
+
 
 class RetrievalError(PacsError):
     """A series could not be retrieved completely; ``code`` is the stable quarantine reason."""
@@ -58,6 +65,31 @@ def expected_instances(pacs: PacsSettings, study_uid: str, series_uid: str) -> s
     """Return the SOPInstanceUIDs the PACS lists for a series (IMAGE-level C-FIND)."""
     listed = query.find_instances(pacs, study_uid, series_uid, timeout_s=pacs.timeout_s)
     return {instance.sop_instance_uid for instance in listed if instance.sop_instance_uid}
+
+
+def check_free_space(pacs: PacsSettings, staging_root: Path, series_uid: str, instances: int) -> None:
+    """Raise :class:`RetrievalError` ``staging_disk_full`` when the staging filesystem has less free space than
+    ``instances`` more instances of a series are expected to take (``pacs.staging_instance_kb`` each: C-FIND tells
+    no sizes) plus the reserve ``pacs.staging_min_free_mb``.
+
+    Checked before each series is fetched, so a full disk quarantines the study with a clear reason instead of
+    failing writes mid-series (the storage SCP would answer success and then lose the file). Several workers check
+    at once, so the reserve is also what absorbs their concurrent series.
+    """
+    if instances <= 0:  # a series staged whole needs no room: refusing it would quarantine a scorable study
+        return
+    needed = instances * pacs.staging_instance_kb * 1024
+    reserve = pacs.staging_min_free_mb * 1024 * 1024
+    free = staging.free_bytes(staging_root)
+    if free >= needed + reserve:
+        return
+    mib = 1024 * 1024
+    raise RetrievalError(
+        f"series {uid_hash(series_uid)}: staging has {free // mib} MiB free; the {instances} instance(s) still to "
+        f"retrieve need about {-(-needed // mib)} MiB plus the {pacs.staging_min_free_mb} MiB reserve "
+        "(pacs.staging_min_free_mb): free space in staging_dir, then run again",
+        DISK_FULL,
+    )
 
 
 def resolve_transport(pacs: PacsSettings) -> str:
@@ -152,11 +184,22 @@ class Retriever:
         (NumberOfSeriesRelatedInstances, which selection's SERIES-level C-FIND already has), or None to list them
         here (IMAGE-level C-FIND). With a number the first attempt asks for the whole series and accepts any of its
         instances; the list is fetched only when fewer arrive, to ask for exactly the missing ones.
+
+        A complete series' directory is fsynced once before it is returned (each file was fsynced before its
+        rename), so what the ledger then records as staged survives a power loss.
         """
+        record = self._retrieve(study_uid, series_uid, expected)
+        staging.fsync_directory(record.path)
+        return record
+
+    def _retrieve(self, study_uid: str, series_uid: str, expected: set[str] | int | None) -> RetrievedSeries:
         started = time.perf_counter()
         tag = uid_hash(series_uid)
         attempts_used = 0
+        self._sweep(study_uid, series_uid)
         if isinstance(expected, int):
+            staged = len(staging.staged_instances(self.staging_root, study_uid, series_uid))
+            check_free_space(self.pacs, self.staging_root, series_uid, max(expected - staged, 0))
             counted = self._retrieve_counted(study_uid, series_uid, expected, started)
             if isinstance(counted, RetrievedSeries):
                 return counted
@@ -165,12 +208,13 @@ class Retriever:
             expected = expected_instances(self.pacs, study_uid, series_uid)
         if not expected:
             raise RetrievalError(f"series {tag}: the PACS lists no instances", "series_empty")
+        missing = expected - staging.staged_instances(self.staging_root, study_uid, series_uid)
+        check_free_space(self.pacs, self.staging_root, series_uid, len(missing))
         if self._web is not None:
             record = self._web.retrieve_series(study_uid, series_uid, self.staging_root, expected)
             record = replace(record, attempts=record.attempts + attempts_used, seconds=time.perf_counter() - started)
             return self._checked(record, "")
         directory = staging.series_dir(self.staging_root, study_uid, series_uid)
-        missing = expected - staging.staged_instances(self.staging_root, study_uid, series_uid)
         attempts = attempts_used
         status = "already staged" if not attempts_used else "the whole series came back short"
         while missing and attempts < self.pacs.max_attempts:
@@ -229,6 +273,14 @@ class Retriever:
                 self.sink.flush()
                 self.sink.forget(wanted)
         return wanted & staging.staged_instances(self.staging_root, study_uid, series_uid)
+
+    def _sweep(self, study_uid: str, series_uid: str) -> None:
+        """Remove what a crashed earlier attempt left half-written in the series' directory, and say how much."""
+        # Generous beside pacs.timeout_s: a younger temporary file may still be written by another process.
+        grace = max(staging.PARTIAL_GRACE_S, 4 * self.pacs.timeout_s)
+        removed = staging.sweep_partial(staging.series_dir(self.staging_root, study_uid, series_uid), grace)
+        if removed:
+            LOG.info("series %s: removed %d partial file(s) left by an earlier attempt", uid_hash(series_uid), removed)
 
     def _retrieve_counted(self, study_uid: str, series_uid: str, count: int, started: float) -> RetrievedSeries | int:
         """Stage the whole series, accepting instances by their series; return the record if ``count`` or more

@@ -90,6 +90,11 @@ class PacsSettings(_Section):
     # header_sample_limit series per study (docs/series-selection.md "Header sampling").
     header_sampling: Literal["off", "when-needed", "always"] = "when-needed"
     header_sample_limit: int = Field(8, ge=1, le=64)
+    # Free space the staging filesystem keeps beyond a series' expected size: a series that would eat into it is not
+    # retrieved, its study is quarantined staging_disk_full (docs/retrieval.md "Staging on disk").
+    staging_min_free_mb: int = Field(1024, ge=0)
+    # The expected size of one instance (C-FIND tells no sizes): a 512x512 16-bit CT slice with its header.
+    staging_instance_kb: int = Field(520, ge=1)
 
     _ae = field_validator("called_ae", "calling_ae", "scp_ae")(_check_ae_title)
 
@@ -184,6 +189,10 @@ class FhirSettings(_Section):
     search_method: Literal["get", "post"] = "get"
     # Batched searches run this many OR-list chunks at once (threads sharing the connection pool).
     search_workers: int = Field(1, ge=1, le=16)
+    # A search that still has a link[next] after this many pages fails (a server paging without end).
+    max_pages: int = Field(10000, ge=1)
+    # A note attachment (Binary or inline data) larger than this is not read: the note counts as unreadable.
+    max_attachment_bytes: int = Field(20 * 1024 * 1024, ge=1)
     pool_size: int = Field(8, ge=1, le=64)
     retry: FhirRetry = FhirRetry()
 

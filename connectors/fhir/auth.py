@@ -4,16 +4,21 @@
 asks for each request's ``Authorization`` header: none, basic or bearer as they are; ``oauth2`` (client secret,
 ``client_secret_basic``) and ``smart`` (a ``private_key_jwt`` client assertion signed with
 :func:`smart_client_assertion`, RS384 or ES384) fetch an access token from the token endpoint and cache it until
-shortly before it expires; the HTTP layer renews it once on a 401. Neither tokens nor secrets are ever logged or
-put in a message.
+shortly before it expires; the HTTP layer renews it once on a 401. Every attempt of a SMART token request (retries
+included) carries a freshly signed assertion with its own ``jti`` (the HTTP layer builds the form per attempt).
+:func:`check_credentials_transport` refuses credentials that would travel over plain ``http://`` to a host other
+than loopback. Neither tokens nor secrets are
+ever logged or put in a message.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import quote_plus, urlsplit
@@ -28,7 +33,8 @@ from riskbridge.connectors.http import (
     basic_authorization,
     bearer_authorization,
 )
-from riskbridge.settings import FhirAuth
+from riskbridge.errors import ConfigurationError
+from riskbridge.settings import FhirAuth, FhirSettings
 
 from .errors import FhirError, diagnostics
 
@@ -77,6 +83,47 @@ def smart_client_assertion(
     issued = int(now if now is not None else time.time())
     claims = {"iss": client_id, "sub": client_id, "aud": token_url, "exp": issued + lifetime_s, "jti": uuid.uuid4().hex}
     return jwt.encode(claims, private_key, algorithm=algorithm, headers={"kid": key_id, "typ": "JWT"})
+
+
+LOOPBACK_NAMES = frozenset({"localhost"})
+
+
+def is_loopback_host(host: str | None) -> bool:
+    """True for ``localhost`` and loopback addresses (127.0.0.0/8, ``::1``, IPv4-mapped 127.x), False otherwise."""
+    if not host:
+        return False
+    name = host.strip("[]").rstrip(".").lower()
+    if name in LOOPBACK_NAMES:
+        return True
+    try:
+        address = ipaddress.ip_address(name)
+    except ValueError:
+        return False
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return address.ipv4_mapped.is_loopback
+    return address.is_loopback
+
+
+def check_credentials_transport(fhir: FhirSettings) -> None:
+    """Raise ConfigurationError when credentials would travel over plain ``http://`` to a host that is not loopback.
+
+    With any ``fhir.auth`` other than ``none``, ``base_url`` (every request's Authorization header) and, for oauth2
+    and smart, ``token_url`` (the client secret or signed assertion) must be ``https://`` unless their host is
+    loopback (127.0.0.0/8, ``::1``, ``localhost``: the sandbox). Without credentials plain http stays allowed.
+    """
+    auth = fhir.auth
+    if auth.type == "none":
+        return
+    urls = [("fhir.base_url", fhir.base_url)]
+    if auth.type in ("oauth2", "smart") and auth.token_url is not None:
+        urls.append(("fhir.auth.token_url", auth.token_url))
+    for key, url in urls:
+        parts = urlsplit(url)
+        if parts.scheme.lower() == "http" and not is_loopback_host(parts.hostname):
+            raise ConfigurationError(
+                f"{key}: fhir.auth type {auth.type!r} would send credentials over plain http:// to {parts.hostname}; "
+                "use https:// (plain http with credentials is allowed only to loopback: 127.0.0.0/8, ::1, localhost)"
+            )
 
 
 def static_authorization(auth: FhirAuth) -> str | None:
@@ -130,24 +177,30 @@ class _TokenAuthorizer(Authorizer):
         with self._lock:
             self._token = None
 
-    def _request(self) -> tuple[dict[str, str], dict[str, str]]:
-        """The form and headers of a token request: a client assertion (SMART) or client_secret_basic."""
-        form = {"grant_type": "client_credentials"}
+    def _request(self) -> tuple[Callable[[], dict[str, str]], dict[str, str]]:
+        """The form (built anew for each attempt) and headers of a token request: a client assertion (SMART, signed
+        for every attempt, retries included, with its own ``jti`` and ``exp``: a token endpoint may refuse a
+        ``jti`` it has seen) or client_secret_basic."""
+        fixed = {"grant_type": "client_credentials"}
         headers = {"Accept": "application/json", "Content-Type": FORM_CONTENT_TYPE}
         if self._auth.scope:
-            form["scope"] = self._auth.scope
+            fixed["scope"] = self._auth.scope
         if self._private_key is not None:
-            assert self._auth.key_id is not None  # enforced by FhirAuth
-            form["client_assertion_type"] = CLIENT_ASSERTION_TYPE
-            form["client_assertion"] = smart_client_assertion(
-                self._client_id, self._token_url, self._private_key, self._auth.key_id, self._auth.algorithm
-            )
-        else:
-            assert self._auth.client_secret is not None  # enforced by FhirAuth
-            # client_secret_basic (RFC 6749 2.3.1): both parts form-encoded, then HTTP Basic.
-            secret = self._auth.client_secret.get_secret_value()
-            headers["Authorization"] = basic_authorization(quote_plus(self._client_id), quote_plus(secret))
-        return form, headers
+            key_id, private_key = self._auth.key_id, self._private_key
+            assert key_id is not None  # enforced by FhirAuth
+
+            def signed_form() -> dict[str, str]:
+                assertion = smart_client_assertion(
+                    self._client_id, self._token_url, private_key, key_id, self._auth.algorithm
+                )
+                return {**fixed, "client_assertion_type": CLIENT_ASSERTION_TYPE, "client_assertion": assertion}
+
+            return signed_form, headers
+        assert self._auth.client_secret is not None  # enforced by FhirAuth
+        # client_secret_basic (RFC 6749 2.3.1): both parts form-encoded, then HTTP Basic.
+        secret = self._auth.client_secret.get_secret_value()
+        headers["Authorization"] = basic_authorization(quote_plus(self._client_id), quote_plus(secret))
+        return lambda: dict(fixed), headers
 
     def _fetch(self) -> tuple[str, float]:
         """Ask the token endpoint for a token; return it and the clock reading at which to renew it."""

@@ -1,12 +1,13 @@
 """The FHIR R4 client: :class:`FhirClient`, the REST interactions riskbridge uses, over the one HTTP layer.
 
-Reads and searches (following ``link[next]`` to the end, restarting a search whose page expired, batched across
-patients with OR-lists and optionally run several at once), transaction bundles and conditional creates for
-write-back, and note text from DocumentReference / DiagnosticReport attachments. Requests go through
-:class:`riskbridge.connectors.http.HttpTransport` (pooled Session, retries with backoff that honour
-``Retry-After``, the authorizer of :mod:`.auth`); query building and paging are :mod:`.search`'s, bundles
-:mod:`.bundles`', note text :mod:`.notes`'. :func:`capability` is the one-shot ``/metadata`` check of
-``riskbridge doctor``.
+Reads and searches (following ``link[next]`` to the end within ``fhir.max_pages`` and never to a page already read,
+restarting a search whose page expired, batched across patients with OR-lists and optionally run several at once),
+transaction bundles and conditional creates for write-back, and note text from DocumentReference / DiagnosticReport
+attachments (Binaries type-checked before their body is read, and streamed up to ``fhir.max_attachment_bytes``). A
+client with credentials refuses a plain ``http://`` server that is not loopback. Requests go through
+:class:`riskbridge.connectors.http.HttpTransport` (pooled Session, retries with backoff that honour ``Retry-After``,
+the authorizer of :mod:`.auth`); query building and paging are :mod:`.search`'s, bundles :mod:`.bundles`', note text
+:mod:`.notes`'. :func:`capability` is the one-shot ``/metadata`` check of ``riskbridge doctor``.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import logging
 import random
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
@@ -34,11 +35,12 @@ from riskbridge.connectors.http import (
 )
 from riskbridge.settings import FhirSettings
 
-from .auth import authorizer_for, static_authorization
+from .auth import authorizer_for, check_credentials_transport, static_authorization
 from .bundles import EntryResult, entry_results, idempotent_entries, resource_json
-from .errors import FHIR_JSON, FhirError, checked, json_object
-from .notes import NoteText, media_type, note_texts
+from .errors import FHIR_JSON, AttachmentError, AttachmentTooLargeError, FhirError, checked, diagnostics, json_object
+from .notes import TEXT_MEDIA_TYPES, NoteText, generic_media_type, media_type, note_texts
 from .search import (
+    PageTrail,
     SearchParams,
     _PageExpired,
     check_fhir_id,
@@ -66,8 +68,10 @@ class ServerInfo:
 def session_for(fhir: FhirSettings) -> requests.Session:
     """Return a pooled Session with static authentication (none, basic, bearer) and FHIR JSON headers.
 
-    Token-based authentication (oauth2, smart) needs a token endpoint round trip: use :class:`FhirClient`.
+    Token-based authentication (oauth2, smart) needs a token endpoint round trip: use :class:`FhirClient`. Raises
+    ConfigurationError when credentials would go over plain ``http://`` to a host that is not loopback.
     """
+    check_credentials_transport(fhir)
     return new_session(
         pool_size=fhir.pool_size, headers={"Accept": FHIR_JSON}, authorization=static_authorization(fhir.auth)
     )
@@ -132,8 +136,10 @@ class FhirClient:
         """Build a client for ``settings``; ``sleep``, ``clock``, ``rng`` and ``session`` are replaceable for tests.
 
         A given ``session`` (e.g. with a site's TLS adapter) is used as it is; otherwise a pooled one is made.
-        Either way :meth:`close` closes it.
+        Either way :meth:`close` closes it. Raises ConfigurationError when ``settings.auth`` has credentials and
+        ``base_url`` (or the token URL) is plain ``http://`` to a host that is not loopback.
         """
+        check_credentials_transport(settings)
         self.settings = settings
         self.base_url = settings.base_url
         self.stats = ClientStats()
@@ -210,7 +216,7 @@ class FhirClient:
         *,
         what: str | None = None,
         params: Sequence[tuple[str, str]] | None = None,
-        data: bytes | Mapping[str, str] | None = None,
+        data: bytes | Mapping[str, str] | Callable[[], bytes | Mapping[str, str]] | None = None,
         headers: Mapping[str, str] | None = None,
         authorize: bool = True,
         idempotent: bool = True,
@@ -266,7 +272,8 @@ class FhirClient:
         with a form body; default ``settings.search_method``). Every request carries ``Cache-Control: no-cache`` so
         HAPI does not answer from a cached identical search. A page that answers 410 Gone (the server dropped the
         search) restarts the search from its first page; resources already yielded are skipped (by type and id).
-        Entries with search mode ``outcome`` are not yielded.
+        Entries with search mode ``outcome`` are not yielded. A ``link[next]`` back to a page already read (a cycle),
+        or one past ``settings.max_pages`` pages, raises FhirError naming the search, never its query.
         """
         pairs = [pair for pair in search_pairs(params) if pair[0] != "_count"]
         pairs.append(("_count", str(page_size or self.settings.page_size)))
@@ -296,7 +303,7 @@ class FhirClient:
             what = f"GET {resource_type}"
             url = f"{self.url_for(resource_type)}?{encode_query(pairs)}"
             response = self.send("GET", url, what=what, headers=headers)
-        page = 1
+        trail = PageTrail(f"{resource_type} search", self.settings.max_pages, None if use_post else url)
         while True:
             bundle = self._json(self._checked(response, what), what)
             self.stats.add("pages")
@@ -304,9 +311,10 @@ class FhirClient:
             next_url = next_link(bundle)
             if not next_url:
                 return
-            page += 1
+            target = self.url_for(next_url)
+            page = trail.follow(target)
             what = f"GET {resource_type} search page {page}"
-            response = self.send("GET", self.url_for(next_url), what=what, headers=headers)
+            response = self.send("GET", target, what=what, headers=headers)
             if response.status_code == 410:
                 response.close()
                 raise _PageExpired
@@ -411,31 +419,119 @@ class FhirClient:
 
     # -- notes -----------------------------------------------------------------------------------------------------
 
-    def read_binary(self, url: str) -> tuple[bytes, str | None]:
+    def read_binary(self, url: str, *, media_types: Collection[str] | None = None) -> tuple[bytes, str | None]:
         """Read a Binary (relative ``Binary/id`` or an absolute URL on the server): its bytes and contentType.
 
         Accepts both answers servers give: the Binary resource as FHIR JSON (``data`` in base64) or the raw
-        content with its own Content-Type.
+        content with its own Content-Type. The body is streamed and read only up to ``settings.max_attachment_bytes``
+        (the decoded content; the JSON form may be a third larger): beyond it, or when ``Content-Length`` already
+        says so, :class:`AttachmentTooLargeError`. With ``media_types`` (e.g. the text types) a content whose
+        served type is known and not one of them is not read: the answer is ``(b"", served type)``; a missing or
+        ``application/octet-stream`` type is read. A Binary that is gone (404, 410), a JSON answer
+        that cannot be read, or invalid base64 raise :class:`AttachmentError`; other failures FhirError.
         """
         target = self.url_for(url)
         what = self._describe("GET", target)
-        response = self._checked(
-            self.send("GET", target, what=what, headers={"Accept": f"{FHIR_JSON}, */*;q=0.5"}), what
-        )
-        served = response.headers.get("Content-Type")
-        if media_type(served) in (FHIR_JSON, "application/json"):
-            body = self._json(response, what)
-            if body.get("resourceType") == "Binary":
-                try:
-                    return base64.b64decode(body.get("data") or "", validate=True), body.get("contentType")
-                except (binascii.Error, ValueError):
-                    raise FhirError(f"{what}: Binary.data is not valid base64") from None
-        return response.content, served
+        limit = self.settings.max_attachment_bytes
+        response = self.send("GET", target, what=what, headers={"Accept": f"{FHIR_JSON}, */*;q=0.5"}, stream=True)
+        with response:
+            if response.status_code in _UNREADABLE_BINARY_STATUSES:
+                reason = diagnostics(response)
+                raise AttachmentError(f"{what}: {response.status_code} {reason}".rstrip(), response.status_code, reason)
+            self._checked(response, what)
+            served = response.headers.get("Content-Type")
+            if media_type(served) in (FHIR_JSON, "application/json"):
+                # base64 makes the JSON form about 4/3 of the content; leave room for the resource around it.
+                body = _read_capped(response, limit // 3 * 4 + _BINARY_JSON_OVERHEAD, what, limit)
+                binary = _json_body(body, what)
+                if binary.get("resourceType") != "Binary":
+                    if len(body) > limit:
+                        raise AttachmentTooLargeError(f"{what}: {_too_large(limit)}", response.status_code)
+                    return body, served
+                return _binary_content(binary, what, limit, media_types)
+            if media_types is not None and not _wanted(served, media_types):
+                log.debug("fhir: %s: a %s Binary, not read", what, media_type(served))
+                return b"", served
+            return _read_capped(response, limit, what, limit), served
 
     def note_texts(self, resource: Mapping[str, Any]) -> list[NoteText]:
         """The text of a DocumentReference's or DiagnosticReport's notes, decoded with their charset.
 
         See :func:`riskbridge.connectors.fhir.notes.note_texts`; attachments given by ``url`` are read with
-        :meth:`read_binary` (a Binary on this server).
+        :meth:`read_binary` (a Binary on this server), whose body is not read when the server serves a type other
+        than text. Attachments are capped at ``settings.max_attachment_bytes``: a larger one raises
+        :class:`AttachmentTooLargeError`, and one that cannot be read (bad base64, a Binary gone) another
+        :class:`AttachmentError`; the caller records that note as unreadable.
         """
-        return note_texts(resource, self.read_binary)
+
+        def read_text_binary(url: str) -> tuple[bytes, str | None]:
+            """A Binary read for a note: a body the server says is not text is not downloaded."""
+            return self.read_binary(url, media_types=TEXT_MEDIA_TYPES)
+
+        return note_texts(resource, read_text_binary, max_bytes=self.settings.max_attachment_bytes)
+
+
+# --- Binary reads --------------------------------------------------------------------------------------------------
+
+# A Binary answered with these is gone for this one note (not a failing server). A 401/403 stays a FhirError: it
+# usually means credentials or scopes that fail every read, which must not pass as unreadable notes.
+_UNREADABLE_BINARY_STATUSES = frozenset({404, 410})
+_BINARY_JSON_OVERHEAD = 64 * 1024
+_CHUNK_BYTES = 64 * 1024
+
+
+def _too_large(limit: int) -> str:
+    """The reason of an attachment over the cap."""
+    return f"attachment larger than fhir.max_attachment_bytes ({limit} bytes); not read"
+
+
+def _read_capped(response: requests.Response, cap: int, what: str, limit: int) -> bytes:
+    """A streamed body read to its end, or AttachmentTooLargeError as soon as it passes ``cap`` bytes (or its
+    ``Content-Length`` says it will); ``limit`` is the setting named in the message."""
+    declared = response.headers.get("Content-Length", "").strip()
+    if declared.isdigit() and int(declared) > cap:
+        raise AttachmentTooLargeError(f"{what}: {_too_large(limit)}", response.status_code)
+    chunks: list[bytes] = []
+    total = 0
+    for chunk in response.iter_content(_CHUNK_BYTES):
+        total += len(chunk)
+        if total > cap:
+            raise AttachmentTooLargeError(f"{what}: {_too_large(limit)}", response.status_code)
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _json_body(body: bytes, what: str) -> dict[str, Any]:
+    """The JSON object of a Binary answer; AttachmentError when it is not JSON or not an object."""
+    try:
+        parsed = json.loads(body)
+    except ValueError:
+        raise AttachmentError(f"{what}: the answer is not JSON", 200) from None
+    if not isinstance(parsed, dict):
+        raise AttachmentError(f"{what}: the answer is not a JSON object", 200)
+    return parsed
+
+
+def _wanted(content_type: str | None, media_types: Collection[str]) -> bool:
+    """True when a served type is one of ``media_types``, or says nothing (missing, ``application/octet-stream``)."""
+    return generic_media_type(content_type) or media_type(content_type) in media_types
+
+
+def _binary_content(
+    binary: Mapping[str, Any], what: str, limit: int, media_types: Collection[str] | None
+) -> tuple[bytes, str | None]:
+    """The decoded content of a Binary resource and its contentType: checked against ``media_types`` before it is
+    decoded, and against the cap."""
+    content_type = binary.get("contentType")
+    if media_types is not None and not _wanted(content_type, media_types):
+        log.debug("fhir: %s: a %s Binary, not decoded", what, media_type(content_type))
+        return b"", content_type
+    data = binary.get("data") or ""
+    if not isinstance(data, str):
+        raise AttachmentError(f"{what}: Binary.data is not valid base64")
+    if len(data.rstrip("=")) * 3 // 4 > limit:
+        raise AttachmentTooLargeError(f"{what}: {_too_large(limit)}", 200)
+    try:
+        return base64.b64decode(data, validate=True), content_type
+    except (binascii.Error, ValueError):
+        raise AttachmentError(f"{what}: Binary.data is not valid base64") from None

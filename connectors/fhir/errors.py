@@ -1,7 +1,9 @@
 """FHIR errors: :class:`FhirError` and the server's reason for refusing a request (its OperationOutcome).
 
 A message reads like ``GET /metadata: 503 HAPI-1234: ...``: the request, the HTTP status and the diagnostics, never
-a query string (it can hold an MRN), a token or a secret.
+a query string (it can hold an MRN), a token or a secret. :class:`AttachmentError` (and its
+:class:`AttachmentTooLargeError`) is the one note attachment that cannot be read: a caller records that note as
+unreadable and goes on with the others.
 """
 
 from __future__ import annotations
@@ -23,6 +25,15 @@ class FhirError(FhirServerError):
         super().__init__(message)
         self.status = status
         self.diagnostics = diagnostics
+
+
+class AttachmentError(FhirError):
+    """One note attachment cannot be read: its data is not valid base64, its Binary is gone (404, 410) or its answer
+    is not readable, or it is too large. The note is unreadable; other notes are not affected."""
+
+
+class AttachmentTooLargeError(AttachmentError):
+    """A note attachment is larger than ``fhir.max_attachment_bytes``; its body was not read past the cap."""
 
 
 def diagnostics(response: requests.Response) -> str:

@@ -3,8 +3,10 @@
 :func:`note_texts` reads every text attachment of a DocumentReference or DiagnosticReport (inline base64 ``data``,
 else a Binary at ``url`` read through the caller's ``read_binary``) and a DiagnosticReport's ``conclusion``;
 :func:`attachment_text` decodes one attachment's bytes with its charset (text/plain as it is, text/html with tags
-stripped by :func:`html_to_text`) and skips other media types (PDF, images). Logs name resource types, ids and
-media types only, never note text.
+stripped by :func:`html_to_text`) and skips other media types (PDF, images). An attachment whose declared
+``contentType`` is not text is skipped before anything is read, and one larger than the caller's cap (its declared
+``size``, or its inline data) raises :class:`AttachmentTooLargeError`. Logs name resource types, ids and media types
+only, never note text.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from dataclasses import dataclass
 from html.parser import HTMLParser
 from typing import Any
 
-from .errors import FhirError
+from .errors import AttachmentError, AttachmentTooLargeError
 
 log = logging.getLogger(__name__)
 
@@ -25,6 +27,14 @@ log = logging.getLogger(__name__)
 def media_type(content_type: str | None) -> str:
     """The media type of a Content-Type / attachment contentType, lower case, without parameters."""
     return (content_type or "").split(";", 1)[0].strip().lower()
+
+
+GENERIC_MEDIA_TYPES = frozenset({"", "application/octet-stream"})
+
+
+def generic_media_type(content_type: str | None) -> bool:
+    """True when a Content-Type says nothing about the content: missing, empty or ``application/octet-stream``."""
+    return media_type(content_type) in GENERIC_MEDIA_TYPES
 
 
 def content_type_charset(content_type: str | None) -> str | None:
@@ -116,13 +126,21 @@ class NoteText:
     origin: str  # "data" (inline base64), "url" (a Binary read), or "conclusion"
 
 
-def note_texts(resource: Mapping[str, Any], read_binary: Callable[[str], tuple[bytes, str | None]]) -> list[NoteText]:
+def note_texts(
+    resource: Mapping[str, Any],
+    read_binary: Callable[[str], tuple[bytes, str | None]],
+    max_bytes: int | None = None,
+) -> list[NoteText]:
     """The text of a DocumentReference's or DiagnosticReport's notes, decoded with their charset.
 
     DocumentReference: every ``content.attachment``; DiagnosticReport: every ``presentedForm`` and the
     ``conclusion``. An attachment is read from its inline ``data`` (base64), else from its ``url`` with
     ``read_binary`` (bytes and served contentType). text/plain is returned as it is, text/html with tags
-    stripped; other media types are skipped.
+    stripped; other media types are skipped: a declared ``contentType`` that is not text before anything is read or
+    decoded, and a served type that is not text (other than ``application/octet-stream``) even when the attachment
+    declared text. With ``max_bytes``, an attachment whose declared ``size`` or inline data is larger raises
+    :class:`AttachmentTooLargeError` (``read_binary`` applies its own cap to what it downloads); invalid base64
+    raises :class:`AttachmentError`.
     """
     resource_type = str(resource.get("resourceType", ""))
     resource_id = str(resource.get("id", ""))
@@ -132,27 +150,54 @@ def note_texts(resource: Mapping[str, Any], read_binary: Callable[[str], tuple[b
         attachments = list(resource.get("presentedForm") or [])
     else:
         raise ValueError(f"notes come from DocumentReference or DiagnosticReport, not {resource_type or '?'}")
+    where = f"{resource_type}/{resource_id}"
     texts: list[NoteText] = []
     for attachment in attachments:
         content_type = attachment.get("contentType")
+        if content_type and media_type(content_type) not in TEXT_MEDIA_TYPES:
+            log.debug("fhir: %s: skipped a %s attachment, unread", where, media_type(content_type))
+            continue
         if attachment.get("data") is not None:
-            try:
-                raw = base64.b64decode(attachment["data"], validate=True)
-            except (binascii.Error, ValueError):
-                raise FhirError(f"{resource_type}/{resource_id}: attachment data is not valid base64") from None
+            _check_size(attachment, where, max_bytes)
+            raw = _decoded(attachment["data"], where)
             origin = "data"
         elif attachment.get("url"):
+            _check_size(attachment, where, max_bytes)
             raw, served = read_binary(str(attachment["url"]))
+            if not generic_media_type(served) and media_type(served) not in TEXT_MEDIA_TYPES:
+                log.debug("fhir: %s: skipped an attachment served as %s", where, media_type(served))
+                continue
             content_type = content_type or served
             origin = "url"
         else:
             continue
         text = attachment_text(raw, content_type)
         if text is None:
-            log.debug("fhir: %s/%s: skipped a %s attachment", resource_type, resource_id, media_type(content_type))
+            log.debug("fhir: %s: skipped a %s attachment", where, media_type(content_type))
             continue
         texts.append(NoteText(resource_type, resource_id, text, content_type or "text/plain", origin))
     conclusion = resource.get("conclusion")
     if resource_type == "DiagnosticReport" and isinstance(conclusion, str) and conclusion.strip():
         texts.append(NoteText(resource_type, resource_id, conclusion, "text/plain", "conclusion"))
     return texts
+
+
+def _check_size(attachment: Mapping[str, Any], where: str, max_bytes: int | None) -> None:
+    """AttachmentTooLargeError when the attachment's declared ``size`` or its inline data exceeds ``max_bytes``."""
+    if max_bytes is None:
+        return
+    declared = attachment.get("size")
+    data = attachment.get("data")
+    inline = len(data.rstrip("=")) * 3 // 4 if isinstance(data, str) else 0  # base64: 4 characters per 3 bytes
+    if (isinstance(declared, int) and declared > max_bytes) or inline > max_bytes:
+        raise AttachmentTooLargeError(
+            f"{where}: attachment larger than fhir.max_attachment_bytes ({max_bytes} bytes); not read"
+        )
+
+
+def _decoded(data: Any, where: str) -> bytes:
+    """The bytes of an attachment's inline base64 ``data``; AttachmentError when it is not valid base64."""
+    try:
+        return base64.b64decode(data, validate=True)
+    except (binascii.Error, ValueError, TypeError):
+        raise AttachmentError(f"{where}: attachment data is not valid base64") from None

@@ -4,9 +4,10 @@ Pure functions build what :class:`~riskbridge.connectors.fhir.FhirClient` sends:
 :func:`encode_query` (``,`` ``/`` ``:`` left readable, ``|`` escaped), :func:`code_filter` and :func:`date_filter`
 for the usual parameters, and :func:`or_list_chunks` to split many patients into OR-lists whose URL fits a length
 limit. The paging logic lives here too: :func:`page_resources` yields a page's new resources (skipping ``outcome``
-entries and what was already yielded), :func:`restarting` runs a search again from its first page when a page
-expired (410 Gone), and :func:`in_chunk_order` runs several chunk searches at once in threads while yielding their
-resources in chunk order. The client supplies only the requests.
+entries and what was already yielded), :class:`PageTrail` stops a search whose ``link[next]`` leads back to a page
+already read (a cycle) or past ``fhir.max_pages``, :func:`restarting` runs a search again from its first page when a
+page expired (410 Gone), and :func:`in_chunk_order` runs several chunk searches at once in threads while yielding
+their resources in chunk order. The client supplies only the requests.
 """
 
 from __future__ import annotations
@@ -162,6 +163,40 @@ def page_resources(bundle: Mapping[str, Any], seen: set[str]) -> Iterator[dict[s
 def next_link(bundle: Mapping[str, Any]) -> str | None:
     """The URL of a searchset page's ``link[next]``, or None on the last page."""
     return next((link.get("url") for link in bundle.get("link") or [] if link.get("relation") == "next"), None)
+
+
+class PageTrail:
+    """The pages one pass over a search has read; checks each ``link[next]`` before it is followed.
+
+    A next link to a page already read (a server paging in a cycle) or one past ``max_pages`` pages raises
+    :class:`FhirError` instead of paging forever. Messages name the search (``Observation search``) and page
+    numbers, never a URL: page links carry the query (identifiers, names).
+    """
+
+    def __init__(self, search: str, max_pages: int, first_url: str | None = None) -> None:
+        """Start at page 1 of ``search`` (its name in messages); ``first_url`` is page 1's URL if it was a GET."""
+        self.search = search
+        self.max_pages = max_pages
+        self.page = 1
+        self._read: dict[str, int] = {first_url: 1} if first_url else {}
+
+    def follow(self, next_url: str) -> int:
+        """Record that ``next_url`` (absolute) is read next and return its page number; FhirError for a cycle or
+        for a page beyond ``max_pages``."""
+        earlier = self._read.get(next_url)
+        if earlier is not None:
+            raise FhirError(
+                f"{self.search}: link[next] of page {self.page} leads back to page {earlier}, already read "
+                "(the server pages in a cycle); search stopped"
+            )
+        if self.page >= self.max_pages:
+            raise FhirError(
+                f"{self.search}: more than fhir.max_pages = {self.max_pages} pages (page {self.page} still has a "
+                "link[next]); search stopped"
+            )
+        self.page += 1
+        self._read[next_url] = self.page
+        return self.page
 
 
 def restarting(

@@ -23,7 +23,7 @@ from typing import Any
 
 import psycopg2.extras
 
-from riskbridge.connectors.fhir import FhirClient, code_filter, date_filter, subject_patient_id
+from riskbridge.connectors.fhir import AttachmentError, FhirClient, code_filter, date_filter, subject_patient_id
 from riskbridge.harmonize import notes as note_flags
 from riskbridge.harmonize.features import (
     FeatureSpec,
@@ -55,7 +55,8 @@ class PatientIndex:
 
 @dataclass(frozen=True)
 class NoteDisposition:
-    """Why a note was read or left out (``used``, ``status``, ``outside_lookback``, ``no_time``, ``no_text``)."""
+    """Why a note was read or left out (``used``, ``status``, ``outside_lookback``, ``no_time``, ``no_text``, or
+    ``unreadable``: its attachment could not be read, the patient's other notes still count)."""
 
     resource_type: str
     resource_id: str
@@ -196,8 +197,13 @@ class ClinicalHarmonizer:
             elif not first <= moment <= patient.index_time:
                 code = "outside_lookback"
             else:
-                parts = [note.text for note in self.client.note_texts(resource)]
-                code = "used" if parts else "no_text"
+                try:
+                    parts = [note.text for note in self.client.note_texts(resource)]
+                except AttachmentError as exc:  # this note's attachment only; a failing server still fails the chunk
+                    LOG.warning("clinical: %s/%s: note unreadable (%s)", kind, ident, exc.status or type(exc).__name__)
+                    parts, code = [], "unreadable"
+                else:
+                    code = "used" if parts else "no_text"
                 if parts:
                     texts.append((f"{kind}/{ident}", "\n".join(parts)))
             dispositions.append(NoteDisposition(kind, ident, code))

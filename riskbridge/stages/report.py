@@ -279,6 +279,10 @@ LIKELY_CAUSES: dict[str, str] = {
         "MRN is only in OtherPatientIDsSequence and the PACS does not return it, keep [pacs] header_sampling on"
     ),
     "identity_conflict": "PACS identifiers name several FHIR Patients: check [identity] issuer_systems",
+    "staging_disk_full": (
+        "the staging filesystem is out of room: free space in staging_dir (or lower [pacs] staging_min_free_mb) "
+        "and run the window again"
+    ),
     "identity_needs_review": "demographics disagree with the matched Patient: check [identity] demographics",
     "missing_required": "required labs are missing: check the FHIR Observations' LOINC codes and [site] timezone",
     "too_much_missing": "most features are missing: check the FHIR Observations' LOINC codes and [site] timezone",

@@ -3,7 +3,8 @@
 The retrieval itself is :mod:`riskbridge.connectors.retrieval` (C-MOVE, C-GET or DICOMweb, several series at once,
 completeness by SOP Instance UID). The stage runs over chunks of chosen series: each complete series is recorded in
 ``retrievals`` with the index time read from one staged header (acquisition time with its offset); a series that
-fails or arrives short quarantines its study with the reason, and the next call tries it again. A chunk claims its
+fails, arrives short or would not fit on the staging filesystem (``staging_disk_full``, checked before any transfer)
+quarantines its study with the reason, and the next call tries it again. A chunk claims its
 series in the ledger while it retrieves them, so two overlapping runs never retrieve the same series at once (the
 second waits, then finds the series staged). Also here:
 :func:`select_and_retrieve`, the select-then-retrieve path of ``riskbridge imaging retrieve``.

@@ -33,7 +33,7 @@ from riskbridge.connectors.fhir.bulk import (
 from riskbridge.errors import FhirServerError
 from riskbridge.settings import FhirAuth, FhirRetry, FhirSettings
 
-BASE = "http://fhir.test/fhir"
+BASE = "https://fhir.test/fhir"  # https: credentials are refused over plain http to a remote host
 STATUS_URL = f"{BASE}/$export-poll-status?_jobId=5a53cfad-5615-4f56-87b6-af4bc7bf5515"
 PATIENTS = ["rb-cafe0123-p0001", "rb-cafe0123-p0002"]
 

@@ -23,6 +23,8 @@ from fhir_responses import ScriptedSession, make_response
 from pydantic import ValidationError
 
 from riskbridge.connectors.fhir import (
+    AttachmentError,
+    AttachmentTooLargeError,
     FhirClient,
     FhirError,
     attachment_text,
@@ -35,14 +37,17 @@ from riskbridge.connectors.fhir import (
     or_list_chunks,
     referenced_id,
     resource_json,
+    session_for,
     smart_client_assertion,
     subject_patient_id,
     transaction_entry,
 )
+from riskbridge.connectors.fhir.notes import note_texts
+from riskbridge.errors import ConfigurationError
 from riskbridge.settings import FhirAuth, FhirRetry, FhirSettings
 
-BASE = "http://fhir.test/fhir"
-TOKEN_URL = "http://auth.test/token"
+BASE = "https://fhir.test/fhir"  # https: credentials are refused over plain http to a remote host
+TOKEN_URL = "https://auth.test/token"
 SECRET = "client s3cr3t+/&value"  # characters RFC 6749 form-encodes in client_secret_basic
 
 
@@ -225,6 +230,95 @@ def test_next_link_to_another_host_is_refused() -> None:
         list(client.search("Observation"))
 
 
+def paged_handler(pages: dict[str, dict[str, Any]]):
+    """Answers each page request with the bundle whose key is in the URL (the first page otherwise)."""
+    served = itertools.count(1)
+
+    def handler(method, url, headers, data):
+        if next(served) > 50:
+            pytest.fail("the client kept paging")
+        return make_response(200, pages[next((k for k in pages if k in url), "first")])
+
+    return handler
+
+
+SEARCH_PHI = {"identifier": "urn:mrn|MRN-4711", "name": "Smith"}  # values no error message may show
+
+
+@pytest.mark.parametrize(
+    ("pages", "message"),
+    [
+        (  # page 3 links back to page 2
+            {
+                "first": bundle([observation(1)], f"{BASE}?_getpages=s&offset=1"),
+                "offset=1": bundle([observation(2)], f"{BASE}?_getpages=s&offset=2"),
+                "offset=2": bundle([observation(3)], f"{BASE}?_getpages=s&offset=1"),
+            },
+            "Observation search: link\\[next\\] of page 3 leads back to page 2, already read",
+        ),
+        (  # a page that names itself as next
+            {"first": bundle([observation(1)], f"{BASE}?_getpages=s&offset=1"), "offset=1": bundle([], "SELF")},
+            "Observation search: link\\[next\\] of page 2 leads back to page 2, already read",
+        ),
+    ],
+)
+def test_a_paging_cycle_raises_naming_the_search_not_its_query(pages: dict[str, Any], message: str) -> None:
+    for page in pages.values():
+        for link in page["link"]:
+            link["url"] = f"{BASE}?_getpages=s&offset=1" if link["url"] == "SELF" else link["url"]
+    client, session, _ = make_client(paged_handler(pages))
+    with pytest.raises(FhirError, match=message) as caught:
+        list(client.search("Observation", SEARCH_PHI))
+    assert "MRN-4711" not in str(caught.value) and "Smith" not in str(caught.value)
+    assert len(session.calls) == len(pages)  # no page is requested twice
+
+
+def test_a_next_link_back_to_the_first_get_page_is_a_cycle() -> None:
+    first: dict[str, str] = {}
+
+    def handler(method, url, headers, data):
+        if len(session.calls) > 50:
+            pytest.fail("the client kept paging")
+        first.setdefault("url", url)
+        return make_response(200, bundle([observation(len(first))], first["url"]))
+
+    client, session, _ = make_client(handler)
+    with pytest.raises(FhirError, match="of page 1 leads back to page 1"):
+        list(client.search("Observation", SEARCH_PHI))
+    assert len(session.calls) == 1
+
+
+def test_the_page_limit_stops_an_endless_search() -> None:
+    def endless(method, url, headers, data):
+        if len(session.calls) > 50:
+            pytest.fail("the client kept paging")
+        offset = int(url.rsplit("offset=", 1)[1]) if "offset=" in url else 0
+        return make_response(200, bundle([observation(offset)], f"{BASE}?_getpages=s&offset={offset + 1}"))
+
+    client, session, _ = make_client(endless, max_pages=3)
+    with pytest.raises(FhirError, match=r"Observation search: more than fhir\.max_pages = 3 pages") as caught:
+        list(client.search("Observation", SEARCH_PHI))
+    assert "MRN-4711" not in str(caught.value) and "Smith" not in str(caught.value)
+    assert len(session.calls) == 3 and client.stats.pages == 3
+
+    pages = {
+        "first": bundle([observation(1)], f"{BASE}?_getpages=s&offset=1"),
+        "offset=1": bundle([observation(2)], f"{BASE}?_getpages=s&offset=2"),
+        "offset=2": bundle([observation(3)]),
+    }
+    client, _, _ = make_client(paged_handler(pages), max_pages=3)  # exactly max_pages pages: fine
+    assert [r["id"] for r in client.search("Observation")] == ["o1", "o2", "o3"]
+
+
+def test_page_and_attachment_limits_are_settings() -> None:
+    fhir = FhirSettings()
+    assert fhir.max_pages == 10000 and fhir.max_attachment_bytes == 20 * 1024 * 1024
+    with pytest.raises(ValidationError):
+        FhirSettings(max_pages=0)
+    with pytest.raises(ValidationError):
+        FhirSettings(max_attachment_bytes=0)
+
+
 # --- retries -----------------------------------------------------------------------------------------------------
 
 
@@ -401,6 +495,137 @@ def test_binary_served_as_fhir_json_is_decoded() -> None:
     binary = {"resourceType": "Binary", "contentType": "text/plain", "data": base64.b64encode(b"Denies COPD.").decode()}
     client, _, _ = make_client(lambda *a: make_response(200, binary))
     assert client.read_binary(f"{BASE}/Binary/b2") == (b"Denies COPD.", "text/plain")
+
+
+class Trickle:
+    """A streamed body of ``size`` bytes that counts what was read of it (as urllib3's raw response would)."""
+
+    def __init__(self, size: int) -> None:
+        self.left = size
+        self.read_bytes = 0
+        self.closed = False
+
+    def read(self, amount: int = -1, *args: Any, **kwargs: Any) -> bytes:
+        amount = self.left if amount is None or amount < 0 else min(amount, self.left)
+        self.left -= amount
+        self.read_bytes += amount
+        return b"a" * amount
+
+    def close(self) -> None:
+        self.closed = True
+
+
+def streamed(size: int, content_type: str = "text/plain", length: bool = False) -> tuple[requests.Response, Trickle]:
+    """A 200 answer whose body of ``size`` bytes is read from the wire as the caller iterates it."""
+    response = requests.Response()
+    response.status_code = 200
+    headers = {"Content-Type": content_type, **({"Content-Length": str(size)} if length else {})}
+    response.headers = requests.structures.CaseInsensitiveDict(headers)
+    body = Trickle(size)
+    response.raw = body
+    return response, body
+
+
+def test_a_binary_over_the_cap_is_not_read_to_its_end() -> None:
+    response, body = streamed(5 * 1024 * 1024)
+    client, session, _ = make_client(lambda *a: response, max_attachment_bytes=1000)
+    with pytest.raises(AttachmentTooLargeError, match=r"larger than fhir\.max_attachment_bytes \(1000 bytes\)"):
+        client.read_binary("Binary/big")
+    assert body.read_bytes < 1000 + 64 * 1024 and body.closed
+    assert session.calls[0][1] == f"{BASE}/Binary/big"
+
+    response, body = streamed(5000, length=True)  # Content-Length says so: nothing is read
+    client, _, _ = make_client(lambda *a: response, max_attachment_bytes=1000)
+    with pytest.raises(AttachmentTooLargeError):
+        client.read_binary("Binary/big")
+    assert body.read_bytes == 0
+
+    response, body = streamed(1000)  # exactly the cap: read
+    client, _, _ = make_client(lambda *a: response, max_attachment_bytes=1000)
+    assert client.read_binary("Binary/ok") == (b"a" * 1000, "text/plain")
+
+
+def test_a_binary_resource_over_the_cap_is_refused() -> None:
+    binary = {"resourceType": "Binary", "contentType": "text/plain", "data": base64.b64encode(b"x" * 2000).decode()}
+    client, _, _ = make_client(lambda *a: make_response(200, binary), max_attachment_bytes=1500)
+    with pytest.raises(AttachmentTooLargeError):
+        client.read_binary("Binary/b3")
+    client, _, _ = make_client(lambda *a: make_response(200, binary), max_attachment_bytes=2000)
+    assert client.read_binary("Binary/b3") == (b"x" * 2000, "text/plain")
+
+
+def test_note_attachments_are_type_checked_before_their_body_is_read() -> None:
+    response, body = streamed(4096, content_type="application/pdf")
+    client, session, _ = make_client(lambda *a: response)
+    untyped = {"resourceType": "DocumentReference", "id": "d2", "content": [{"attachment": {"url": "Binary/pdf"}}]}
+    assert client.note_texts(untyped) == []
+    assert len(session.calls) == 1 and body.read_bytes == 0  # the server said PDF: the body stays unread
+
+    pdf = {"resourceType": "Binary", "contentType": "application/pdf", "data": "not base64 at all!"}
+    client, _, _ = make_client(lambda *a: make_response(200, pdf))
+    assert client.note_texts(untyped) == []  # a PDF Binary resource is not decoded
+
+    client, session, _ = make_client(lambda *a: pytest.fail("a PDF attachment must not be downloaded"))
+    typed = {
+        "resourceType": "DocumentReference",
+        "id": "d3",
+        "content": [
+            {"attachment": {"contentType": "application/pdf", "url": "Binary/pdf"}},
+            {"attachment": {"contentType": "application/pdf", "data": "not base64 either"}},
+        ],
+    }
+    assert client.note_texts(typed) == [] and session.calls == []
+
+    declared_text = {
+        "resourceType": "DocumentReference",
+        "id": "d6",
+        "content": [{"attachment": {"contentType": "text/plain", "url": "Binary/b6"}}],
+    }
+    served = {"type": "application/pdf"}
+
+    def reader(url: str) -> tuple[bytes, str | None]:
+        return b"No COPD.", served["type"]
+
+    assert note_texts(declared_text, reader) == []  # the server says PDF: not decoded as text
+    served["type"] = "application/octet-stream"  # says nothing: the declared type stands
+    assert [t.text for t in note_texts(declared_text, reader)] == ["No COPD."]
+
+
+def test_oversized_or_broken_note_attachments_raise_attachment_errors() -> None:
+    client, session, _ = make_client(lambda *a: pytest.fail("nothing to download"), max_attachment_bytes=100)
+    inline = {
+        "resourceType": "DocumentReference",
+        "id": "d4",
+        "content": [{"attachment": {"contentType": "text/plain", "data": base64.b64encode(b"x" * 101).decode()}}],
+    }
+    with pytest.raises(AttachmentTooLargeError, match="DocumentReference/d4: attachment larger"):
+        client.note_texts(inline)
+    declared = {
+        "resourceType": "DiagnosticReport",
+        "id": "r2",
+        "presentedForm": [{"contentType": "text/plain", "url": "Binary/b9", "size": 101}],
+    }
+    with pytest.raises(AttachmentTooLargeError):
+        client.note_texts(declared)
+    broken = {"resourceType": "DocumentReference", "id": "d5", "content": [{"attachment": {"data": "%%%"}}]}
+    with pytest.raises(AttachmentError, match="not valid base64"):
+        client.note_texts(broken)
+    assert session.calls == []
+
+    outcome = {"resourceType": "OperationOutcome", "issue": [{"diagnostics": "HAPI-2001: gone"}]}
+    client, _, _ = make_client(lambda *a: make_response(404, outcome))
+    with pytest.raises(AttachmentError, match="GET /Binary/b9: 404 HAPI-2001") as caught:
+        client.note_texts(declared)
+    assert caught.value.status == 404
+    client, _, _ = make_client(lambda *a: make_response(403, outcome))  # scopes or credentials: every read fails
+    with pytest.raises(FhirError, match="403") as refused:
+        client.note_texts(declared)
+    assert not isinstance(refused.value, AttachmentError)
+    # A server that keeps failing is not one unreadable note: the chunk fails and is retried later.
+    client, _, _ = make_client(lambda *a: make_response(503), retry=FhirRetry(max_attempts=2))
+    with pytest.raises(FhirError, match="503") as failed:
+        client.note_texts(declared)
+    assert not isinstance(failed.value, AttachmentError)
 
 
 # --- authentication ----------------------------------------------------------------------------------------------
@@ -601,3 +826,90 @@ def test_auth_settings_check_the_key_file_and_token_url(tmp_path: Path) -> None:
     with pytest.raises(ValidationError):
         FhirAuth(algorithm="HS256")
     assert SECRET not in repr(oauth2_auth())
+
+
+@pytest.mark.parametrize("failure", ["503", "connection reset"])
+def test_every_token_attempt_signs_a_fresh_assertion(tmp_path: Path, failure: str) -> None:
+    key_file, public_key = write_key(tmp_path, "RS384")
+    sent: list[str] = []
+
+    def handler(method, url, headers, data):
+        if url != TOKEN_URL:
+            return make_response(200, {"resourceType": "Patient", "id": "a"})
+        body = requests.Request("POST", url, data=data).prepare().body  # the form as requests puts it on the wire
+        assert isinstance(body, str)
+        sent.append(parse_qs(body)["client_assertion"][0])
+        if len(sent) == 1:
+            if failure == "503":
+                return make_response(503)
+            raise requests.ConnectionError("reset")
+        return make_response(200, {"access_token": "t1", "token_type": "Bearer", "expires_in": 300})
+
+    auth = FhirAuth(
+        type="smart",
+        token_url=TOKEN_URL,
+        client_id="rb-client",
+        private_key_file=key_file,
+        key_id="key-1",
+        scope="system/Observation.rs",
+    )
+    client, _, sleeps = make_client(handler, auth=auth)
+    client.read("Patient", "a")
+    assert len(sent) == 2 and len(sleeps) == 1
+    first, second = (jwt.decode(a, public_key, algorithms=["RS384"], audience=TOKEN_URL) for a in sent)
+    assert first["jti"] != second["jti"]
+
+
+def credentials(kind: str, key_file: Path, token_url: str = TOKEN_URL) -> FhirAuth:
+    """An auth section of ``kind`` with every value it needs."""
+    if kind == "basic":
+        return FhirAuth(type="basic", username="svc", password=SECRET)
+    if kind == "bearer":
+        return FhirAuth(type="bearer", token=SECRET)
+    if kind == "oauth2":
+        return FhirAuth(type="oauth2", token_url=token_url, client_id="c", client_secret=SECRET)
+    if kind == "smart":
+        return FhirAuth(
+            type="smart", token_url=token_url, client_id="c", private_key_file=key_file, key_id="k", scope="system/*.rs"
+        )
+    return FhirAuth()
+
+
+@pytest.mark.parametrize(
+    ("kind", "base_url", "token_url", "refused"),
+    [
+        ("basic", "http://127.0.0.1:18080/fhir", TOKEN_URL, None),  # the sandbox
+        ("bearer", "http://127.8.9.10/fhir", TOKEN_URL, None),
+        ("basic", "http://localhost:8080/fhir", TOKEN_URL, None),
+        ("bearer", "http://[::1]:8080/fhir", TOKEN_URL, None),
+        ("smart", "http://127.0.0.1:18080/fhir", "http://localhost:9000/token", None),
+        ("basic", "https://ehr.hospital.example/fhir", TOKEN_URL, None),
+        ("none", "http://ehr.hospital.example/fhir", TOKEN_URL, None),
+        ("basic", "http://ehr.hospital.example/fhir", TOKEN_URL, "fhir.base_url"),
+        ("bearer", "http://10.1.2.3/fhir", TOKEN_URL, "fhir.base_url"),
+        ("bearer", "http://127.0.0.1.evil.example/fhir", TOKEN_URL, "fhir.base_url"),
+        ("oauth2", "http://ehr.hospital.example/fhir", TOKEN_URL, "fhir.base_url"),
+        ("smart", "http://[2001:db8::1]/fhir", TOKEN_URL, "fhir.base_url"),
+        ("oauth2", "https://ehr.hospital.example/fhir", "http://auth.hospital.example/token", "fhir.auth.token_url"),
+        ("smart", "http://127.0.0.1:18080/fhir", "http://auth.hospital.example/token", "fhir.auth.token_url"),
+    ],
+)
+def test_credentials_are_never_configured_over_plain_http_to_a_remote_host(
+    tmp_path: Path, kind: str, base_url: str, token_url: str, refused: str | None
+) -> None:
+    key_file, _ = write_key(tmp_path, "RS384")
+    fhir = FhirSettings(base_url=base_url, auth=credentials(kind, key_file, token_url))
+    session = ScriptedSession(lambda *a: pytest.fail("nothing is sent while the client is built"))
+    if refused is None:
+        FhirClient(fhir, session=session).close()
+        if kind in ("none", "basic", "bearer"):
+            session_for(fhir).close()
+        return
+    with pytest.raises(
+        ConfigurationError, match=f"{refused}: fhir.auth type '{kind}' would send credentials"
+    ) as caught:
+        FhirClient(fhir, session=session)
+    assert "https://" in str(caught.value) and SECRET not in str(caught.value)
+    if kind in ("basic", "bearer"):
+        with pytest.raises(ConfigurationError):
+            session_for(fhir)

@@ -250,6 +250,8 @@ def _exception(module: str, name: str) -> type[BaseException]:
     ("module", "name", "branch", "also"),
     [
         ("fhir", "FhirError", FhirServerError, None),
+        ("fhir", "AttachmentError", FhirServerError, None),
+        ("fhir", "AttachmentTooLargeError", FhirServerError, None),
         ("dicom", "DicomError", PacsError, None),
         ("dicomweb", "DicomwebError", PacsError, None),
         ("multipart", "MultipartError", PacsError, ValueError),

@@ -4,10 +4,12 @@ example of docs/architecture.md, here with an in-memory module and a stand-in le
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import types
 from collections import Counter
 from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -120,3 +122,53 @@ def test_a_pinned_model_sha256_is_checked_before_anything_is_judged_or_scored() 
     wrong = StageContext(Settings(run=RunSettings(model_sha256="0" * 64)))
     with pytest.raises(ModelPackageError, match="is not the expected 000000000000"):
         wrong.package_info()
+
+
+class _RetrieveLedger:
+    """Stands in for the ledger of the retrieve stage: one chosen series pending; records every statement."""
+
+    def __init__(self, study_uid: str, series_uid: str) -> None:
+        self.statements: list[tuple[str, tuple[Any, ...]]] = []
+        self.pending = [{"study_uid": study_uid, "chosen_series_uid": series_uid, "expected_instances": 64}]
+
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[_RetrieveLedger]:
+        yield self
+
+    @contextlib.contextmanager
+    def claim_series(self, series_uids: Sequence[str]) -> Iterator[None]:
+        yield
+
+    def execute(self, sql: str, params: tuple[Any, ...]) -> None:
+        self.statements.append((" ".join(sql.split()), params))
+
+    def fetchall(self) -> list[dict[str, Any]]:
+        return self.pending
+
+
+def test_a_full_staging_disk_quarantines_the_study_staging_disk_full(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The staging filesystem's free space is faked (shutil.disk_usage): a real disk cannot be made full on demand in
+    a unit test. Nothing is fetched; the study is quarantined with the code and a detail that names no UID."""
+    import shutil
+
+    from riskbridge.connectors.retrieval import Retriever
+    from riskbridge.records import uid_hash
+    from riskbridge.settings import PacsSettings
+    from riskbridge.stages import retrieve
+
+    study_uid, series_uid = "1.2.826.0.1.3680043.8.498.7", "1.2.826.0.1.3680043.8.498.7.1"
+    usage = types.SimpleNamespace(total=2**40, used=2**40 - 2**29, free=2**29)  # 512 MiB free
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage)
+    monkeypatch.setattr(Retriever, "_fetch", lambda *a: pytest.fail("nothing is fetched when the disk is short"))
+    ledger = _RetrieveLedger(study_uid, series_uid)
+    settings = Settings(pacs=PacsSettings(transport="c-get", workers=1), staging_dir=tmp_path)
+    counted = retrieve.work(StageContext(settings, ledger), 7, None, None)  # type: ignore[arg-type]
+    assert counted == Counter(failed=1)
+    [quarantine] = [params for sql, params in ledger.statements if sql.startswith("INSERT INTO quarantine")]
+    assert quarantine[:4] == (7, study_uid, "retrieve", "staging_disk_full")
+    assert quarantine[4].startswith(f"series {uid_hash(series_uid)}: staging has 512 MiB free")
+    assert series_uid not in quarantine[4]
+    [failure] = [params for sql, params in ledger.statements if sql.startswith("INSERT INTO retrievals")]
+    assert failure[4] == "staging_disk_full"
