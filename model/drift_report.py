@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from riskbridge.model.drift import Drift, Performance, alerts
-from riskbridge.model.plots import figure, figures_html, save_png, write_page
+from riskbridge.model.plots import PAGE_STYLE, figure, figures_html, save_png, write_page
 
 STATUS_COLOURS = {
     "ok": "#2b8a3e",
@@ -33,16 +33,13 @@ _REFERENCE_COLOUR = "#868e96"
 _CURRENT_COLOUR = "#1c7ed6"
 _HISTOGRAM_BINS = 30
 
-_STYLE = """
-body { font-family: system-ui, sans-serif; margin: 2em; max-width: 70em; color: #212529; }
-table { border-collapse: collapse; margin: 0.5em 0 1.5em; }
-th, td { border: 1px solid #dee2e6; padding: 0.25em 0.7em; text-align: right; }
-th:first-child, td:first-child { text-align: left; }
-figure { display: inline-block; margin: 0 1em 1em 0; vertical-align: top; }
-.meta td, td.detail { text-align: left; }
+_STYLE = (
+    PAGE_STYLE
+    + """.meta td, td.detail { text-align: left; }
 td.status { color: white; font-weight: 600; text-align: center; }
 ul.alerts li { color: #c92a2a; }
 """
+)
 
 
 def _slug(name: str) -> str:

@@ -11,7 +11,16 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-__all__ = ["figure", "figures_html", "save_png", "write_page"]
+__all__ = ["PAGE_STYLE", "figure", "figures_html", "save_png", "write_page"]
+
+# The stylesheet the pages share (a page adds its own rules after it).
+PAGE_STYLE = """
+body { font-family: system-ui, sans-serif; margin: 2em; max-width: 70em; color: #212529; }
+table { border-collapse: collapse; margin: 0.5em 0 1.5em; }
+th, td { border: 1px solid #dee2e6; padding: 0.25em 0.7em; text-align: right; }
+th:first-child, td:first-child { text-align: left; }
+figure { display: inline-block; margin: 0 1em 1em 0; vertical-align: top; }
+"""
 
 
 def figure(width: float = 6.4, height: float = 3.6) -> Any:

@@ -27,7 +27,7 @@ from riskbridge.coverage import Interval, uncovered
 from riskbridge.errors import DataError
 from riskbridge.harmonize.features import NO_MODALITY, PATTERNS
 from riskbridge.ledger import Ledger, RunInfo
-from riskbridge.model.plots import figure, figures_html, save_png, write_page
+from riskbridge.model.plots import PAGE_STYLE, figure, figures_html, save_png, write_page
 from riskbridge.stages import STAGE_NAMES, STAGES
 from riskbridge.stages.base import OUTCOMES, Cursor
 from riskbridge.stages.shadow import ShadowComparison, shadow_comparisons
@@ -531,14 +531,7 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
-_STYLE = """
-body { font-family: system-ui, sans-serif; margin: 2em; max-width: 70em; color: #212529; }
-table { border-collapse: collapse; margin: 0.5em 0 1.5em; }
-th, td { border: 1px solid #dee2e6; padding: 0.25em 0.7em; text-align: right; }
-th:first-child, td:first-child { text-align: left; }
-figure { display: inline-block; margin: 0 1em 1em 0; vertical-align: top; }
-.meta td { text-align: left; }
-"""
+_STYLE = PAGE_STYLE + ".meta td { text-align: left; }\n"
 
 
 def write_report(summary: RunSummary, out_dir: Path, labels: Mapping[str, int] | None = None) -> Path:
