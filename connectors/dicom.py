@@ -6,6 +6,7 @@ status or association result means.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import socket
 import ssl
@@ -17,12 +18,14 @@ from typing import Any, Literal
 from pydicom.dataset import Dataset
 from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, _config, build_role, evt
 from pynetdicom.association import Association
+from pynetdicom.pdu import A_ABORT_RQ
 from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     StudyRootQueryRetrieveInformationModelFind,
     StudyRootQueryRetrieveInformationModelGet,
     StudyRootQueryRetrieveInformationModelMove,
     Verification,
 )
+from pynetdicom.transport import AddressInformation, AssociationSocket
 
 from riskbridge.errors import PacsError
 from riskbridge.settings import PacsSettings
@@ -73,28 +76,148 @@ def check_reachable(pacs: PacsSettings, timeout_s: float = 5.0) -> None:
         raise DicomError(f"{peer_name(pacs)}: cannot open a TCP connection: {reason}") from None
 
 
+@dataclass(frozen=True)
+class TransferLimits:
+    """How much one peer may make riskbridge hold: the largest PDU and the largest DIMSE message it receives."""
+
+    max_pdu_bytes: int
+    max_message_bytes: int
+
+    @classmethod
+    def from_settings(cls, pacs: PacsSettings) -> TransferLimits:
+        """The limits ``[pacs] max_pdu_kb`` and ``max_instance_mb`` set."""
+        return cls(max_pdu_bytes=pacs.max_pdu_kb * 1024, max_message_bytes=pacs.max_instance_mb * 1024 * 1024)
+
+
+DEFAULT_LIMITS = TransferLimits.from_settings(PacsSettings())
+"""The limits of the default settings, for AEs built without settings at hand."""
+
+_P_DATA_TF = 0x04
+# A-ASSOCIATE-RQ/AC/RJ, A-RELEASE and A-ABORT carry no data: 128 presentation contexts, each with every transfer
+# syntax, and a user identity token fit in a fraction of this.
+_CONTROL_PDU_LIMIT = 1024 * 1024
+
+
+class BoundedAssociationSocket(AssociationSocket):
+    """An association socket that aborts the association when the peer sends more than ``limits`` allow.
+
+    pynetdicom 3.0.4 reads every PDU whole at the length its header claims (up to 4 GiB), whatever maximum PDU length
+    was negotiated, and keeps a DIMSE message's fragments in memory until the last one. Here a P-DATA-TF PDU longer
+    than ``limits.max_pdu_bytes`` (the length we advertise), any other PDU longer than 1 MiB, and a message whose
+    fragments pass ``limits.max_message_bytes`` are refused before pynetdicom buffers them: the peer gets an A-ABORT,
+    the connection is closed, and the association ends as aborted. So one association holds at most one message of
+    ``max_message_bytes`` plus one PDU. Relies on the pinned release's DUL reading a PDU as ``recv(6)`` for its header,
+    then ``recv(length)`` for the rest.
+    """
+
+    def __init__(
+        self,
+        assoc: Association,
+        limits: TransferLimits,
+        client_socket: socket.socket | None = None,
+        address: AddressInformation | None = None,
+    ) -> None:
+        super().__init__(assoc, client_socket=client_socket, address=address)
+        self.limits = limits
+        self._read_ahead: bytearray | None = None
+        self._message_bytes = 0
+        self._refused = False
+
+    def recv(self, nr_bytes: int) -> bytearray:
+        """Read ``nr_bytes`` as pynetdicom asks; a PDU header is checked, and its body read and counted, first."""
+        if self._refused:
+            # pynetdicom's reactor may read once more before it handles the close: nothing after a refusal counts.
+            return bytearray()
+        if self._read_ahead is not None:
+            body, self._read_ahead = self._read_ahead, None
+            return body
+        header = super().recv(nr_bytes)
+        if nr_bytes != 6 or len(header) != 6:
+            return header
+        pdu_type, length = header[0], int.from_bytes(header[2:6], "big")
+        if pdu_type == _P_DATA_TF and length > self.limits.max_pdu_bytes:
+            limit = f"the {self.limits.max_pdu_bytes} bytes we advertised ([pacs] max_pdu_kb)"
+            return self._refuse(f"a P-DATA PDU of {length} bytes exceeds {limit}")
+        if pdu_type != _P_DATA_TF and length > _CONTROL_PDU_LIMIT:
+            return self._refuse(f"a PDU of type 0x{pdu_type:02X} claims {length} bytes (at most {_CONTROL_PDU_LIMIT})")
+        # The body is read with its header so that a message over the cap is refused before pynetdicom queues it.
+        body = super().recv(length)
+        if pdu_type == _P_DATA_TF and self._passes_message_cap(body):
+            cap_mb = self.limits.max_message_bytes // (1024 * 1024)
+            return self._refuse(f"a DIMSE message exceeds {cap_mb} MiB ([pacs] max_instance_mb)")
+        self._read_ahead = body
+        return header
+
+    def _passes_message_cap(self, body: bytearray) -> bool:
+        """Count the fragment bytes of the P-DATA-TF ``body``; True once the current message passes the cap."""
+        offset = 0
+        while offset + 6 <= len(body):
+            item_length = int.from_bytes(body[offset : offset + 4], "big")
+            control_header = body[offset + 5]
+            # The item holds the presentation context ID and the message control header, then the fragment.
+            self._message_bytes += max(item_length - 2, 0)
+            if self._message_bytes > self.limits.max_message_bytes:
+                return True
+            if control_header & 0x02:  # the last fragment of a command set or data set
+                self._message_bytes = 0
+            offset += 4 + item_length
+        return False
+
+    def _refuse(self, reason: str) -> bytearray:
+        """Send an A-ABORT, log why, and return an empty header: pynetdicom then ends the association as aborted."""
+        self._refused = True
+        LOG.warning("DICOM peer %s: association aborted: %s", self._peer(), reason)
+        abort = A_ABORT_RQ()
+        abort.source = 0x02  # service provider: the limit is ours, not a decision of the peer's DICOM application
+        abort.reason_diagnostic = 0x00
+        # Straight to the socket: AssociationSocket.send would queue a second "connection closed" event on failure.
+        if self.socket is not None:
+            with contextlib.suppress(OSError):  # the peer is gone already; the association ends all the same
+                self.socket.sendall(abort.encode())
+                self.socket.shutdown(socket.SHUT_RDWR)  # the peer learns now, not when pynetdicom gets to it
+        # Nothing of the refused PDU is read: pynetdicom sees a connection closed mid-header and closes it for good.
+        return bytearray()
+
+    def _peer(self) -> str:
+        """The peer as ``AE@address:port`` (what is known of it), for the log."""
+        remote = self.assoc.acceptor if self.assoc.is_requestor else self.assoc.requestor
+        title = str(remote.ae_title or "").strip() or "?"
+        info = remote.address_info
+        where = f"{info.address}:{info.port}" if info is not None else "?"
+        return f"{title}@{where}"
+
+
 class NoDelayAE(AE):
-    """A pynetdicom AE whose outgoing association sockets have TCP_NODELAY set.
+    """A pynetdicom AE whose outgoing associations have TCP_NODELAY set and read through the ``limits``.
 
     pynetdicom 3.0.4 offers no socket-option hook and leaves Nagle's algorithm on; with Nagle on both sides a
     C-FIND took 92 ms here instead of 3-6 ms. The override relies on ``AE._create_socket`` of the pinned release.
     """
 
-    def _create_socket(self, assoc: Association, address: Any, tls_args: Any) -> Any:
-        association_socket = super()._create_socket(assoc, address, tls_args)
+    limits: TransferLimits = DEFAULT_LIMITS
+
+    def _create_socket(
+        self, assoc: Association, address: AddressInformation, tls_args: tuple[ssl.SSLContext, str] | None
+    ) -> AssociationSocket:
+        association_socket = BoundedAssociationSocket(assoc, self.limits, address=address)
+        association_socket.tls_args = tls_args
         if association_socket.socket is not None:
             association_socket.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         return association_socket
 
 
-def new_ae(ae_title: str, timeout_s: float) -> NoDelayAE:
-    """Return an AE with riskbridge's timeouts and an unlimited receive PDU size (the sender sizes PDUs by it)."""
+def new_ae(ae_title: str, timeout_s: float, limits: TransferLimits = DEFAULT_LIMITS) -> NoDelayAE:
+    """Return an AE with riskbridge's timeouts that receives at most ``limits`` (PDU and message size).
+
+    It advertises ``limits.max_pdu_bytes`` as its maximum PDU length, the size the peer fragments messages by.
+    """
     ae = NoDelayAE(ae_title=ae_title)
     ae.acse_timeout = timeout_s
     ae.dimse_timeout = timeout_s
     ae.network_timeout = timeout_s
     ae.connection_timeout = timeout_s
-    ae.maximum_pdu_size = 0
+    ae.maximum_pdu_size = limits.max_pdu_bytes
+    ae.limits = limits
     return ae
 
 
@@ -118,7 +241,7 @@ def associate(
     ``pacs.max_attempts``) times; a permanent rejection (unknown AE title) is not.
     """
     if ae is None:
-        ae = new_ae(pacs.calling_ae, timeout_s)
+        ae = new_ae(pacs.calling_ae, timeout_s, TransferLimits.from_settings(pacs))
         for syntax in [abstract_syntax] if isinstance(abstract_syntax, str) else abstract_syntax:
             ae.add_requested_context(syntax)
     context = tls_context(pacs)
@@ -345,7 +468,8 @@ def get(
     operation = f"C-GET {pacs.calling_ae} -> {peer_name(pacs)}"
     if len(storage_classes) > 127:
         raise DicomError(f"{operation}: {len(storage_classes)} storage classes exceed one association's contexts")
-    ae = new_ae(pacs.calling_ae, timeout_s)
+    # The PACS's C-STOREs arrive on this association: the same PDU and instance size limits as the storage SCP's.
+    ae = new_ae(pacs.calling_ae, timeout_s, TransferLimits.from_settings(pacs))
     ae.add_requested_context(StudyRootQueryRetrieveInformationModelGet)
     for sop_class in storage_classes:
         ae.add_requested_context(sop_class, ALL_TRANSFER_SYNTAXES)

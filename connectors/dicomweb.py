@@ -6,14 +6,24 @@ The third transport next to C-MOVE and C-GET (``pacs.transport = "dicomweb"``, o
 transfer-syntax=*`` (the instances as the PACS stores them, no transcoding) and ``Accept-Encoding: identity``
 (Orthanc gzips single-instance answers otherwise, which made it 14-20x slower). Requests go through the one HTTP
 layer (:mod:`riskbridge.connectors.http`: a pooled Session; a GET whose connection failed before any answer is sent
-again, a body that breaks off mid-stream never). The response is streamed through the incremental
-multipart/related parser of :mod:`riskbridge.connectors.multipart` (:func:`iter_multipart`) and every part is
-written atomically to ``<staging>/<study>/<series>/<SOPInstanceUID>.dcm`` from the bytes as received
+again, a body that breaks off mid-stream never), with the same authentication as FHIR (``pacs.dicomweb.auth``:
+none, basic, bearer, oauth2, smart; refused over plain ``http://`` to a host that is not loopback), a site CA
+bundle and an optional client certificate (``pacs.dicomweb.tls``). The response is streamed through the
+incremental multipart/related parser of :mod:`riskbridge.connectors.multipart` (:func:`iter_multipart`) and every
+part is written atomically to ``<staging>/<study>/<series>/<SOPInstanceUID>.dcm`` from the bytes as received
 (:func:`stage_multipart`; the SOPInstanceUID comes from the part's file meta, never from decoding the dataset).
 
-A part is refused (:class:`RejectedPartError`, the whole request fails) when its file meta is missing or
-unreadable, its SOP class is not one the caller allows, or its Study/SeriesInstanceUID (checked when the
-elements before group 0020 can be walked in the part's first 64 KiB) is not the series asked for.
+Only parts verified as the instance they claim to be are staged (:mod:`.multipart`: Content-Type, file meta,
+transfer syntax, SOP class, and the SOP class, instance, study and series the dataset itself names). A part that
+fails this fails its request (:class:`DicomwebError`, not transient: asking again gets the same answer); a
+verified part naming an instance the series' QIDO-RS listing lacks (or, for a single-instance request, not that
+instance) is refused alone and the rest is staged. Every refusal is logged (hashed UIDs) and recorded in
+:attr:`DicomwebClient.refusals`.
+
+Answers are read within caps, each violation a :class:`DicomwebError`, never a silent truncation: a part over
+``max_part_bytes`` (``pacs.dicomweb.max_part_mb``), a QIDO-RS listing that still grows after ``max_pages`` pages, a
+JSON answer over :data:`MAX_JSON_BYTES`. Of an error answer at most ``max_error_body_bytes`` are read, for its
+reason.
 
 Completeness is decided by comparing the staged instances with QIDO-RS's list, never by the HTTP status: the
 whole-series answer of Orthanc is delimited by closing the connection, so a server that dies mid-stream looks
@@ -21,40 +31,48 @@ like a short body; the parser insists on the closing delimiter. :meth:`DicomwebC
 only what is missing, a bounded number of times.
 
 Every failure is a :class:`DicomwebError` naming the URL path with UIDs replaced by
-:func:`riskbridge.records.uid_hash`, the HTTP status and a short reason; nothing identifying is logged.
+:func:`riskbridge.records.uid_hash`, the HTTP status and a short reason; nothing identifying is logged, and never
+a query string, a token or a secret.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import requests
 
+from riskbridge.errors import ConfigurationError
 from riskbridge.records import RetrievedSeries, uid_hash
-from riskbridge.settings import PacsSettings
+from riskbridge.settings import FhirAuth, PacsSettings
 
 from . import staging
 from .dicom import DicomError
 from .http import (
     TRANSIENT_STATUSES,
-    Authorizer,
     CertificateFiles,
     HttpTransport,
     RetryPolicy,
+    authorizer_for,
     backoff_delay,
+    check_credentials_url,
     root_cause,
+    tls_files,
 )
 from .multipart import (
     CT_STORAGE_CLASSES,
     HEAD_BYTES,
     MultipartError,
     MultipartPart,
+    PartTooLargeError,
+    RefusedPart,
     RejectedPartError,
     StagedParts,
     boundary_from_content_type,
@@ -65,14 +83,20 @@ from .multipart import (
 __all__ = [
     "CHUNK_SIZE",
     "CT_STORAGE_CLASSES",
+    "DEFAULT_MAX_ERROR_BODY_BYTES",
+    "DEFAULT_MAX_PAGES",
+    "DEFAULT_MAX_PART_BYTES",
     "DICOM_JSON",
     "HEAD_BYTES",
+    "MAX_JSON_BYTES",
     "REQUEST_POLICY",
     "WADO_ACCEPT",
     "DicomwebClient",
     "DicomwebError",
     "MultipartError",
     "MultipartPart",
+    "PartTooLargeError",
+    "RefusedPart",
     "RejectedPartError",
     "StagedParts",
     "TransferCounters",
@@ -99,6 +123,13 @@ REQUEST_POLICY = RetryPolicy(
     not_processed_statuses=frozenset(),
 )
 MAX_SERIES_BACKOFF_S = 8.0
+MIB = 1024 * 1024
+# The defaults of pacs.dicomweb.max_part_mb, max_error_body_kb and max_pages (riskbridge.settings.DicomwebSettings).
+DEFAULT_MAX_PART_BYTES = 512 * MIB
+DEFAULT_MAX_ERROR_BODY_BYTES = 4 * 1024
+DEFAULT_MAX_PAGES = 100
+# A QIDO-RS page of 1000 matches with every attribute is a few MB; an answer past this is not one.
+MAX_JSON_BYTES = 64 * MIB
 
 _UID_TEXT = re.compile(r"\b\d+(?:\.\d+){3,}\b")  # free text: UIDs, not version numbers
 _UID_SEGMENT = re.compile(r"\d+(?:\.\d+)+")
@@ -138,27 +169,32 @@ def redact(text: str) -> str:
 
 @dataclass
 class TransferCounters:
-    """Running totals of one client: HTTP requests, their retries, instances staged, bytes staged, seconds spent."""
+    """Running totals of one client: HTTP requests, their retries, instances staged, bytes staged, seconds spent,
+    parts refused."""
 
     requests: int = 0
     retries: int = 0
     instances: int = 0
     bytes: int = 0
     seconds: float = 0.0
+    refused: int = 0
 
 
 class DicomwebClient:
     """QIDO-RS and WADO-RS against one DICOMweb base URL (e.g. ``http://pacs:8042/dicom-web``).
 
-    Pass ``session`` to use an authenticated :class:`requests.Session` (basic, bearer, mutual TLS); otherwise
-    the client makes its own pooled session (:func:`riskbridge.connectors.http.new_session`: ``verify`` is True,
-    a CA bundle file or False, ``client_cert`` a PEM certificate and key pair) and closes it in :meth:`close`.
-    ``authorization`` is an ``Authorization`` header value sent with every request. Requests are retried by
-    :data:`REQUEST_POLICY`. ``timeout_s`` bounds connecting and each wait for bytes (not a whole transfer).
-    ``allowed_sop_classes`` are the SOP classes a retrieved part may have (None: any). ``max_attempts`` bounds
-    :meth:`retrieve_series`' tries, waiting ``backoff_s`` (doubling, with jitter) between them. Missing instances
-    are fetched one request each only while they are at most ``single_fetch_limit`` and at most an eighth of the
-    series: on Orthanc 1.10 one single-instance request took about 3.5 ms, a whole series 0.4-0.7 ms per instance.
+    ``auth`` is an auth section like ``fhir.auth`` (none, basic, bearer, oauth2, smart; :func:`from_settings` takes
+    ``pacs.dicomweb.auth``): with credentials, ``base_url`` and a token URL must be https:// unless their host is
+    loopback, else ConfigurationError here. Pass ``session`` to use a :class:`requests.Session` as it is (a site's
+    TLS adapter); otherwise the client makes its own pooled session (:func:`riskbridge.connectors.http.new_session`:
+    ``verify`` is True or a CA bundle file, ``client_cert`` a PEM certificate and key pair) and closes it in
+    :meth:`close`. Requests are retried by :data:`REQUEST_POLICY`. ``timeout_s`` bounds connecting and each wait for
+    bytes (not a whole transfer). ``allowed_sop_classes`` are the SOP classes a retrieved part may have (None:
+    any). ``max_attempts`` bounds :meth:`retrieve_series`' tries, waiting ``backoff_s`` (doubling, with jitter)
+    between them. Missing instances are fetched one request each only while they are at most
+    ``single_fetch_limit`` and at most an eighth of the series: on Orthanc 1.10 one single-instance request took
+    about 3.5 ms, a whole series 0.4-0.7 ms per instance. ``max_part_bytes`` (None: no cap), ``max_pages`` and
+    ``max_error_body_bytes`` are the caps of the module docstring; ``qido_page_size`` is QIDO-RS's ``limit``.
     """
 
     def __init__(
@@ -173,15 +209,24 @@ class DicomwebClient:
         qido_page_size: int = 1000,
         backoff_s: float = 0.5,
         *,
-        authorization: str | None = None,
+        auth: FhirAuth | None = None,
         verify: bool | str | Path = True,
         client_cert: CertificateFiles | None = None,
+        max_part_bytes: int | None = DEFAULT_MAX_PART_BYTES,
+        max_pages: int = DEFAULT_MAX_PAGES,
+        max_error_body_bytes: int = DEFAULT_MAX_ERROR_BODY_BYTES,
     ) -> None:
-        """Check the base URL and set up the HTTP transport; nothing is sent yet."""
+        """Check the base URL and the credentials' transport, set up the HTTP transport; nothing is sent yet."""
         if not base_url.startswith(("http://", "https://")):
             raise DicomwebError("(base URL)", None, "the DICOMweb URL must start with http:// or https://")
+        if urlsplit(base_url).username is not None:
+            # requests would send them as Basic auth, past the check below, and they would show wherever the URL does.
+            raise ConfigurationError("pacs.dicomweb_url: credentials in the URL are refused; use pacs.dicomweb.auth")
+        auth = auth or FhirAuth()
+        check_credentials_url(auth, base_url, base_key="pacs.dicomweb_url", auth_key="pacs.dicomweb.auth")
         self.base_url = base_url.rstrip("/")
         self.timeout_s = timeout_s
+        self.auth_type = auth.type
         self._http = HttpTransport(
             REQUEST_POLICY,
             error=self._transport_error,
@@ -189,12 +234,18 @@ class DicomwebClient:
             session=session,
             pool_size=4,
             pool_connections=4,
-            authorizer=Authorizer(authorization),
             verify=verify,
             client_cert=client_cert,
             count=self._count,
             log=LOG,
             label="DICOMweb",
+        )
+        self._http.authorizer = authorizer_for(
+            auth,
+            self._http,
+            error=_token_errors(auth.token_url),
+            setting="pacs.dicomweb.auth",
+            key_error=ConfigurationError,
         )
         self.session = self._http.session
         self.allowed_sop_classes = frozenset(allowed_sop_classes) if allowed_sop_classes is not None else None
@@ -203,14 +254,37 @@ class DicomwebClient:
         self.chunk_size = chunk_size
         self.qido_page_size = qido_page_size
         self.backoff_s = backoff_s
+        self.max_part_bytes = max_part_bytes
+        self.max_pages = max(1, max_pages)
+        self.max_error_body_bytes = max_error_body_bytes
         self.counters = TransferCounters()
+        self.refusals: list[RefusedPart] = []
 
     @classmethod
     def from_settings(cls, pacs: PacsSettings, session: requests.Session | None = None) -> DicomwebClient:
-        """Build a client from the PACS settings (``dicomweb_url``, ``timeout_s``, ``max_attempts``)."""
+        """Build a client from the PACS settings (``dicomweb_url``, ``timeout_s``, ``max_attempts`` and the
+        ``dicomweb`` section: auth, TLS, caps, QIDO-RS page size)."""
         if not pacs.dicomweb_url:
             raise DicomwebError("(settings)", None, "pacs.dicomweb_url is not set")
-        return cls(pacs.dicomweb_url, timeout_s=pacs.timeout_s, session=session, max_attempts=pacs.max_attempts)
+        web = pacs.dicomweb
+        verify, client_cert = tls_files(web.tls)
+        return cls(
+            pacs.dicomweb_url,
+            timeout_s=pacs.timeout_s,
+            session=session,
+            max_attempts=pacs.max_attempts,
+            qido_page_size=web.qido_page_size,
+            auth=web.auth,
+            verify=verify,
+            client_cert=client_cert,
+            max_part_bytes=web.max_part_mb * MIB,
+            max_pages=web.max_pages,
+            max_error_body_bytes=web.max_error_body_kb * 1024,
+        )
+
+    def __repr__(self) -> str:
+        """Base URL and auth type only: never a credential."""
+        return f"DicomwebClient(base_url={self.base_url!r}, auth={self.auth_type!r})"  # no userinfo: refused
 
     def close(self) -> None:
         """Close the session if the client made it."""
@@ -247,31 +321,70 @@ class DicomwebClient:
             reason = f"request failed ({type(exc).__name__})"
         return DicomwebError(shown, None, reason, transient=True)
 
-    def _get(
-        self, path: str, shown: str, accept: str, params: dict[str, Any] | None = None, stream: bool = False
-    ) -> requests.Response:
-        """GET ``path`` through the HTTP layer; DicomwebError for no answer or an HTTP error status."""
+    def _get(self, path: str, shown: str, accept: str, params: dict[str, Any] | None = None) -> requests.Response:
+        """GET ``path`` through the HTTP layer, streamed (bodies are read within caps); DicomwebError for no answer
+        or an HTTP error status, whose body is read only up to ``max_error_body_bytes``."""
         headers = {"Accept": accept, "Accept-Encoding": "identity"}
         self.counters.requests += 1
-        response = self._http.send(
-            "GET", self.base_url + path, what=shown, params=params, headers=headers, stream=stream
-        )
+        response = self._http.send("GET", self.base_url + path, what=shown, params=params, headers=headers, stream=True)
         if response.status_code >= 400:
-            reason = _error_reason(response)
-            response.close()
+            with response:
+                reason = self._error_reason(response, shown)
             raise DicomwebError(
                 shown, response.status_code, reason, transient=response.status_code in TRANSIENT_STATUSES
             )
         return response
 
-    def _chunks(self, response: requests.Response, shown: str) -> Iterator[bytes]:
+    def _chunks(self, response: requests.Response, shown: str, chunk_size: int | None = None) -> Iterator[bytes]:
         """The body of a streamed answer; a connection lost mid-stream is a transient DicomwebError."""
         try:
-            yield from response.iter_content(chunk_size=self.chunk_size)
+            yield from response.iter_content(chunk_size=chunk_size or self.chunk_size)
         except requests.RequestException as exc:
             raise DicomwebError(
                 shown, response.status_code, f"connection lost mid-stream ({root_cause(exc)})", transient=True
             ) from None
+
+    def _read(self, response: requests.Response, shown: str, limit: int) -> bytes | None:
+        """The body of a streamed answer if it is at most ``limit`` bytes, else None (read no further than that)."""
+        declared = response.headers.get("Content-Length", "")
+        if declared.isdigit() and int(declared) > limit:
+            return None
+        data = bytearray()
+        for chunk in self._chunks(response, shown, min(limit + 1, 64 * 1024)):
+            data += chunk
+            if len(data) > limit:
+                return None
+        return bytes(data)
+
+    def _json(self, response: requests.Response, shown: str) -> Any:
+        """The JSON of an answer, read up to :data:`MAX_JSON_BYTES`; DicomwebError when it is larger or not JSON."""
+        data = self._read(response, shown, MAX_JSON_BYTES)
+        if data is None:
+            raise DicomwebError(shown, response.status_code, f"the answer is larger than {MAX_JSON_BYTES // MIB} MiB")
+        try:
+            return json.loads(data)
+        except ValueError:
+            raise DicomwebError(shown, response.status_code, "QIDO-RS answer is not JSON") from None
+
+    def _error_reason(self, response: requests.Response, shown: str) -> str:
+        """A short reason for an HTTP error answer: the reason phrase and, from an Orthanc JSON body of at most
+        ``max_error_body_bytes``, its message; a larger body is not read."""
+        reason = response.reason or "error"
+        try:
+            data = self._read(response, shown, self.max_error_body_bytes)
+        except DicomwebError:
+            data = None  # the error body broke off: the status says enough
+        body: Any = None
+        if data is None:
+            reason = f"{reason} (error body over {self.max_error_body_bytes} bytes, not read)"
+        else:
+            try:
+                body = json.loads(data)
+            except ValueError:
+                body = None
+        if isinstance(body, dict) and isinstance(body.get("Message"), str):
+            reason = f"{reason} ({body['Message'][:120]})"
+        return redact(reason)
 
     # QIDO-RS
     def supports_dicomweb(self) -> bool:
@@ -279,42 +392,41 @@ class DicomwebClient:
         path, shown = self._route("studies")
         try:
             response = self._get(path, shown, DICOM_JSON, params={"limit": 1})
+            with response:
+                if response.status_code == 204:
+                    return True
+                content_type = response.headers.get("Content-Type", "").split(";")[0].strip().lower()
+                if response.status_code != 200 or content_type not in (DICOM_JSON, "application/json"):
+                    LOG.info("DICOMweb probe: %s answered %d with %r", shown, response.status_code, content_type)
+                    return False
+                answer = self._json(response, shown)
         except DicomwebError as exc:
             LOG.info("DICOMweb probe: %s", exc)
             return False
-        with response:
-            if response.status_code == 204:
-                return True
-            content_type = response.headers.get("Content-Type", "").split(";")[0].strip().lower()
-            if response.status_code != 200 or content_type not in (DICOM_JSON, "application/json"):
-                LOG.info("DICOMweb probe: %s answered %d with %r", shown, response.status_code, content_type)
-                return False
-            try:
-                return isinstance(response.json(), list)
-            except ValueError:
-                LOG.info("DICOMweb probe: %s answered JSON that is not a list", shown)
-                return False
+        if not isinstance(answer, list):
+            LOG.info("DICOMweb probe: %s answered JSON that is not a list", shown)
+            return False
+        return True
 
     def series_instances(self, study_uid: str, series_uid: str) -> set[str]:
         """Return the SOPInstanceUIDs QIDO-RS lists for a series (empty when the series is unknown).
 
         Pages with ``limit``/``offset`` until a page is empty or adds nothing new, so a server that caps its
-        result size silently (or ignores paging) still gives the full list.
+        result size silently (or ignores paging) still gives the full list. A listing that still grows on page
+        ``max_pages`` + 1 raises :class:`DicomwebError` (a server paging without end), never a partial list.
         """
         _check_uids(StudyInstanceUID=study_uid, SeriesInstanceUID=series_uid)
         path, shown = self._route("studies", study_uid, "series", series_uid, "instances")
         found: set[str] = set()
         offset = 0
+        pages = 0
         while True:
             params = {"limit": self.qido_page_size, "offset": offset, "includefield": "00080018"}
             response = self._get(path, shown, DICOM_JSON, params=params)
             with response:
                 if response.status_code == 204:
                     return found
-                try:
-                    page = response.json()
-                except ValueError:
-                    raise DicomwebError(shown, response.status_code, "QIDO-RS answer is not JSON") from None
+                page = self._json(response, shown)
             if not isinstance(page, list):
                 raise DicomwebError(shown, response.status_code, "QIDO-RS answer is not a JSON array")
             before = len(found)
@@ -325,15 +437,30 @@ class DicomwebClient:
                 found.add(values[0])
             if not page or len(found) == before:
                 return found
+            pages += 1
+            if pages > self.max_pages:
+                raise DicomwebError(
+                    shown,
+                    response.status_code,
+                    f"the listing still grows after {self.max_pages} pages of {self.qido_page_size} "
+                    "(pacs.dicomweb.max_pages)",
+                )
             offset += len(page)
 
     # WADO-RS
     def _stage_response(
-        self, path: str, shown: str, study_uid: str, series_uid: str, staging_root: Path, only: set[str] | None
+        self,
+        path: str,
+        shown: str,
+        study_uid: str,
+        series_uid: str,
+        staging_root: Path,
+        only: Collection[str] | None,
     ) -> StagedParts:
-        """Stage the multipart answer of one WADO-RS GET; every failure becomes a DicomwebError."""
+        """Stage the multipart answer of one WADO-RS GET; every failure becomes a DicomwebError, every refused part
+        is recorded."""
         started = time.perf_counter()
-        response = self._get(path, shown, WADO_ACCEPT, stream=True)
+        response = self._get(path, shown, WADO_ACCEPT)
         with response:
             try:
                 boundary = boundary_from_content_type(response.headers.get("Content-Type", ""))
@@ -345,36 +472,54 @@ class DicomwebClient:
                     series_uid,
                     self.allowed_sop_classes,
                     only,
+                    self.max_part_bytes,
                 )
             except MultipartError as exc:
                 raise DicomwebError(
                     shown, response.status_code, f"bad multipart answer: {exc}", transient=True
                 ) from None
             except RejectedPartError as exc:
-                raise DicomwebError(shown, response.status_code, f"refused: {exc}") from None
+                self._refused(shown, exc.refusal)
+                cap = " (pacs.dicomweb.max_part_mb)" if isinstance(exc, PartTooLargeError) else ""
+                raise DicomwebError(shown, response.status_code, f"refused {exc}{cap}") from None
             except staging.StagingError as exc:
                 raise DicomwebError(shown, response.status_code, f"cannot stage: {exc}") from None
             except OSError as exc:
                 raise DicomwebError(shown, response.status_code, f"cannot write staging: {exc.strerror}") from None
+        for refusal in staged.refused:
+            self._refused(shown, refusal)
         self.counters.instances += len(staged.instances)
         self.counters.bytes += staged.bytes
         self.counters.seconds += time.perf_counter() - started
         return staged
 
+    def _refused(self, shown: str, refusal: RefusedPart) -> None:
+        """Record and log a part that was not staged (its instance hashed)."""
+        self.refusals.append(refusal)
+        self.counters.refused += 1
+        LOG.warning("DICOMweb %s: refused %s", shown, refusal)
+
     def retrieve_instances(
-        self, study_uid: str, series_uid: str, sop_instance_uids: Sequence[str] | None, staging_root: Path
+        self,
+        study_uid: str,
+        series_uid: str,
+        sop_instance_uids: Sequence[str] | None,
+        staging_root: Path,
+        listed: Collection[str] | None = None,
     ) -> StagedParts:
         """Stage a whole series (``sop_instance_uids`` None) or the listed instances, one request each.
 
-        Raises :class:`DicomwebError` on the first failure, except that an instance the server does not have
-        (404) is skipped: whether everything arrived is for the caller to check against the staging area.
+        ``listed`` is the series' QIDO-RS listing, when known: a part of the whole series naming an instance it
+        lacks is refused (recorded, not staged). A single-instance answer must be that instance. Raises
+        :class:`DicomwebError` on the first failure, except that an instance the server does not have (404) is
+        skipped: whether everything arrived is for the caller to check against the staging area.
         """
         _check_uids(StudyInstanceUID=study_uid, SeriesInstanceUID=series_uid)
         for sop in sop_instance_uids or ():
             _check_uids(SOPInstanceUID=sop)
         if sop_instance_uids is None:
             path, shown = self._route("studies", study_uid, "series", series_uid)
-            return self._stage_response(path, shown, study_uid, series_uid, staging_root, None)
+            return self._stage_response(path, shown, study_uid, series_uid, staging_root, listed)
         total = StagedParts()
         for sop in sop_instance_uids:
             path, shown = self._route("studies", study_uid, "series", series_uid, "instances", sop)
@@ -388,6 +533,7 @@ class DicomwebClient:
             total.instances.extend(staged.instances)
             total.bytes += staged.bytes
             total.verified += staged.verified
+            total.refused.extend(staged.refused)
         return total
 
     def retrieve_series(
@@ -397,9 +543,10 @@ class DicomwebClient:
 
         ``expected`` comes from QIDO-RS when not given. Instances already staged are not fetched again; the first
         attempt asks for the whole series, later ones (and a resumed series) only for the missing instances, or
-        for the whole series again when too many are missing (see the class docstring). Transient failures are
-        retried with backoff; others raise :class:`DicomwebError`. The result lists what is still missing: the
-        caller decides whether that fails the series. ``bytes`` and ``seconds`` are this call's.
+        for the whole series again when too many are missing (see the class docstring). A part naming an instance
+        ``expected`` lacks is refused (:attr:`refusals`). Transient failures are retried with backoff; others
+        raise :class:`DicomwebError`. The result lists what is still missing: the caller decides whether that
+        fails the series. ``bytes`` and ``seconds`` are this call's.
         """
         started = time.perf_counter()
         bytes_before = self.counters.bytes
@@ -417,7 +564,9 @@ class DicomwebClient:
             attempts += 1
             whole = missing == expected or len(missing) > max(1, min(self.single_fetch_limit, len(expected) // 8))
             try:
-                self.retrieve_instances(study_uid, series_uid, None if whole else sorted(missing), staging_root)
+                self.retrieve_instances(
+                    study_uid, series_uid, None if whole else sorted(missing), staging_root, listed=expected
+                )
             except DicomwebError as exc:
                 if not exc.transient:
                     raise
@@ -457,15 +606,11 @@ def _check_uids(**uids: str) -> None:
             raise DicomwebError("(arguments)", None, f"{name} is not a valid DICOM UID")
 
 
-def _error_reason(response: requests.Response) -> str:
-    """A short reason for an HTTP error answer: the reason phrase and, from an Orthanc JSON body, its message."""
-    reason = response.reason or "error"
-    body: Any = None
-    if len(response.content) <= 8192:
-        try:
-            body = response.json()
-        except ValueError:
-            body = None
-    if isinstance(body, dict) and isinstance(body.get("Message"), str):
-        reason = f"{reason} ({body['Message'][:120]})"
-    return redact(reason)
+def _token_errors(token_url: str | None) -> Callable[[str, int | None, str], DicomwebError]:
+    """The factory of the DicomwebError of a token endpoint that gave no usable token, naming it by host only."""
+    what = f"POST token endpoint {urlsplit(token_url or '').netloc.rpartition('@')[2]}"  # never a userinfo part
+
+    def error(message: str, status: int | None, reason: str) -> DicomwebError:
+        return DicomwebError(what, status, redact(reason))
+
+    return error

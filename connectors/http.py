@@ -6,6 +6,15 @@ verification against the system or a site CA bundle and an optional client certi
 header from an :class:`Authorizer` (renewed once on a 401 when it holds a token), and retries with backoff that
 honour ``Retry-After``.
 
+Authentication is shared too: :func:`authorizer_for` turns an auth section (``fhir.auth``, ``pacs.dicomweb.auth``: a
+:class:`~riskbridge.settings.FhirAuth`) into the :class:`Authorizer` of a transport: none, basic or bearer as they
+are; ``oauth2`` (client secret, ``client_secret_basic``) and ``smart`` (a ``private_key_jwt`` client assertion signed
+with :func:`smart_client_assertion`, RS384 or ES384, freshly for every attempt) fetch an access token from the token
+endpoint through the same transport and cache it until shortly before it expires (:class:`TokenAuthorizer`).
+:func:`check_credentials_url` refuses credentials that would travel over plain ``http://`` to a host other than
+loopback; :func:`tls_files` turns a :class:`~riskbridge.settings.HttpTlsSettings` into the ``verify`` and
+``client_cert`` of :func:`new_session`.
+
 What is retried is a :class:`RetryPolicy`, not code: which statuses are retried at all (``retry_statuses``) and
 which of those mean the server did not process the request (``not_processed_statuses``, retried even for requests
 that are not idempotent); connection failures are retried for idempotent requests, a connect timeout always, a TLS
@@ -19,20 +28,37 @@ final answer is returned whatever its status; a failure below HTTP becomes the c
 from __future__ import annotations
 
 import base64
+import ipaddress
 import logging
 import random
 import re
+import threading
 import time
+import uuid
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
+from urllib.parse import quote_plus, urlsplit
 
 import requests
 from requests.adapters import HTTPAdapter
 
+from riskbridge.errors import ConfigurationError
+
+if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.asymmetric import ec, rsa
+
+    from riskbridge.settings import FhirAuth, HttpTlsSettings
+
+    PrivateKey = rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey
+
 __all__ = [
+    "CLIENT_ASSERTION_LIFETIME_S",
+    "CLIENT_ASSERTION_TYPE",
+    "DEFAULT_TOKEN_LIFETIME_S",
     "FORM_CONTENT_TYPE",
     "NOT_PROCESSED_STATUSES",
     "RETRY_STATUSES",
@@ -40,12 +66,21 @@ __all__ = [
     "Authorizer",
     "HttpTransport",
     "RetryPolicy",
+    "TokenAuthorizer",
+    "authorizer_for",
     "backoff_delay",
     "basic_authorization",
     "bearer_authorization",
+    "check_credentials_url",
+    "is_loopback_host",
+    "load_private_key",
     "new_session",
+    "oauth_error_reason",
     "parse_retry_after",
     "root_cause",
+    "smart_client_assertion",
+    "static_authorization",
+    "tls_files",
     "transport_reason",
 ]
 
@@ -63,6 +98,15 @@ TRANSIENT_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
 CertificateFiles = tuple[str | Path, str | Path]
 Timeout = float | tuple[float, float]
 TransportErrorFactory = Callable[[str, requests.RequestException, int], Exception]
+# (message, HTTP status or None, reason): the connector's own exception for a token endpoint that gave no token.
+TokenErrorFactory = Callable[[str, int | None, str], Exception]
+
+CLIENT_ASSERTION_TYPE = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
+# SMART Backend Services: the assertion's exp must be no more than five minutes ahead; stay clear of that limit so
+# a server clock a little ahead of ours still accepts it.
+CLIENT_ASSERTION_LIFETIME_S = 240
+DEFAULT_TOKEN_LIFETIME_S = 300.0
+LOOPBACK_NAMES = frozenset({"localhost"})
 
 
 # --- waits -------------------------------------------------------------------------------------------------------
@@ -229,6 +273,15 @@ def new_session(
     return session
 
 
+def tls_files(tls: HttpTlsSettings | None) -> tuple[bool | Path, CertificateFiles | None]:
+    """The ``verify`` and ``client_cert`` of :func:`new_session` for a TLS section: the site CA bundle (else the
+    system CAs) and the client certificate with its key (else none). Verification is never turned off here."""
+    if tls is None:
+        return True, None
+    client_cert = (tls.cert_file, tls.key_file) if tls.cert_file is not None and tls.key_file is not None else None
+    return (tls.ca_file if tls.ca_file is not None else True), client_cert
+
+
 class HttpTransport:
     """Sends requests through one pooled Session with a :class:`RetryPolicy` and an :class:`Authorizer`.
 
@@ -325,6 +378,9 @@ class HttpTransport:
                     headers=request_headers,
                     timeout=self.timeout,
                     stream=stream,
+                    # Passed per request: requests lets REQUESTS_CA_BUNDLE / CURL_CA_BUNDLE override the session's
+                    # own verify, which would silently drop a site CA bundle (True still means the system CAs).
+                    verify=self.session.verify,
                 )
             except requests.RequestException as exc:
                 if not policy.retries_exception(exc, idempotent) or attempt >= policy.max_attempts:
@@ -365,3 +421,253 @@ class HttpTransport:
                 self.sleep(delay)
                 continue
             return response
+
+
+# --- credentials -------------------------------------------------------------------------------------------------
+
+
+def is_loopback_host(host: str | None) -> bool:
+    """True for ``localhost`` and loopback addresses (127.0.0.0/8, ``::1``, IPv4-mapped 127.x), False otherwise."""
+    if not host:
+        return False
+    name = host.strip("[]").rstrip(".").lower()
+    if name in LOOPBACK_NAMES:
+        return True
+    try:
+        address = ipaddress.ip_address(name)
+    except ValueError:
+        return False
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return address.ipv4_mapped.is_loopback
+    return address.is_loopback
+
+
+def check_credentials_url(auth: FhirAuth, base_url: str, *, base_key: str, auth_key: str) -> None:
+    """Raise ConfigurationError when credentials would travel over plain ``http://`` to a host that is not loopback.
+
+    With any ``auth`` other than ``none``, ``base_url`` (every request's Authorization header) and, for oauth2 and
+    smart, the token URL (the client secret or signed assertion) must be ``https://`` unless their host is loopback
+    (127.0.0.0/8, ``::1``, ``localhost``: the sandbox). Without credentials plain http stays allowed. ``base_key``
+    and ``auth_key`` name the settings in the message (``fhir.base_url``, ``fhir.auth``).
+    """
+    if auth.type == "none":
+        return
+    urls = [(base_key, base_url)]
+    if auth.type in ("oauth2", "smart") and auth.token_url is not None:
+        urls.append((f"{auth_key}.token_url", auth.token_url))
+    for key, url in urls:
+        parts = urlsplit(url)
+        if parts.scheme.lower() == "http" and not is_loopback_host(parts.hostname):
+            raise ConfigurationError(
+                f"{key}: {auth_key} type {auth.type!r} would send credentials over plain http:// to {parts.hostname}; "
+                "use https:// (plain http with credentials is allowed only to loopback: 127.0.0.0/8, ::1, localhost)"
+            )
+
+
+def static_authorization(auth: FhirAuth) -> str | None:
+    """The fixed ``Authorization`` value of ``basic`` and ``bearer`` authentication; None for the other types."""
+    if auth.type == "basic":
+        assert auth.username is not None and auth.password is not None  # enforced by FhirAuth
+        return basic_authorization(auth.username, auth.password.get_secret_value())
+    if auth.type == "bearer":
+        assert auth.token is not None  # enforced by FhirAuth
+        return bearer_authorization(auth.token.get_secret_value())
+    return None
+
+
+def load_private_key(
+    path: Path,
+    algorithm: str,
+    *,
+    setting: str = "auth.private_key_file",
+    error: Callable[[str], Exception] = ValueError,
+) -> PrivateKey:
+    """Read a PEM private key for SMART client assertions; check it fits ``algorithm`` (RS384: RSA, ES384: P-384).
+
+    A problem raises ``error(message)``, the message naming ``setting`` and the file, never the key material.
+    """
+    from cryptography.hazmat.primitives import serialization  # only SMART needs it
+    from cryptography.hazmat.primitives.asymmetric import ec, rsa
+
+    try:
+        key = serialization.load_pem_private_key(path.read_bytes(), password=None)
+    except (ValueError, TypeError) as exc:
+        # The exception text says nothing about the key material; a passphrase-protected key is a TypeError.
+        raise error(f"{setting}: {path} is not an unencrypted PEM private key ({exc})") from None
+    if algorithm == "RS384":
+        if not isinstance(key, rsa.RSAPrivateKey):
+            raise error(f"{setting}: algorithm RS384 needs an RSA key, {path} is not one")
+        return key
+    if not isinstance(key, ec.EllipticCurvePrivateKey) or not isinstance(key.curve, ec.SECP384R1):
+        raise error(f"{setting}: algorithm ES384 needs an EC P-384 key, {path} is not one")
+    return key
+
+
+def smart_client_assertion(
+    client_id: str,
+    token_url: str,
+    private_key: PrivateKey,
+    key_id: str,
+    algorithm: str,
+    now: float | None = None,
+    lifetime_s: int = CLIENT_ASSERTION_LIFETIME_S,
+) -> str:
+    """A signed SMART Backend Services client assertion: iss = sub = client_id, aud = token URL, unique jti, exp."""
+    import jwt  # only SMART needs it
+
+    issued = int(now if now is not None else time.time())
+    claims = {"iss": client_id, "sub": client_id, "aud": token_url, "exp": issued + lifetime_s, "jti": uuid.uuid4().hex}
+    return jwt.encode(claims, private_key, algorithm=algorithm, headers={"kid": key_id, "typ": "JWT"})
+
+
+def oauth_error_reason(response: requests.Response, fallback: Callable[[requests.Response], str] | None = None) -> str:
+    """``error: error_description`` of an OAuth2 error answer (RFC 6749 5.2); else ``fallback(response)`` for other
+    JSON, or the first 200 characters of a body that is not JSON."""
+    try:
+        body = response.json()
+    except ValueError:
+        return response.text[:200].strip()
+    if isinstance(body, dict) and "error" in body:
+        description = body.get("error_description")
+        return f"{body['error']}: {description}" if description else str(body["error"])
+    return fallback(response) if fallback is not None else ""
+
+
+def _positive_float(value: Any, default: float) -> float:
+    """``value`` as a positive number of seconds, else ``default``."""
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return default
+    return number if number > 0 else default
+
+
+class TokenAuthorizer(Authorizer):
+    """OAuth2 client credentials (client secret or SMART private_key_jwt); the access token is cached until expiry.
+
+    Token requests go through ``transport`` (its retries, statistics and log label) without an Authorization header
+    of their own kind; ``transport`` is told ``"token_requests"`` for each. A token endpoint that gives no usable
+    token raises ``error(message, status, reason)``; ``describe`` gives the reason of its error answers. ``clock``
+    is monotonic seconds (replaceable for tests). ``setting`` names the auth section in messages (``fhir.auth``).
+    """
+
+    renewable = True
+
+    def __init__(
+        self,
+        auth: FhirAuth,
+        transport: HttpTransport,
+        *,
+        error: TokenErrorFactory,
+        setting: str = "auth",
+        clock: Callable[[], float] = time.monotonic,
+        describe: Callable[[requests.Response], str] = oauth_error_reason,
+        key_error: Callable[[str], Exception] | None = None,
+    ) -> None:
+        """Prepare token requests for ``auth`` (oauth2 or smart); a SMART key is read now, so a bad one fails early
+        with ``key_error(message)`` (default: ``error(message, None, message)``)."""
+        super().__init__()
+        assert auth.token_url is not None and auth.client_id is not None  # enforced by FhirAuth
+        self._auth = auth
+        self._transport = transport
+        self._error = error
+        self._clock = clock
+        self._describe = describe
+        self._token_url = auth.token_url
+        self._client_id = auth.client_id
+        self._lock = threading.Lock()
+        self._token: str | None = None
+        self._expires_at = 0.0
+        self._private_key: PrivateKey | None = None
+        if auth.type == "smart":
+            assert auth.private_key_file is not None  # enforced by FhirAuth
+            self._private_key = load_private_key(
+                auth.private_key_file,
+                auth.algorithm,
+                setting=f"{setting}.private_key_file",
+                error=key_error or (lambda message: error(message, None, message)),
+            )
+
+    def headers(self) -> dict[str, str]:
+        """``Authorization: Bearer <token>``, fetching a token first when none is cached or it expired."""
+        with self._lock:
+            if self._token is None or self._clock() >= self._expires_at:
+                self._token, self._expires_at = self._fetch()
+            return {"Authorization": bearer_authorization(self._token)}
+
+    def invalidate(self) -> None:
+        """Forget the cached token; the next request fetches a new one."""
+        with self._lock:
+            self._token = None
+
+    def _request(self) -> tuple[Callable[[], dict[str, str]], dict[str, str]]:
+        """The form (built anew for each attempt) and headers of a token request: a client assertion (SMART, signed
+        for every attempt, retries included, with its own ``jti`` and ``exp``: a token endpoint may refuse a
+        ``jti`` it has seen) or client_secret_basic."""
+        fixed = {"grant_type": "client_credentials"}
+        headers = {"Accept": "application/json", "Content-Type": FORM_CONTENT_TYPE}
+        if self._auth.scope:
+            fixed["scope"] = self._auth.scope
+        if self._private_key is not None:
+            key_id, private_key = self._auth.key_id, self._private_key
+            assert key_id is not None  # enforced by FhirAuth
+
+            def signed_form() -> dict[str, str]:
+                assertion = smart_client_assertion(
+                    self._client_id, self._token_url, private_key, key_id, self._auth.algorithm
+                )
+                return {**fixed, "client_assertion_type": CLIENT_ASSERTION_TYPE, "client_assertion": assertion}
+
+            return signed_form, headers
+        assert self._auth.client_secret is not None  # enforced by FhirAuth
+        # client_secret_basic (RFC 6749 2.3.1): both parts form-encoded, then HTTP Basic.
+        secret = self._auth.client_secret.get_secret_value()
+        headers["Authorization"] = basic_authorization(quote_plus(self._client_id), quote_plus(secret))
+        return lambda: dict(fixed), headers
+
+    def _fetch(self) -> tuple[str, float]:
+        """Ask the token endpoint for a token; return it and the clock reading at which to renew it."""
+        form, headers = self._request()
+        transport = self._transport
+        transport._count("token_requests")
+        host = urlsplit(self._token_url).netloc
+        what = f"POST token endpoint {host}"
+        response = transport.send(
+            "POST", self._token_url, data=form, headers=headers, what=what, authorize=False, idempotent=True
+        )
+        if response.status_code != 200:
+            reason = self._describe(response)
+            raise self._error(f"{what}: {response.status_code} {reason}".rstrip(), response.status_code, reason)
+        try:
+            body = response.json()
+            token = str(body["access_token"])
+        except (ValueError, KeyError, TypeError):
+            reason = "the answer holds no access_token"
+            raise self._error(f"{what}: {reason}", response.status_code, reason) from None
+        token_type = str(body.get("token_type", "bearer"))
+        if token_type.lower() != "bearer":
+            reason = f"token_type {token_type[:40]!r} is not supported (bearer only)"
+            raise self._error(f"{what}: {reason}", response.status_code, reason)
+        lifetime = _positive_float(body.get("expires_in"), DEFAULT_TOKEN_LIFETIME_S)
+        skew = min(self._auth.refresh_skew_s, lifetime / 2)
+        transport._log.info("%s: access token obtained from %s, expires in %.0f s", transport._label, host, lifetime)
+        return token, self._clock() + lifetime - skew
+
+
+def authorizer_for(
+    auth: FhirAuth,
+    transport: HttpTransport,
+    *,
+    error: TokenErrorFactory,
+    setting: str = "auth",
+    clock: Callable[[], float] = time.monotonic,
+    describe: Callable[[requests.Response], str] = oauth_error_reason,
+    key_error: Callable[[str], Exception] | None = None,
+) -> Authorizer:
+    """The authorizer of an auth section: a :class:`TokenAuthorizer` for oauth2 and smart (token requests sent
+    through ``transport``), a static one (none, basic, bearer) otherwise."""
+    if auth.type in ("oauth2", "smart"):
+        return TokenAuthorizer(
+            auth, transport, error=error, setting=setting, clock=clock, describe=describe, key_error=key_error
+        )
+    return Authorizer(static_authorization(auth))

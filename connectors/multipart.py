@@ -7,38 +7,121 @@ writes every part atomically to ``<staging>/<study>/<series>/<SOPInstanceUID>.dc
 the SOPInstanceUID comes from the part's file meta (group 0002), read with a few struct unpacks, never by decoding
 the dataset.
 
-A part is refused (:class:`RejectedPartError`, nothing more is read) when its file meta is missing or unreadable,
-its SOP class is not one the caller allows, or its Study/SeriesInstanceUID (checked when the elements before group
-0020 can be walked in the part's first 64 KiB) is not the series asked for. Framing errors are
-:class:`MultipartError`. Both are :class:`riskbridge.errors.PacsError` (the PACS answered something unusable) and
-``ValueError``. Messages name parts by index and instances by :func:`riskbridge.records.uid_hash`.
+Only a part verified as the instance it claims to be is staged. Its Content-Type must be ``application/dicom``
+(a ``transfer-syntax`` parameter must name the transfer syntax of its file meta), its file meta readable and its
+transfer syntax a known one, its SOP class one the caller allows, and its dataset must name, at its top level, the
+SOP class and instance of its file meta and the study and series asked for. These elements are read from the
+part's first bytes (up to :data:`MAX_HEAD_BYTES`; the walk of :mod:`.part10`, deflated data inflated first, big
+endian read by pydicom). Any other part is refused with :class:`RejectedPartError` and nothing more is read; a
+part over the caller's size cap is :class:`PartTooLargeError`. A verified part naming an instance the caller did
+not ask for (``only``: the series' listing, or the one instance of a single-instance request) is not an error of
+the answer: it is refused alone, recorded in :attr:`StagedParts.refused`, and the other parts are staged.
+
+Framing errors are :class:`MultipartError`. Both are :class:`riskbridge.errors.PacsError` (the PACS answered
+something unusable) and ``ValueError``. Messages name parts by index and instances by
+:func:`riskbridge.records.uid_hash`.
 """
 
 from __future__ import annotations
 
 import itertools
+import warnings
+import zlib
 from collections.abc import Collection, Iterable, Iterator
 from dataclasses import dataclass, field
 from email.message import Message
 from email.utils import collapse_rfc2231_value
+from io import BytesIO
 from pathlib import Path
+from typing import Any
+
+import pydicom
+from pydicom.uid import UID
 
 from riskbridge.errors import PacsError
 from riskbridge.records import uid_hash
 
 from . import staging
-from .part10 import FileMeta, Part10Error, dataset_uids, read_file_meta
+
+# The underscored names are part10's element walk: its dataset_uids stops at the study and series, and the stager
+# also needs the SOP class and instance the dataset names, read in the same single pass.
+from .part10 import (
+    FileMeta,
+    Part10Error,
+    _element_header,
+    _skip_undefined_sequence,
+    _tag,
+    _uid_value,
+    _Unwalkable,
+    read_file_meta,
+)
 from .storescp import CT_STORAGE_CLASSES
 
-HEAD_BYTES = 64 * 1024  # how much of a part is looked at before writing it: file meta + dataset up to group 0020
+HEAD_BYTES = 64 * 1024  # how much of a part is looked at first: file meta + dataset up to group 0020
+# A part whose identifying elements are not within this many bytes is refused (private groups 0009/0019 and
+# sequences of group 0008 can push group 0020 back; nothing real pushes it this far).
+MAX_HEAD_BYTES = 1024 * 1024
+PART_TYPE = "application/dicom"
+
+_IMPLICIT_LE = "1.2.840.10008.1.2"
+_DEFLATED = "1.2.840.10008.1.2.1.99"
+_BIG_ENDIAN = "1.2.840.10008.1.2.2"
+_SOP_CLASS_TAG, _SOP_INSTANCE_TAG = 0x00080016, 0x00080018
+_STUDY_TAG, _SERIES_TAG = 0x0020000D, 0x0020000E
+_UNDEFINED = 0xFFFFFFFF
+_IDENTIFYING = {
+    _SOP_CLASS_TAG: "SOPClassUID",
+    _SOP_INSTANCE_TAG: "SOPInstanceUID",
+    _STUDY_TAG: "StudyInstanceUID",
+    _SERIES_TAG: "SeriesInstanceUID",
+}
 
 
 class MultipartError(PacsError, ValueError):
     """A body is not well-formed multipart/related (bad framing, truncated, no closing delimiter)."""
 
 
+@dataclass(frozen=True)
+class RefusedPart:
+    """A part that was not staged: its index in the answer (from 0), its instance as :func:`uid_hash` (None when
+    its file meta could not be read) and why."""
+
+    index: int
+    instance: str | None
+    reason: str
+
+    def __str__(self) -> str:
+        """``part 3 (instance <hash>): reason``."""
+        shown = f" (instance {self.instance})" if self.instance else ""
+        return f"part {self.index}{shown}: {self.reason}"
+
+
 class RejectedPartError(PacsError, ValueError):
-    """A multipart part is not an acceptable DICOM instance (no readable file meta, wrong SOP class or series)."""
+    """A multipart part cannot be verified as the instance it claims to be (see the module docstring).
+
+    ``refusal`` holds the part's index, hashed instance and the reason.
+    """
+
+    def __init__(self, index: int, sop_instance_uid: str | None, reason: str) -> None:
+        """Refuse part ``index`` (its MediaStorageSOPInstanceUID, None when unread) for ``reason``."""
+        self.refusal = RefusedPart(index, uid_hash(sop_instance_uid) if sop_instance_uid else None, reason)
+        super().__init__(str(self.refusal))
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        """Rebuild from the refusal when unpickled (the UID is already hashed)."""
+        return _rejected, (type(self), self.refusal)
+
+
+class PartTooLargeError(RejectedPartError):
+    """A multipart part is larger than the caller's cap (declared by its Content-Length, or as it arrives)."""
+
+
+def _rejected(cls: type[RejectedPartError], refusal: RefusedPart) -> RejectedPartError:
+    """A RejectedPartError (or subclass) around an existing refusal, for unpickling."""
+    error = cls.__new__(cls)
+    error.refusal = refusal
+    PacsError.__init__(error, str(refusal))
+    return error
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -295,44 +378,149 @@ def iter_multipart(chunks: Iterable[bytes], boundary: str) -> Iterator[Multipart
 
 @dataclass
 class StagedParts:
-    """What :func:`stage_multipart` wrote: SOPInstanceUIDs in arrival order, bytes, and how many were verified."""
+    """What :func:`stage_multipart` wrote: SOPInstanceUIDs in arrival order, bytes, how many were verified (every
+    staged part is), and the verified parts it did not stage because they were not asked for."""
 
     instances: list[str] = field(default_factory=list)
     bytes: int = 0
-    verified: int = 0  # parts whose Study/SeriesInstanceUID were checked against the request
+    verified: int = 0  # parts whose identity was checked against the request: every staged one
+    refused: list[RefusedPart] = field(default_factory=list)
 
 
-def _checked_head(
-    head: bytes,
-    whole: bool,
-    study_uid: str,
-    series_uid: str,
-    allowed_sop_classes: Collection[str] | None,
-    only: frozenset[str] | None,
-    index: int,
-) -> tuple[FileMeta, bool]:
-    """Vet the first bytes of part ``index``: its file meta, SOP class, instance and, when they can be read, its
-    Study/SeriesInstanceUID; return the meta and whether the UIDs were checked. Raises RejectedPartError."""
+def _top_level_uids(data: bytes, start: int, explicit: bool, whole: bool) -> dict[int, str] | None:
+    """The identifying UIDs (:data:`_IDENTIFYING`) at the top level of the dataset that begins at ``start``; None
+    when they cannot be known from ``data``: it ends before (0020,000E) is passed (unless it is ``whole``), or its
+    encoding cannot be walked."""
+    found: dict[int, str] = {}
+    pos = start
+    try:
+        while pos < len(data):
+            tag = _tag(data, pos)
+            if tag > _SERIES_TAG:
+                return found
+            header, length, vr = _element_header(data, pos, explicit)
+            pos += header
+            if length == _UNDEFINED:
+                pos = _skip_undefined_sequence(data, pos, explicit and vr != b"UN")
+                continue
+            if tag in _IDENTIFYING:
+                if pos + length > len(data):
+                    raise _Unwalkable
+                found[tag] = _uid_value(data[pos : pos + length])
+            pos += length
+    except _Unwalkable:
+        return None
+    return found if whole and pos == len(data) else None
+
+
+def _pydicom_uids(head: bytes) -> dict[int, str] | None:
+    """The identifying UIDs as pydicom reads them from ``head`` (big endian, which the walk leaves alone); None
+    when pydicom cannot read it."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            dataset = pydicom.dcmread(BytesIO(head), stop_before_pixels=True, specific_tags=list(_IDENTIFYING.values()))
+    except Exception:  # pydicom raises many types on bytes it cannot read; any of them leaves the part unverified
+        return None
+    values = {tag: dataset.get(keyword) for tag, keyword in _IDENTIFYING.items()}
+    return {tag: str(value) for tag, value in values.items() if value}
+
+
+def _dataset_uids(head: bytes, meta: FileMeta, whole: bool) -> dict[int, str] | None:
+    """The identifying UIDs of the dataset after the file meta; None when ``head`` is too short to know them."""
+    syntax = meta.transfer_syntax_uid
+    found: dict[int, str] | None
+    if syntax == _DEFLATED:
+        inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+        try:
+            # Bounded: a few KiB of deflated zeros inflate to far more than the elements before group 0020.
+            inflated = inflater.decompress(head[meta.dataset_offset :], MAX_HEAD_BYTES)
+            found = _top_level_uids(inflated, 0, True, whole and inflater.eof)
+        except zlib.error:
+            found = None
+    elif syntax == _BIG_ENDIAN:
+        found = _pydicom_uids(head)
+        if not whole and (found is None or len(found) < len(_IDENTIFYING)):
+            found = None
+    else:
+        found = _top_level_uids(head, meta.dataset_offset, syntax != _IMPLICIT_LE, whole)
+    # The whole part is there and still cannot be read: nothing in it is verifiable.
+    return {} if found is None and whole else found
+
+
+def _content_transfer_syntax(content_type: str | None, index: int) -> str | None:
+    """Check a part's Content-Type (``application/dicom``); return its ``transfer-syntax`` parameter, if any."""
+    if content_type is None:
+        raise RejectedPartError(index, None, "the part has no Content-Type")
+    message = Message()
+    message["content-type"] = content_type
+    # email's parser falls back to text/plain for a malformed type; compare the raw type too.
+    given = content_type.split(";")[0].strip().lower()
+    if given != PART_TYPE or message.get_content_type() != PART_TYPE:
+        raise RejectedPartError(index, None, f"Content-Type {given[:60]!r} is not {PART_TYPE}")
+    syntax = message.get_param("transfer-syntax")
+    return str(collapse_rfc2231_value(syntax)).strip() if syntax is not None else None
+
+
+def _checked_meta(
+    head: bytes, declared_syntax: str | None, allowed_sop_classes: Collection[str] | None, index: int
+) -> FileMeta:
+    """The file meta of part ``index``, checked: readable, a known transfer syntax (the one the part's
+    Content-Type names, if it names one) and an allowed SOP class. Raises RejectedPartError."""
     try:
         meta = read_file_meta(head)
     except Part10Error as exc:
-        raise RejectedPartError(f"part {index}: {exc}") from None
-    tag = uid_hash(meta.sop_instance_uid)
+        raise RejectedPartError(index, None, str(exc)) from None
+    sop = meta.sop_instance_uid
+    syntax = meta.transfer_syntax_uid
+    if not UID(syntax).is_transfer_syntax:
+        raise RejectedPartError(
+            index, sop, f"transfer syntax {syntax[:64]} is not a known one: its dataset cannot be read"
+        )
+    if declared_syntax is not None and declared_syntax != syntax:
+        raise RejectedPartError(
+            index, sop, f"Content-Type names transfer syntax {declared_syntax[:64]}, the file meta {syntax}"
+        )
     if allowed_sop_classes is not None and meta.sop_class_uid not in allowed_sop_classes:
-        raise RejectedPartError(f"part {index} (instance {tag}): SOP class {meta.sop_class_uid} is not allowed here")
-    if only is not None and meta.sop_instance_uid not in only:
-        raise RejectedPartError(f"part {index} (instance {tag}): not the instance that was asked for")
-    uids = dataset_uids(head, meta, whole)
-    if uids is None:
-        return meta, False
-    for name, found, wanted in (("StudyInstanceUID", uids[0], study_uid), ("SeriesInstanceUID", uids[1], series_uid)):
+        raise RejectedPartError(index, sop, f"SOP class {meta.sop_class_uid[:64]} is not allowed here")
+    return meta
+
+
+def _checked_dataset(uids: dict[int, str], meta: FileMeta, study_uid: str, series_uid: str, index: int) -> None:
+    """Check that the dataset names the SOP class and instance of its file meta and the study and series asked for.
+    Raises RejectedPartError."""
+    sop = meta.sop_instance_uid
+    wanted = {
+        _SOP_CLASS_TAG: (meta.sop_class_uid, "the file meta's"),
+        _SOP_INSTANCE_TAG: (sop, "the file meta's"),
+        _STUDY_TAG: (study_uid, "the one asked for"),
+        _SERIES_TAG: (series_uid, "the one asked for"),
+    }
+    for tag, (expected, which) in wanted.items():
+        name = _IDENTIFYING[tag]
+        found = uids.get(tag)
         if found is None:
-            raise RejectedPartError(f"part {index} (instance {tag}): the dataset has no {name}")
-        if found != wanted:
+            raise RejectedPartError(index, sop, f"the dataset has no {name} (or it cannot be read)")
+        if found != expected:
             raise RejectedPartError(
-                f"part {index} (instance {tag}): {name} {uid_hash(found)} is not the one asked for ({uid_hash(wanted)})"
+                index, sop, f"{name} {uid_hash(found)} in the dataset is not {which} ({uid_hash(expected)})"
             )
-    return meta, True
+
+
+def _capped(body: Iterator[bytes], index: int, max_bytes: int | None) -> Iterator[bytes]:
+    """``body``, raising :class:`PartTooLargeError` as soon as more than ``max_bytes`` arrived (None: no cap)."""
+    size = 0
+    for piece in body:
+        size += len(piece)
+        if max_bytes is not None and size > max_bytes:
+            raise PartTooLargeError(index, None, f"larger than the cap of {max_bytes} bytes; not staged")
+        yield piece
+
+
+def _declared_length(part: MultipartPart) -> int | None:
+    """The part's Content-Length, if it sends a readable one (the parser enforces it)."""
+    text = part.headers.get("content-length")
+    return int(text) if text is not None and text.strip().isdigit() else None
 
 
 def stage_multipart(
@@ -343,38 +531,65 @@ def stage_multipart(
     series_uid: str,
     allowed_sop_classes: Collection[str] | None = CT_STORAGE_CLASSES,
     only: Iterable[str] | None = None,
+    max_part_bytes: int | None = None,
 ) -> StagedParts:
-    """Write every part of a WADO-RS multipart body atomically to the staging area; return what was written.
+    """Write every verified part of a WADO-RS multipart body atomically to the staging area; return what was done.
 
     Each part is named by the MediaStorageSOPInstanceUID of its file meta and placed under
-    ``staging_root/study_uid/series_uid``. A part is refused with :class:`RejectedPartError` (and nothing more
-    is read) when its meta is unreadable, its SOP class is not in ``allowed_sop_classes`` (None: any), it is not
-    in ``only`` (when given), or its dataset names another study or series. Framing errors raise
-    :class:`MultipartError`; a part being written when an error occurs leaves no file behind.
+    ``staging_root/study_uid/series_uid``. A part that cannot be verified as that instance of this series (see the
+    module docstring; ``allowed_sop_classes`` None allows any SOP class) raises :class:`RejectedPartError` and
+    nothing more is read; one larger than ``max_part_bytes`` (None: no cap) raises :class:`PartTooLargeError`. A
+    verified part whose instance is not in ``only`` (when given) is read past and listed in ``refused``. Framing
+    errors raise :class:`MultipartError`; a part being written when an error occurs leaves no file behind.
     """
     result = StagedParts()
     wanted = frozenset(only) if only is not None else None
     for part in iter_multipart(chunks, boundary):
-        content_type = (part.content_type or "application/dicom").split(";")[0].strip().lower()
-        if content_type != "application/dicom":
-            raise RejectedPartError(f"part {part.index}: Content-Type {content_type!r} is not application/dicom")
-        body = part.body()
+        declared_syntax = _content_transfer_syntax(part.content_type, part.index)
+        declared = _declared_length(part)
+        if max_part_bytes is not None and declared is not None and declared > max_part_bytes:
+            raise PartTooLargeError(
+                part.index, None, f"its Content-Length {declared} is over the cap of {max_part_bytes} bytes"
+            )
+        body = _capped(part.body(), part.index, max_part_bytes)
         pieces: list[bytes] = []
         size = 0
-        whole = True
-        for piece in body:
-            pieces.append(piece)
-            size += len(piece)
-            if size >= HEAD_BYTES:
-                whole = False
+        whole = False
+        target = HEAD_BYTES
+        meta: FileMeta | None = None
+        while True:
+            for piece in body:
+                pieces.append(piece)
+                size += len(piece)
+                if size >= target:
+                    break
+            else:
+                whole = True
+            head = pieces[0] if len(pieces) == 1 else b"".join(pieces)
+            pieces = [head]
+            if meta is None:
+                meta = _checked_meta(head, declared_syntax, allowed_sop_classes, part.index)
+                try:
+                    path = staging.instance_path(staging_root, study_uid, series_uid, meta.sop_instance_uid)
+                except staging.StagingError:
+                    raise RejectedPartError(part.index, None, "MediaStorageSOPInstanceUID is not a valid UID") from None
+            uids = _dataset_uids(head, meta, whole)
+            if uids is not None:
                 break
-        head = pieces[0] if len(pieces) == 1 else b"".join(pieces)
-        meta, verified = _checked_head(head, whole, study_uid, series_uid, allowed_sop_classes, wanted, part.index)
-        try:
-            path = staging.instance_path(staging_root, study_uid, series_uid, meta.sop_instance_uid)
-        except staging.StagingError:
-            raise RejectedPartError(f"part {part.index}: MediaStorageSOPInstanceUID is not a valid UID") from None
+            if target >= MAX_HEAD_BYTES:
+                raise RejectedPartError(
+                    part.index,
+                    meta.sop_instance_uid,
+                    f"its StudyInstanceUID and SeriesInstanceUID are not within its first {MAX_HEAD_BYTES} bytes",
+                )
+            target = MAX_HEAD_BYTES
+        _checked_dataset(uids, meta, study_uid, series_uid, part.index)
+        if wanted is not None and meta.sop_instance_uid not in wanted:
+            for _ in body:  # read past it, still within the cap
+                pass
+            result.refused.append(RefusedPart(part.index, uid_hash(meta.sop_instance_uid), "not asked for"))
+            continue
         result.bytes += staging.write_atomic(path, itertools.chain((head,), body))
         result.instances.append(meta.sop_instance_uid)
-        result.verified += verified
+        result.verified += 1
     return result

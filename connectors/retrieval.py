@@ -1,9 +1,13 @@
 """Retrieve series into the staging area, verified complete, over C-MOVE, C-GET or DICOMweb.
 
-Completeness is decided by counting the SOP instances staged against the instance list of an IMAGE-level C-FIND,
-never by the retrieve status alone (Orthanc answers many different failures with 0xC000 and zero counters, and
-stops a whole C-MOVE when one sub-operation fails). A partial retrieval retries only the missing instances, a
-bounded number of times, then fails with an error naming the series (hashed) and the counts.
+Completeness is decided by SOP Instance UID: the instances staged against the PACS's own listing of the series
+(IMAGE-level C-FIND, or QIDO-RS over DICOMweb), never by the retrieve status alone (Orthanc answers many different
+failures with 0xC000 and zero counters, and stops a whole C-MOVE when one sub-operation fails) and never by a count
+of files (an unrequested instance naming the series, or a file an earlier attempt left, would stand in for a
+missing one). Staged instances the listing does not name are removed and counted (``RetrievedSeries.unlisted``).
+When selection already knows the series' instance count, the whole series is asked for at once and the listing
+runs beside the transfer, so it costs no extra round trip. A partial retrieval retries only the missing instances,
+a bounded number of times, then fails with an error naming the series (hashed) and the counts.
 
 Before a series is fetched, its staging directory is swept of a crashed attempt's temporary files, and the staging
 filesystem must have room for the instances still to come plus a reserve (``PacsSettings.staging_min_free_mb``):
@@ -148,6 +152,12 @@ class Retriever:
                 bind_address=pacs.scp_bind_address,
                 tls=pacs.tls,
                 timeout_s=pacs.timeout_s,
+                allowed_peers=pacs.scp_allowed_peers,
+                pacs_host=pacs.host,
+                allow_plaintext=pacs.scp_allow_plaintext,
+                tls_handshake_timeout_s=pacs.tls_handshake_timeout_s,
+                max_pdu_kb=pacs.max_pdu_kb,
+                max_instance_mb=pacs.max_instance_mb,
             )
             if transport == "c-move"
             else None
@@ -200,19 +210,26 @@ class Retriever:
         if isinstance(expected, int):
             staged = len(staging.staged_instances(self.staging_root, study_uid, series_uid))
             check_free_space(self.pacs, self.staging_root, series_uid, max(expected - staged, 0))
-            counted = self._retrieve_counted(study_uid, series_uid, expected, started)
-            if isinstance(counted, RetrievedSeries):
-                return counted
-            attempts_used, expected = counted, None
+            with ThreadPoolExecutor(1, thread_name_prefix="listing") as lister:
+                listing = lister.submit(self._listing, study_uid, series_uid)
+                attempts_used = self._fetch_counted(study_uid, series_uid, expected)
+                expected = listing.result()
         if expected is None:
-            expected = expected_instances(self.pacs, study_uid, series_uid)
+            expected = self._listing(study_uid, series_uid)
         if not expected:
             raise RetrievalError(f"series {tag}: the PACS lists no instances", "series_empty")
+        unlisted = self._remove_unlisted(study_uid, series_uid, expected)
         missing = expected - staging.staged_instances(self.staging_root, study_uid, series_uid)
         check_free_space(self.pacs, self.staging_root, series_uid, len(missing))
         if self._web is not None:
             record = self._web.retrieve_series(study_uid, series_uid, self.staging_root, expected)
-            record = replace(record, attempts=record.attempts + attempts_used, seconds=time.perf_counter() - started)
+            unlisted += self._remove_unlisted(study_uid, series_uid, expected)
+            record = replace(
+                record,
+                attempts=record.attempts + attempts_used,
+                seconds=time.perf_counter() - started,
+                unlisted=unlisted,
+            )
             return self._checked(record, "")
         directory = staging.series_dir(self.staging_root, study_uid, series_uid)
         attempts = attempts_used
@@ -236,6 +253,7 @@ class Retriever:
                 "series %s: %s attempt %d: %d/%d staged (%s)",
                 tag, self.transport, attempts, len(expected) - len(missing), len(expected), status,
             )  # fmt: skip
+        unlisted += self._remove_unlisted(study_uid, series_uid, expected)
         record = RetrievedSeries(
             study_uid=study_uid,
             series_uid=series_uid,
@@ -247,8 +265,30 @@ class Retriever:
             bytes=_directory_bytes(directory),
             attempts=attempts,
             missing=tuple(sorted(missing)),
+            unlisted=unlisted,
         )
         return self._checked(record, f"; last answer: {status}")
+
+    def _listing(self, study_uid: str, series_uid: str) -> set[str]:
+        """The SOPInstanceUIDs the PACS lists for a series: QIDO-RS over DICOMweb, IMAGE-level C-FIND otherwise."""
+        if self._web is not None:
+            return self._web.series_instances(study_uid, series_uid)
+        return expected_instances(self.pacs, study_uid, series_uid)
+
+    def _remove_unlisted(self, study_uid: str, series_uid: str, listed: set[str]) -> int:
+        """Remove the staged instances of a series that ``listed`` does not name; return how many were removed.
+
+        Such a file is an instance the PACS sent unasked that names the series, or one an earlier attempt staged
+        that the PACS no longer lists (deleted or replaced since): either would end up in the volume.
+        """
+        unlisted = staging.staged_instances(self.staging_root, study_uid, series_uid) - listed
+        removed = staging.remove_instances(self.staging_root, study_uid, series_uid, unlisted)
+        if removed:
+            LOG.warning(
+                "series %s: removed %d staged instance(s) the PACS does not list for the series: %s",
+                uid_hash(series_uid), removed, ", ".join(sorted(uid_hash(uid) for uid in unlisted)[:10]),
+            )  # fmt: skip
+        return removed
 
     def fetch_instances(self, study_uid: str, series_uid: str, sop_instance_uids: Collection[str]) -> set[str]:
         """Stage exactly these instances of a series, in one request (an IMAGE-level C-MOVE/C-GET with their UIDs,
@@ -282,35 +322,15 @@ class Retriever:
         if removed:
             LOG.info("series %s: removed %d partial file(s) left by an earlier attempt", uid_hash(series_uid), removed)
 
-    def _retrieve_counted(self, study_uid: str, series_uid: str, count: int, started: float) -> RetrievedSeries | int:
-        """Stage the whole series, accepting instances by their series; return the record if ``count`` or more
-        are staged, else the number of attempts spent (the caller lists the instances and fetches the rest). A
-        series with fewer than half its instances staged (none, or a header sampled during selection) is fetched
-        whole; one with more, listed and completed instance by instance."""
+    def _fetch_counted(self, study_uid: str, series_uid: str, count: int) -> int:
+        """Ask for the whole series at once, accepting instances by their series, unless half of its ``count``
+        instances or more are staged already (a resumed series is completed instance by instance from the
+        listing); return the attempts spent. What arrived is judged against the listing afterwards."""
         staged = staging.staged_instances(self.staging_root, study_uid, series_uid)
-        attempts = 0
-        if count > 0 and len(staged) < count / 2:
-            attempts = 1
-            self._fetch_whole_series(study_uid, series_uid)
-            staged = staging.staged_instances(self.staging_root, study_uid, series_uid)
-        if count > 0 and len(staged) >= count:
-            directory = staging.series_dir(self.staging_root, study_uid, series_uid)
-            return RetrievedSeries(
-                study_uid=study_uid,
-                series_uid=series_uid,
-                path=directory,
-                expected=count,
-                received=len(staged),
-                transport=self.transport,
-                seconds=time.perf_counter() - started,
-                bytes=_directory_bytes(directory),
-                attempts=attempts,
-            )
-        LOG.info(
-            "series %s: %d of %d instances staged; listing the series to fetch what is missing",
-            uid_hash(series_uid), len(staged), count,
-        )  # fmt: skip
-        return attempts
+        if count <= 0 or len(staged) >= count / 2:
+            return 0
+        self._fetch_whole_series(study_uid, series_uid)
+        return 1
 
     def _fetch_whole_series(self, study_uid: str, series_uid: str) -> None:
         tag = uid_hash(series_uid)

@@ -142,6 +142,25 @@ def staged_instances(root: Path, study_uid: str, series_uid: str) -> set[str]:
     return {path.stem for path in directory.glob("*.dcm")}
 
 
+def remove_instances(root: Path, study_uid: str, series_uid: str, sop_instance_uids: Iterable[str]) -> int:
+    """Remove these staged instances of a series (those the PACS does not list for it); return how many were there.
+
+    The directory is fsynced afterwards, so a removed instance cannot come back after a power loss and be counted
+    as staged.
+    """
+    directory = series_dir(root, study_uid, series_uid)
+    removed = 0
+    for sop_instance_uid in sop_instance_uids:
+        try:
+            instance_path(root, study_uid, series_uid, sop_instance_uid).unlink()
+        except FileNotFoundError:
+            continue
+        removed += 1
+    if removed:
+        fsync_directory(directory)
+    return removed
+
+
 def first_header(directory: Path) -> Dataset:
     """The header (no pixel data) of the first staged instance of a series directory, by file name; StagingError
     when the directory holds none."""

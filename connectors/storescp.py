@@ -11,34 +11,44 @@ disk (the PACS waits for each C-STORE response before it sends the next instance
 sent before the file is on disk: completeness is decided afterwards by counting staged files
 (:meth:`InstanceSink.flush` first), never by the statuses this SCP returned, so a failed write shows up as a
 missing instance and is fetched again.
-The SCP advertises an unlimited maximum PDU size (the sender sizes its PDUs by it) and sets TCP_NODELAY on
-accepted connections.
+It hardens what it accepts, in this order: a connection from an address outside the allowed peers
+(``[pacs] scp_allowed_peers``, by default the PACS host's addresses) is closed as it is accepted, before TLS or any
+DICOM is read; the TLS handshake runs on the connection's own thread with a timeout, so a client that connects and
+stays silent holds up nobody else; the calling AE title must be the PACS's; PDUs longer than the maximum PDU length
+it advertises (``[pacs] max_pdu_kb``) and instances larger than ``[pacs] max_instance_mb`` abort the association
+before they are buffered (:class:`~riskbridge.connectors.dicom.BoundedAssociationSocket`). Off loopback it refuses
+to listen without TLS unless told to (``[pacs] scp_allow_plaintext``). It sets TCP_NODELAY on accepted connections.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import socket
 import ssl
 import threading
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, evt
+from pynetdicom.association import Association
+from pynetdicom.presentation import PresentationContext
 from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     CTImageStorage,
     EnhancedCTImageStorage,
     LegacyConvertedEnhancedCTImageStorage,
     Verification,
 )
-from pynetdicom.transport import ThreadedAssociationServer
+from pynetdicom.transport import RequestHandler, ThreadedAssociationServer
 
 from riskbridge.connectors import part10, staging
+from riskbridge.connectors.dicom import BoundedAssociationSocket, DicomError, TransferLimits
+from riskbridge.errors import ConfigurationError
 from riskbridge.records import uid_hash
-from riskbridge.settings import TlsSettings
+from riskbridge.settings import PacsSettings, TlsSettings
 
 LOG = logging.getLogger(__name__)
 
@@ -185,16 +195,142 @@ class InstanceSink:
             pool.shutdown(wait=True)
 
 
-class _NoDelayServer(ThreadedAssociationServer):
-    """pynetdicom's threaded server, with TCP_NODELAY on every accepted connection."""
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+LOOPBACK_NETWORKS: tuple[IPNetwork, ...] = (ipaddress.ip_network("127.0.0.0/8"), ipaddress.ip_network("::1/128"))
+
+
+def _unmapped(network: IPNetwork) -> IPNetwork:
+    """An IPv4-mapped IPv6 network (``::ffff:10.0.0.0/104``) as the IPv4 network it means; others as they are."""
+    if isinstance(network, ipaddress.IPv6Network) and network.prefixlen >= 96:
+        mapped = network.network_address.ipv4_mapped
+        if mapped is not None:
+            return ipaddress.IPv4Network((mapped, network.prefixlen - 96))
+    return network
+
+
+def peer_address(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+    """The IP address of a connection's ``host``: an IPv4-mapped IPv6 address as its IPv4 address, no zone."""
+    address = ipaddress.ip_address(host.split("%", 1)[0])
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return address.ipv4_mapped
+    return address
+
+
+def allowed_networks(allowed_peers: Sequence[str], pacs_host: str) -> tuple[IPNetwork, ...]:
+    """The networks a peer's address must be in: ``allowed_peers``, or when empty the addresses of ``pacs_host``.
+
+    A PACS host that resolves to a loopback address allows all of loopback (``127.0.0.0/8`` and ``::1``): a PACS on
+    this machine may connect from any of them. Raises :class:`DicomError` when ``pacs_host`` cannot be resolved, since
+    no peer could be trusted then.
+    """
+    if allowed_peers:
+        return tuple(_unmapped(ipaddress.ip_network(peer, strict=True)) for peer in allowed_peers)
+    try:
+        found = socket.getaddrinfo(pacs_host, None, proto=socket.IPPROTO_TCP)
+    except OSError as exc:
+        raise DicomError(
+            f"storage SCP: cannot resolve the PACS host {pacs_host!r} to decide which peers to accept ({exc}); "
+            "list them in [pacs] scp_allowed_peers"
+        ) from None
+    addresses = {peer_address(str(info[4][0])) for info in found}
+    networks: list[IPNetwork] = [ipaddress.ip_network(a) for a in sorted(addresses, key=str) if not a.is_loopback]
+    if any(address.is_loopback for address in addresses):
+        networks.extend(LOOPBACK_NETWORKS)
+    return tuple(networks)
+
+
+class _BoundedRequestHandler(RequestHandler):
+    """pynetdicom's request handler, with the association reading through the server's transfer limits."""
+
+    server: _StorageServer
+
+    def _create_association(self) -> Association:
+        assoc = super()._create_association()
+        plain = assoc.dul.socket
+        assert plain is not None and plain.socket is not None
+        bounded = BoundedAssociationSocket(assoc, self.server.limits, client_socket=plain.socket)
+        # Both sockets announced the same connection to the not yet started DUL (Evt5): it must see it once.
+        assoc.dul.event_queue.get_nowait()
+        assoc.dul.socket = bounded
+        return assoc
+
+
+class _StorageServer(ThreadedAssociationServer):
+    """pynetdicom's threaded server, hardened: the peer check at accept, TLS on the request's thread, bounded reads.
+
+    The accept loop only accepts, sets TCP_NODELAY and checks the peer's address; anything that waits on the peer
+    (the TLS handshake, the association) runs on the connection's own thread.
+    """
+
+    def __init__(
+        self,
+        ae: AE,
+        address: tuple[str, int],
+        ae_title: str,
+        contexts: list[PresentationContext],
+        ssl_context: ssl.SSLContext | None = None,
+        evt_handlers: list[Any] | None = None,
+        *,
+        allowed: tuple[IPNetwork, ...],
+        handshake_timeout_s: float,
+        limits: TransferLimits,
+    ) -> None:
+        self.allowed = allowed
+        self.handshake_timeout_s = handshake_timeout_s
+        self.limits = limits
+        self.refused_peers = 0
+        super().__init__(
+            ae, address, ae_title, contexts, ssl_context, evt_handlers, request_handler=_BoundedRequestHandler
+        )
 
     def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
         assert self.socket is not None
         client, address = self.socket.accept()
         client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        if self.ssl_context:
-            client = self.ssl_context.wrap_socket(client, server_side=True)
         return client, address
+
+    def verify_request(self, request: Any, client_address: Any) -> bool:
+        """Accept a connection only from an allowed peer address; socketserver closes the others."""
+        host = str(client_address[0])
+        try:
+            address = peer_address(host)
+        except ValueError:
+            address = None
+        if address is not None and any(address in network for network in self.allowed):
+            return True
+        self.refused_peers += 1
+        LOG.warning(
+            "storage SCP %s: connection from %s refused: not an allowed peer ([pacs] scp_allowed_peers); "
+            "%d refused since start",
+            self.ae_title,
+            host,
+            self.refused_peers,
+        )
+        return False
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        """Finish the TLS handshake (when configured) on this connection's thread, then serve the association."""
+        if self.ssl_context is not None:
+            request = self._handshake(request, client_address)
+            if request is None:
+                return
+        super().process_request_thread(request, client_address)
+
+    def _handshake(self, client: socket.socket, client_address: Any) -> ssl.SSLSocket | None:
+        """The TLS-wrapped ``client``, or None (connection closed, reason logged) when the handshake fails or stalls."""
+        assert self.ssl_context is not None
+        timeout = client.gettimeout()
+        client.settimeout(self.handshake_timeout_s)
+        try:
+            secured = self.ssl_context.wrap_socket(client, server_side=True)
+        except (OSError, ValueError) as exc:  # ssl.SSLError and TimeoutError are OSErrors
+            reason = "timed out" if isinstance(exc, TimeoutError) else str(exc) or type(exc).__name__
+            LOG.warning("storage SCP %s: TLS handshake with %s failed: %s", self.ae_title, client_address[0], reason)
+            self.shutdown_request(client)
+            return None
+        secured.settimeout(timeout)
+        return secured
 
 
 def server_tls_context(tls: TlsSettings) -> ssl.SSLContext:
@@ -205,8 +341,16 @@ def server_tls_context(tls: TlsSettings) -> ssl.SSLContext:
     return context
 
 
+_DEFAULTS = PacsSettings()
+
+
 class StorageSCP:
-    """A Storage SCP listening on ``(bind_address, port)`` as ``ae_title`` while the context is open."""
+    """A Storage SCP listening on ``(bind_address, port)`` as ``ae_title`` while the context is open.
+
+    The keyword arguments after ``timeout_s`` are ``[pacs]`` settings, with their defaults: ``allowed_peers`` is
+    ``scp_allowed_peers``, ``pacs_host`` is ``host`` (whose addresses are the allowed peers when that list is empty),
+    ``allow_plaintext`` is ``scp_allow_plaintext``; the others have the settings' names.
+    """
 
     def __init__(
         self,
@@ -217,6 +361,12 @@ class StorageSCP:
         bind_address: str = "127.0.0.1",
         tls: TlsSettings | None = None,
         timeout_s: float = 30.0,
+        allowed_peers: Sequence[str] = (),
+        pacs_host: str = _DEFAULTS.host,
+        allow_plaintext: bool = _DEFAULTS.scp_allow_plaintext,
+        tls_handshake_timeout_s: float = _DEFAULTS.tls_handshake_timeout_s,
+        max_pdu_kb: int = _DEFAULTS.max_pdu_kb,
+        max_instance_mb: int = _DEFAULTS.max_instance_mb,
     ) -> None:
         self.ae_title = ae_title
         self.port = port
@@ -224,13 +374,35 @@ class StorageSCP:
         self.bind_address = bind_address
         self.tls = tls
         self.timeout_s = timeout_s
+        self.allowed_peers = tuple(allowed_peers)
+        self.pacs_host = pacs_host
+        self.allow_plaintext = allow_plaintext
+        self.tls_handshake_timeout_s = tls_handshake_timeout_s
+        self.limits = TransferLimits(max_pdu_bytes=max_pdu_kb * 1024, max_message_bytes=max_instance_mb * 1024 * 1024)
         self._server: Any = None
         self._thread: threading.Thread | None = None
+        self._refused_peers = 0
+
+    @property
+    def refused_peers(self) -> int:
+        """Connections refused because their address is not an allowed peer, since the last start."""
+        return int(self._server.refused_peers) if self._server is not None else self._refused_peers
 
     def start(self) -> StorageSCP:
-        """Start listening in a background thread; raise OSError if the port cannot be bound."""
+        """Start listening in a background thread.
+
+        Raises :class:`ConfigurationError` for plaintext off loopback without ``allow_plaintext``,
+        :class:`DicomError` when the PACS host (the default allowed peer) cannot be resolved, OSError when the port
+        cannot be bound.
+        """
+        if self.tls is None and not self.allow_plaintext and not PacsSettings.is_loopback(self.bind_address):
+            raise ConfigurationError(
+                f"storage SCP {self.ae_title}: refusing to listen on {self.bind_address} without TLS; configure "
+                "[pacs.tls], or set [pacs] scp_allow_plaintext = true to accept unencrypted images"
+            )
+        allowed = allowed_networks(self.allowed_peers, self.pacs_host)
         ae = AE(ae_title=self.ae_title)
-        ae.maximum_pdu_size = 0
+        ae.maximum_pdu_size = self.limits.max_pdu_bytes
         ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = self.timeout_s
         if self.sink.allowed_calling_aes is not None:
             ae.require_calling_aet = sorted(self.sink.allowed_calling_aes)
@@ -242,7 +414,10 @@ class StorageSCP:
             ae_title=self.ae_title,
             ssl_context=server_tls_context(self.tls) if self.tls else None,
             evt_handlers=[(evt.EVT_C_STORE, self.sink.handle_store)],
-            server_class=_NoDelayServer,
+            server_class=_StorageServer,
+            allowed=allowed,
+            handshake_timeout_s=self.tls_handshake_timeout_s,
+            limits=self.limits,
         )
         # What AE.start_server does after make_server; the server's shutdown() expects to find itself there.
         ae._servers.append(self._server)
@@ -254,6 +429,7 @@ class StorageSCP:
         """Stop listening, close the socket, and wait for the sink to write what it received."""
         if self._server is not None:
             self._server.shutdown()  # also closes the listening socket
+            self._refused_peers = self._server.refused_peers
             self._server = None
         if self._thread is not None:
             self._thread.join(timeout=5)

@@ -35,13 +35,28 @@ app.add_typer(sandbox_app, name="sandbox")
 app.add_typer(imaging_app, name="imaging")
 
 
+# The sandbox's servers run as other accounts (PostgreSQL as 'postgres' when riskbridge runs as root) that must
+# reach its directory, and it holds synthetic data only: these commands (the demo starts the sandbox) keep the umask.
+_SHARED_DIRECTORY_COMMANDS = ("sandbox", "demo")
+
+
 @app.callback()
 def main(
+    ctx: typer.Context,
     config: Path | None = typer.Option(
         None, "--config", "-c", help="TOML config file (default: $RISKBRIDGE_CONFIG, else ./riskbridge.toml)."
     ),
 ) -> None:
     """riskbridge: DICOM and FHIR in, RiskAssessment out."""
+    import os
+
+    from riskbridge.filemodes import use_private_umask
+
+    # Before any command writes: reports, staged series, tables and airflow.cfg may hold PHI or secrets.
+    if ctx.invoked_subcommand not in _SHARED_DIRECTORY_COMMANDS:
+        previous = use_private_umask()
+        # For the command's duration: a caller running commands in its own process (tests) gets its umask back.
+        ctx.call_on_close(lambda: os.umask(previous))
     _State.config = config
 
 
@@ -104,6 +119,29 @@ def airflow_init(
     console.print("pools: " + ", ".join(f"{name} ({slots} slots)" for name, slots in pools.items()))
     console.print("connections: " + ", ".join(connections))
     console.print(f"DAG folder: {local.dags_folder}\nuse it with: export AIRFLOW_HOME={local.home}")
+
+
+compose_app = typer.Typer(help='The Docker Compose deployment in docker/ (docs/operations.md "Docker").')
+app.add_typer(compose_app, name="compose")
+
+
+@compose_app.command("secrets")
+def compose_secrets(
+    directory: Path = typer.Option(Path("docker"), "--dir", help="The directory of docker-compose.yml."),
+) -> None:
+    """Write each missing secret file of the compose deployment (random, mode 0600); never overwrite one."""
+    from riskbridge.credentials import generate_compose_secrets
+
+    try:
+        results = generate_compose_secrets(directory)
+    except (RiskbridgeError, OSError) as exc:
+        raise _fail(str(exc)) from None
+    for result in results:
+        note = f": {result.note}" if result.note else ""
+        console.print(f"{result.status:<8} {result.path} ({result.what}){note}", highlight=False, markup=False)
+    refused = [str(result.path) for result in results if result.status == "refused"]
+    if refused:
+        raise _fail(f"{len(refused)} secret file(s) would not start the services: {', '.join(refused)}")
 
 
 app.command()(synth)
@@ -273,7 +311,7 @@ def score(
         raise typer.Exit(code=1)
 
 
-db_app = typer.Typer(help="The PostgreSQL ledger: schema migrations.")
+db_app = typer.Typer(help="The PostgreSQL ledger: schema migrations, PHI retention.")
 app.add_typer(db_app, name="db")
 
 
@@ -294,6 +332,66 @@ def db_upgrade() -> None:
         console.print(f"applied {migration.version:04d}_{migration.name}.sql")
     where = safe_dsn(settings.database.dsn.get_secret_value())
     console.print(f"ledger {where}: schema version {version}" + ("" if applied else " (already up to date)"))
+
+
+@db_app.command("purge")
+def db_purge(
+    dry_run: bool = typer.Option(False, "--dry-run", help="Count the rows a purge would clear; change nothing."),
+) -> None:
+    """Clear the patient identifiers the ledger no longer needs ([retention] phi_days, undecided_days; docs/ledger.md
+    "PHI and retention"). Prints counts per table, never a value."""
+    from riskbridge.connectors.db import safe_dsn
+    from riskbridge.ledger import Ledger
+    from riskbridge.retention import purge_phi
+
+    settings = _settings()
+    try:
+        with Ledger.connect(settings.database) as ledger:
+            counts = purge_phi(ledger, settings.retention, dry_run=dry_run)
+    except RiskbridgeError as exc:
+        raise _fail(str(exc)) from None
+    where = safe_dsn(settings.database.dsn.get_secret_value())
+    verb = "would clear (dry run, nothing changed)" if dry_run else "cleared"
+    console.print(
+        f"ledger {where}: {verb} the identifiers of runs without activity since "
+        f"{counts.phi_cutoff:%Y-%m-%d %H:%M} UTC, the names and birth dates of undecided studies of runs without "
+        f"activity since {counts.undecided_cutoff:%Y-%m-%d %H:%M} UTC"
+    )
+    console.print(
+        f"studies: {counts.identifiers + counts.undecided} row(s) ({counts.identifiers} identifiers, "
+        f"{counts.undecided} undecided names and birth dates)"
+    )
+    console.print(f"runs: {counts.runs} row(s) (lists cleared, closed for resuming)")
+
+
+staging_app = typer.Typer(help="The staging area of retrieved images: retention.")
+app.add_typer(staging_app, name="staging")
+
+
+@staging_app.command("purge")
+def staging_purge(
+    older_than_days: float | None = typer.Option(
+        None,
+        "--older-than-days",
+        min=0,
+        show_default="[retention] staging_days",
+        help="Remove staged series whose newest file is older than this many days.",
+    ),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Count what a purge would remove; remove nothing."),
+) -> None:
+    """Remove staged series older than the retention (docs/retrieval.md "Staging retention"): never one a running
+    run retrieved; one whose study is not scored yet is marked for retrieval again. Prints counts, never a UID."""
+    from riskbridge.ledger import Ledger
+    from riskbridge.staging_retention import purge_old
+
+    settings = _settings()
+    days = older_than_days if older_than_days is not None else settings.retention.staging_days
+    try:
+        with Ledger.connect(settings.database) as ledger:
+            purged = purge_old(ledger, settings.staging_dir, days, dry_run=dry_run)
+    except RiskbridgeError as exc:
+        raise _fail(str(exc)) from None
+    console.print(f"staging {settings.staging_dir}: {purged.line()} (older than {days:g} days)")
 
 
 def _run_window(window: str, zone: str | None) -> tuple[Any, Any]:

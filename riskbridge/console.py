@@ -30,7 +30,9 @@ from rich.segment import Segments
 from rich.table import Table
 from rich.text import Text
 
-from riskbridge.settings import Settings, SettingsError, load_settings
+from riskbridge.errors import ConfigurationError
+from riskbridge.records import configure_pseudonyms
+from riskbridge.settings import Settings, load_settings
 
 __all__ = [
     "UNWRAPPED_WIDTH",
@@ -89,11 +91,14 @@ def fail(message: str) -> typer.Exit:
 
 
 def cli_settings() -> Settings:
-    """The settings from ``--config`` (or the default places); a settings error ends the command with :func:`fail`."""
+    """The settings from ``--config`` (or the default places), with :func:`riskbridge.records.uid_hash` keyed by
+    their pseudonym key; a settings error or an unreadable key ends the command with :func:`fail`."""
     try:
-        return load_settings(CliState.config)
-    except SettingsError as exc:
+        settings = load_settings(CliState.config)
+        configure_pseudonyms(settings)  # the command's logs, its worker processes' included, tag UIDs with one key
+    except ConfigurationError as exc:  # SettingsError, or a pseudonym key file that cannot be read
         raise fail(str(exc)) from None
+    return settings
 
 
 @contextmanager

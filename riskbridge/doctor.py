@@ -1,6 +1,8 @@
 """``riskbridge doctor``: can this installation reach its PACS, its FHIR server and its ledger database?
 
-Each check is independent and reports OK or FAIL with the reason; one failing part never hides another.
+Each check is independent and reports OK or FAIL with the reason; one failing part never hides another. After the
+checks come warnings about settings that work but weaken security (:func:`setting_warnings`): OK rows whose detail
+starts with ``warning:``, so they are seen without failing the command.
 """
 
 from __future__ import annotations
@@ -53,12 +55,29 @@ def _checks(settings: Settings) -> list[tuple[str, Callable[[], str], str]]:
 EXPECTED_ERRORS = (RiskbridgeError, OSError)
 
 
+def setting_warnings(settings: Settings) -> list[CheckResult]:
+    """One row for each setting that was allowed on purpose but weakens security; none for the defaults."""
+    pacs = settings.pacs
+    warnings = []
+    if pacs.scp_allow_plaintext and pacs.scp_plaintext_off_loopback():
+        warnings.append(
+            CheckResult(
+                "Storage SCP (DICOM)",
+                f"{pacs.scp_ae}@{pacs.scp_bind_address}:{pacs.scp_port}",
+                True,
+                "warning: listens off loopback without TLS (pacs.scp_allow_plaintext = true): retrieved images cross "
+                "the network unencrypted; configure [pacs.tls]",
+            )
+        )
+    return warnings
+
+
 def run_checks(settings: Settings) -> list[CheckResult]:
-    """Run every check and return one result each, in a fixed order."""
+    """Run every check and return one result each, in a fixed order, then the :func:`setting_warnings`."""
     results = []
     for name, check, target in _checks(settings):
         try:
             results.append(CheckResult(name, target, True, check()))
         except EXPECTED_ERRORS as exc:
             results.append(CheckResult(name, target, False, str(exc)))
-    return results
+    return results + setting_warnings(settings)

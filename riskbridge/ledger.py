@@ -18,6 +18,7 @@ migration's PHI note).
 from __future__ import annotations
 
 import hashlib
+import logging
 import re
 import zlib
 from collections.abc import Iterator, Mapping, Sequence
@@ -38,6 +39,8 @@ from riskbridge.errors import LedgerError
 from riskbridge.records import WriteBack
 from riskbridge.settings import DatabaseSettings
 
+LOG = logging.getLogger(__name__)
+
 RUN_KINDS = ("nightly", "backfill", "on_demand", "export", "survey")
 RUN_STATUSES = ("running", "success", "failed")
 _MIGRATION_NAME = re.compile(r"^(\d{4})_([a-z0-9_]+)\.sql$")
@@ -45,6 +48,8 @@ _MIGRATION_NAME = re.compile(r"^(\d{4})_([a-z0-9_]+)\.sql$")
 _MIGRATION_LOCK = 0x72_62_6C_65_64_67_65_72
 # The first key of the (int, int) advisory locks that claim a series for retrieval (a key space of its own).
 _SERIES_LOCK_CLASS = 0x7262_7365
+# ... and of those that claim a RiskAssessment key for sending.
+_WRITEBACK_LOCK_CLASS = 0x7262_7762
 COVERING_KINDS = ("nightly", "backfill")  # runs with a window whose success adds to the coverage
 
 
@@ -111,6 +116,7 @@ class RunInfo:
     model: str | None
     watermark: datetime | None = None  # a nightly run: where its new coverage begins (before it: the lookback)
     rescore: bool = False  # decided work is done again (``--rescore``)
+    phi_purged: datetime | None = None  # when `riskbridge db purge` cleared its identifiers: never resumed after
 
 
 @dataclass(frozen=True)
@@ -136,6 +142,13 @@ def record_quarantine(
            ON CONFLICT (run_id, study_uid) DO UPDATE SET stage = EXCLUDED.stage, reason = EXCLUDED.reason,
                detail = EXCLUDED.detail, recorded = now()""",
         (run_id, study_uid, stage, reason, detail),
+    )
+
+
+def _purged_message(run_id: int, purged: datetime, prefix: str = "") -> str:
+    return (
+        f"{prefix}run {run_id}, whose patient identifiers were purged on {purged:%Y-%m-%d} ([retention] phi_days): "
+        "it cannot be resumed; start a new run under another run key"
     )
 
 
@@ -193,31 +206,43 @@ class Ledger:
         wanted = list(migrations) if migrations is not None else load_migrations()
         known = {migration.version for migration in wanted}
         applied_now: list[Migration] = []
+        # Held for the whole upgrade (a lock per migration's transaction would let two upgrades take turns): the
+        # first upgrade applies every migration, the others wait and find them applied.
         with self.transaction() as cursor:
-            cursor.execute("SELECT pg_advisory_xact_lock(%s)", (_MIGRATION_LOCK,))
-            cursor.execute(_SCHEMA_MIGRATIONS)
-        for migration in wanted:
+            cursor.execute("SELECT pg_advisory_lock(%s)", (_MIGRATION_LOCK,))
+        try:
             with self.transaction() as cursor:
-                cursor.execute("SELECT pg_advisory_xact_lock(%s)", (_MIGRATION_LOCK,))
-                cursor.execute("SELECT version, checksum FROM schema_migrations")
-                applied = {int(r["version"]): str(r["checksum"]) for r in cursor.fetchall()}
-                unknown = sorted(set(applied) - known)
-                if unknown:
-                    raise LedgerError(f"the ledger has migration(s) {unknown} this riskbridge does not know (newer?)")
-                if migration.version in applied:
-                    if applied[migration.version] != migration.checksum:
-                        raise LedgerError(
-                            f"migration {migration.version:04d}_{migration.name}.sql changed after it was applied; "
-                            "add a new migration instead of editing an applied one"
-                        )
-                    continue
-                cursor.execute(migration.sql)
-                cursor.execute(
-                    "INSERT INTO schema_migrations (version, name, checksum) VALUES (%s, %s, %s)",
-                    (migration.version, migration.name, migration.checksum),
-                )
-                applied_now.append(migration)
+                cursor.execute(_SCHEMA_MIGRATIONS)
+            for migration in wanted:
+                if self._apply(migration, known):
+                    applied_now.append(migration)
+        finally:
+            if not self.connection.closed:
+                with self.transaction() as cursor:
+                    cursor.execute("SELECT pg_advisory_unlock(%s)", (_MIGRATION_LOCK,))
         return applied_now
+
+    def _apply(self, migration: Migration, known: set[int]) -> bool:
+        """Apply one migration in its own transaction unless it is applied; True when this call applied it."""
+        with self.transaction() as cursor:
+            cursor.execute("SELECT version, checksum FROM schema_migrations")
+            applied = {int(r["version"]): str(r["checksum"]) for r in cursor.fetchall()}
+            unknown = sorted(set(applied) - known)
+            if unknown:
+                raise LedgerError(f"the ledger has migration(s) {unknown} this riskbridge does not know (newer?)")
+            if migration.version in applied:
+                if applied[migration.version] != migration.checksum:
+                    raise LedgerError(
+                        f"migration {migration.version:04d}_{migration.name}.sql changed after it was applied; "
+                        "add a new migration instead of editing an applied one"
+                    )
+                return False
+            cursor.execute(migration.sql)
+            cursor.execute(
+                "INSERT INTO schema_migrations (version, name, checksum) VALUES (%s, %s, %s)",
+                (migration.version, migration.name, migration.checksum),
+            )
+            return True
 
     def check_schema(self) -> None:
         """Raise :class:`LedgerError` unless every shipped migration is applied (``riskbridge db upgrade``)."""
@@ -272,6 +297,8 @@ class Ledger:
                 ),
             )
         run = self.run_by_key(run_key)
+        if run.phi_purged is not None:
+            raise LedgerError(_purged_message(run.run_id, run.phi_purged, f"run key {run_key!r} names "))
         asked = (kind, window, tuple(accessions), tuple(patient_ids), watermark, rescore)
         if (run.kind, run.window, run.accessions, run.patient_ids, run.watermark, run.rescore) != asked:
             raise LedgerError(
@@ -298,6 +325,7 @@ class Ledger:
             model=row["model"],
             watermark=row["watermark"],
             rescore=bool(row["rescore"]),
+            phi_purged=row.get("phi_purged"),
         )
 
     def run(self, run_id: int) -> RunInfo:
@@ -376,22 +404,52 @@ class Ledger:
         overlapping run's retrieve task) waits until this block ends, so no series is retrieved by two runs at
         once. Session-level advisory locks, taken in one order (no deadlock) and released by the block's end or
         by the connection's end (a killed task)."""
-        keys = sorted({zlib.crc32(uid.encode()) - 2**31 for uid in series_uids})
+        with self._claim(_SERIES_LOCK_CLASS, series_uids, "series"):
+            yield
+
+    @contextmanager
+    def claim_writebacks(self, keys: Sequence[str]) -> Iterator[None]:
+        """Hold these RiskAssessment keys for sending while the block runs, as :meth:`claim_series` holds series: an
+        overlapping run that claims one of them waits until this block ends, then reads the outbox again and finds
+        it answered. No key is ever in flight twice; two conditional creates of one identifier sent at once can
+        both create (HAPI does not serialize them)."""
+        with self._claim(_WRITEBACK_LOCK_CLASS, keys, "write-back keys"):
+            yield
+
+    @contextmanager
+    def _claim(self, lock_class: int, names: Sequence[str], what: str) -> Iterator[None]:
+        """Session-level advisory locks on ``names`` (by CRC-32: a collision only makes one run wait longer),
+        taken in sorted order; the first one another session holds is logged once, then waited for."""
+        keys = sorted({zlib.crc32(name.encode()) - 2**31 for name in names})
         taken: list[int] = []
+        waited = False
         try:
             for key in keys:
                 with self.transaction() as cursor:
-                    cursor.execute("SELECT pg_advisory_lock(%s, %s)", (_SERIES_LOCK_CLASS, key))
+                    cursor.execute("SELECT pg_try_advisory_lock(%s, %s) AS got", (lock_class, key))
+                    row = cursor.fetchone()
+                    if not (row and row["got"]):
+                        if not waited:
+                            LOG.info("waiting for %s another run holds", what)
+                            waited = True
+                        cursor.execute("SELECT pg_advisory_lock(%s, %s)", (lock_class, key))
                 taken.append(key)
             yield
         finally:
             for key in reversed(taken):
                 with self.transaction() as cursor:
-                    cursor.execute("SELECT pg_advisory_unlock(%s, %s)", (_SERIES_LOCK_CLASS, key))
+                    cursor.execute("SELECT pg_advisory_unlock(%s, %s)", (lock_class, key))
 
     def resume_run(self, run_id: int) -> bool:
-        """Mark a failed run running again (a stage of it is being resumed); True when it was failed."""
+        """Mark a failed run running again (a stage of it is being resumed); True when it was failed.
+
+        :class:`LedgerError` for a run whose identifiers ``riskbridge db purge`` cleared: its undecided studies can
+        no longer be matched, so none of its stages runs again."""
         with self.transaction() as cursor:
+            cursor.execute("SELECT phi_purged FROM runs WHERE run_id = %s", (run_id,))
+            row = cursor.fetchone()
+            if row is not None and row["phi_purged"] is not None:
+                raise LedgerError(_purged_message(run_id, row["phi_purged"]))
             cursor.execute(
                 "UPDATE runs SET status = 'running', finished = NULL WHERE run_id = %s AND status = 'failed'", (run_id,)
             )

@@ -26,10 +26,12 @@ from pathlib import Path
 from riskbridge.coverage import Interval, NightlyWindow, merged, plan_nightly, uncovered
 from riskbridge.harmonize.windows import site_zone
 from riskbridge.ledger import CoveredRun, Ledger, LedgerError
+from riskbridge.records import configure_pseudonyms
 from riskbridge.settings import Settings
 from riskbridge.stages import STAGES, Stage, stage
 from riskbridge.stages.base import PipelineError, Progress, StageContext, StageResult, chunk_key, chunked
 from riskbridge.stages.report import RunSummary, quarantine_alert, run_summary, write_report
+from riskbridge.staging_retention import remove_scored
 
 __all__ = ["Pipeline", "PipelineError", "StageResult", "window_of_days"]
 
@@ -50,6 +52,7 @@ class Pipeline:
     """The stages of a run over one ledger connection; FHIR client, rules, spec and model are opened when needed."""
 
     def __init__(self, settings: Settings, ledger: Ledger | None = None) -> None:
+        configure_pseudonyms(settings)  # every run's logs, its worker processes' included, tag UIDs with one key
         self.context = StageContext(settings, ledger)
 
     @classmethod
@@ -154,9 +157,12 @@ class Pipeline:
         return quarantine_alert(summary, run.quarantine_alert_fraction, run.quarantine_alert_min_studies)
 
     def finish(self, run_id: int, summary: RunSummary | None = None) -> str | None:
-        """Finish the run: failed with the quarantine alert's message when it raises one (returned), else success."""
+        """Finish the run: failed with the quarantine alert's message when it raises one (returned), else success.
+        Either way the series it scored leave staging when ``[retention] staging_after_run`` says so."""
         alert = self.quarantine_alert(run_id, summary)
         self.finish_run(run_id, "failed" if alert else "success")
+        if self.settings.retention.staging_after_run == "remove-scored":
+            remove_scored(self.ledger, run_id, self.settings.staging_dir)
         return alert
 
     def report(self, run_id: int) -> Path:

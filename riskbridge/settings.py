@@ -26,6 +26,7 @@ from pydantic import (
 )
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
+from riskbridge.credentials import default_secret_problems
 from riskbridge.errors import ConfigurationError
 
 ENV_PREFIX = "RISKBRIDGE_"
@@ -77,7 +78,24 @@ class PacsSettings(_Section):
     scp_port: int = Field(11113, ge=1, le=65535)
     # Where riskbridge's storage SCP listens; a site whose PACS is on another host sets its own interface.
     scp_bind_address: str = "127.0.0.1"
+    # Peers (IP addresses or CIDR networks) the storage SCP accepts connections from, checked before TLS and before any
+    # DICOM is read; empty: the addresses `host` resolves to (all of loopback when one is a loopback address).
+    scp_allowed_peers: list[str] = []
+    # Off loopback the SCP needs [pacs.tls]: without it images and their patients' names cross the network in clear.
+    # true accepts that (`riskbridge doctor` then warns).
+    scp_allow_plaintext: bool = False
+    # A client that connects to the storage SCP and does not finish its TLS handshake in this time is dropped.
+    tls_handshake_timeout_s: float = Field(10.0, gt=0)
+    # The largest PDU riskbridge receives, as SCP and SCU (peers fragment by it). 1 MiB holds a whole 512x512 CT slice,
+    # so a slice still arrives in one PDU as with the unlimited size used before; unlimited let a peer announce a 4 GiB
+    # PDU that pynetdicom would buffer whole.
+    max_pdu_kb: int = Field(1024, ge=16, le=65536)
+    # The largest DIMSE message (one instance) riskbridge receives over C-MOVE or C-GET; past it the association is
+    # aborted. Received messages are held in memory until complete, so this bounds memory per association.
+    max_instance_mb: int = Field(512, ge=1, le=4096)
     dicomweb_url: str | None = "http://127.0.0.1:18042/dicom-web"
+    # DicomwebSettings is defined after FhirAuth, which it reuses: hence the factory.
+    dicomweb: DicomwebSettings = Field(default_factory=lambda: DicomwebSettings())
     tls: TlsSettings | None = None
     transport: Literal["auto", "c-move", "c-get", "dicomweb"] = "auto"
     # Parallel retrieval worker processes. For C-MOVE, worker i receives on AE title scp_ae + i at scp_port + i
@@ -97,6 +115,47 @@ class PacsSettings(_Section):
     staging_instance_kb: int = Field(520, ge=1)
 
     _ae = field_validator("called_ae", "calling_ae", "scp_ae")(_check_ae_title)
+
+    @field_validator("scp_allowed_peers")
+    @classmethod
+    def _peers_are_networks(cls, peers: list[str]) -> list[str]:
+        import ipaddress
+
+        for peer in peers:
+            try:
+                ipaddress.ip_network(peer, strict=True)
+            except ValueError as exc:
+                raise ValueError(f"{peer!r}: {exc} (give an IP address or a network such as 10.20.0.0/16)") from None
+        return peers
+
+    @model_validator(mode="after")
+    def _plaintext_only_on_loopback(self) -> PacsSettings:
+        if self.scp_plaintext_off_loopback() and not self.scp_allow_plaintext:
+            raise ValueError(
+                f"scp_bind_address {self.scp_bind_address!r} is not a loopback address and [pacs.tls] is not set: the "
+                "storage SCP would receive images unencrypted; configure [pacs.tls], or set scp_allow_plaintext = true "
+                "to accept that"
+            )
+        return self
+
+    def scp_plaintext_off_loopback(self) -> bool:
+        """True when the storage SCP would listen without TLS on an address other than loopback."""
+        return self.tls is None and not self.is_loopback(self.scp_bind_address)
+
+    @staticmethod
+    def is_loopback(address: str) -> bool:
+        """True for a loopback IP address (IPv4-mapped IPv6 too) and ``localhost``; any other host name is not."""
+        import ipaddress
+
+        if address.lower() == "localhost":
+            return True
+        try:
+            ip = ipaddress.ip_address(address.split("%", 1)[0])
+        except ValueError:
+            return False
+        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+            return ip.ipv4_mapped.is_loopback
+        return ip.is_loopback
 
     @model_validator(mode="after")
     def _worker_ae_titles_fit(self) -> PacsSettings:
@@ -160,6 +219,50 @@ class FhirAuth(_Section):
         if missing:
             raise ValueError(f"auth type {self.type!r} needs {', '.join(missing)}")
         return self
+
+
+class HttpTlsSettings(_Section):
+    """TLS of an HTTPS client: a site CA bundle instead of the system CAs, and a client certificate for mutual TLS.
+
+    PEM files; ``cert_file`` and ``key_file`` go together. The server's certificate is always verified.
+    """
+
+    ca_file: Path | None = None
+    cert_file: Path | None = None
+    key_file: Path | None = None
+
+    @field_validator("ca_file", "cert_file", "key_file")
+    @classmethod
+    def _exists(cls, path: Path | None) -> Path | None:
+        if path is not None and not path.is_file():
+            raise ValueError(f"file not found: {path}")
+        return path
+
+    @model_validator(mode="after")
+    def _certificate_with_its_key(self) -> HttpTlsSettings:
+        if (self.cert_file is None) != (self.key_file is None):
+            raise ValueError("cert_file and key_file go together (a client certificate and its private key)")
+        return self
+
+
+class DicomwebSettings(_Section):
+    """Credentials, TLS and limits of the DICOMweb client of ``pacs.dicomweb_url`` (docs/retrieval.md "DICOMweb
+    security").
+
+    ``auth`` takes the options of ``fhir.auth`` (none, basic, bearer, oauth2, smart); with credentials,
+    ``pacs.dicomweb_url`` and the token URL must be https:// unless their host is loopback.
+    """
+
+    auth: FhirAuth = FhirAuth()
+    tls: HttpTlsSettings = HttpTlsSettings()
+    # A WADO-RS part (one instance) larger than this fails its request; nothing larger is written to staging.
+    max_part_mb: int = Field(512, ge=1, le=65536)
+    # Of an HTTP error answer at most this much is read, for the reason in the error message.
+    max_error_body_kb: int = Field(4, ge=1, le=1024)
+    # QIDO-RS asks for this many matches per page (limit and offset) ...
+    qido_page_size: int = Field(1000, ge=1, le=10000)
+    # ... and a listing that still grows after this many pages fails (a server paging without end).
+    max_pages: int = Field(100, ge=1, le=100000)
 
 
 class FhirRetry(_Section):
@@ -289,6 +392,10 @@ class RunSettings(_Section):
     # first) instead of finishing green: usually a site setting that matches nothing. 1.0 turns the alert off.
     quarantine_alert_fraction: float = Field(0.8, gt=0, le=1)
     quarantine_alert_min_studies: int = Field(10, ge=1)  # smaller runs never alert
+    # The site's key for the pseudonyms logs give UIDs and MRNs (riskbridge.records.uid_hash): made with 32 random
+    # bytes, mode 0600, when missing. Every process of a site must read the same file (give an absolute path);
+    # RISKBRIDGE_PSEUDONYM_KEY, when set, is the key instead.
+    pseudonym_key_file: Path = Path(".riskbridge/pseudonym.key")
 
 
 class ExportSettings(_Section):
@@ -374,6 +481,29 @@ class AirflowSettings(_Section):
         return value
 
 
+class RetentionSettings(_Section):
+    """How long the ledger keeps patient identifiers (``riskbridge db purge``; docs/ledger.md "PHI and retention")."""
+
+    # A run without activity (start, a stage, finish) for this many days loses its studies' patient identifiers (PACS
+    # patient ids, other ids, accession numbers, names, birth dates, sex, study description) and its on-demand lists,
+    # and can no longer be resumed; UIDs, decisions, scores and the outbox stay.
+    phi_days: int = Field(30, ge=1, le=3650)
+    # Sooner, the names and birth dates of studies that never got an identity decision (their run stopped before
+    # match): a decided study loses them at once. A run resumed after this matches by identifiers only.
+    undecided_days: int = Field(7, ge=1, le=3650)
+    # Staged images (whole DICOM files, names included): remove-scored deletes a run's scored series when the run
+    # finishes (a rescore retrieves them again); keep leaves them. Anything else staged goes after staging_days
+    # (`riskbridge staging purge`, docs/retrieval.md "Staging retention").
+    staging_after_run: Literal["keep", "remove-scored"] = "remove-scored"
+    staging_days: float = Field(7.0, gt=0, le=3650)
+
+    @model_validator(mode="after")
+    def _undecided_first(self) -> RetentionSettings:
+        if self.undecided_days > self.phi_days:
+            raise ValueError("undecided_days must not exceed phi_days")
+        return self
+
+
 class SandboxSettings(_Section):
     """Ports and state directory of the loopback sandbox (``riskbridge sandbox up``)."""
 
@@ -416,6 +546,7 @@ class Settings(BaseSettings):
     monitor: MonitorSettings = MonitorSettings()
     airflow: AirflowSettings = AirflowSettings()
     sandbox: SandboxSettings = SandboxSettings()
+    retention: RetentionSettings = RetentionSettings()
 
     @classmethod
     def settings_customise_sources(
@@ -471,9 +602,14 @@ def load_settings(config_file: Path | None = None) -> Settings:
     """Load and validate settings; raise :class:`SettingsError` naming each bad or missing key."""
     path = config_file_path(config_file)
     values = _read_config_file(path) if path is not None else {}
+    source = f" (config file {path})" if path else ""
     try:
-        return Settings(**values)
+        settings = Settings(**values)
     except ValidationError as exc:
-        source = f" (config file {path})" if path else ""
         problems = "; ".join(_describe(dict(error)) for error in exc.errors())
         raise SettingsError(f"invalid settings{source}: {problems}") from None
+    # Checked on the whole object: whether a default password is acceptable depends on the servers of its section.
+    defaults = default_secret_problems(settings)
+    if defaults:
+        raise SettingsError(f"invalid settings{source}: {'; '.join(defaults)}")
+    return settings

@@ -24,7 +24,7 @@ from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from riskbridge.settings import Settings, load_settings
+from riskbridge.settings import Settings, SettingsError, load_settings
 from riskbridge.stages import STAGE_NAMES, STAGES, Stage
 
 if TYPE_CHECKING:
@@ -50,10 +50,22 @@ def run_key(dag_id: str, airflow_run_id: str) -> str:
 
 
 def task_settings() -> Settings:
-    """Load riskbridge's settings as a task sees them: config file and environment, then the Airflow Connections."""
-    from riskbridge.airflow.hooks import settings_with_connections
+    """Load riskbridge's settings as a task sees them: config file and environment, then the Airflow Connections.
 
-    return settings_with_connections(load_settings())
+    Every task starts here, so this is where a task makes what it writes private (reports, staging, tables:
+    :func:`riskbridge.filemodes.use_private_umask`) and refuses Connections with a well-known default secret.
+    """
+    from riskbridge.airflow.hooks import settings_with_connections
+    from riskbridge.credentials import default_secret_problems
+    from riskbridge.filemodes import use_private_umask
+
+    use_private_umask()
+    settings = settings_with_connections(load_settings())
+    # load_settings checked the config file and environment; the Connections bring credentials it never saw.
+    defaults = default_secret_problems(settings)
+    if defaults:
+        raise SettingsError(f"invalid settings from the Airflow Connections: {'; '.join(defaults)}")
+    return settings
 
 
 @contextmanager

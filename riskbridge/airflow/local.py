@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from riskbridge.errors import RiskbridgeError
+from riskbridge.filemodes import PRIVATE_DIR_MODE, PRIVATE_UMASK, write_private_text
 from riskbridge.settings import AirflowSettings, Settings
 
 # The repository's dags/ folder (an editable install or a source checkout); a site passes its own.
@@ -98,6 +99,8 @@ class LocalAirflow:
                 env=self.environment(env),
                 timeout=timeout_s,
                 check=False,
+                # Airflow writes airflow.cfg (with a Fernet key), the SQLite metadata and task logs: this user's only.
+                umask=PRIVATE_UMASK,
             )
         except subprocess.TimeoutExpired as exc:
             raise AirflowCommandError(f"airflow {' '.join(args)}: no answer within {timeout_s:.0f} s") from exc
@@ -108,17 +111,21 @@ class LocalAirflow:
 
     def migrate(self) -> None:
         """Create or upgrade the metadata database (``airflow db migrate``) and write airflow.cfg."""
-        self.home.mkdir(parents=True, exist_ok=True)
+        self.home.mkdir(mode=PRIVATE_DIR_MODE, parents=True, exist_ok=True)
         self.airflow("db", "migrate")
         self.write_config()
 
     def write_config(self) -> None:
-        """Put :meth:`config_values` into airflow.cfg, so ``AIRFLOW_HOME=<home> airflow ...`` alone finds them."""
+        """Put :meth:`config_values` into airflow.cfg, so ``AIRFLOW_HOME=<home> airflow ...`` alone finds them.
+
+        The file holds the metadata URL (with its password) and Airflow's Fernet key: it is left mode 0600, also when
+        an earlier airflow.cfg was readable by others.
+        """
         path = self.home / "airflow.cfg"
         text = path.read_text() if path.is_file() else ""
         for (section, key), value in self.config_values().items():
             text = _set_option(text, section, key, value)
-        path.write_text(text)
+        write_private_text(path, text)
 
     def set_pools(self, config: AirflowSettings) -> dict[str, int]:
         """Create or resize the pools the DAGs use ([airflow] pacs_pool and gpu_pool); return name -> slots."""

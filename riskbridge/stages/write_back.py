@@ -22,7 +22,9 @@ when two conditional creates for the same identifier run in parallel.
 The bundles are built here (pure, unit-tested); :func:`write_assessments` posts them through anything with a
 ``transaction(entries)`` method, such as :class:`riskbridge.connectors.fhir.FhirClient`. The stage sends a run's
 scores through the ledger's outbox: enqueued as pending, posted in bundles (several at once), each key marked
-created or exists as its bundle is answered, so a key answered once is never sent again.
+created or exists as its bundle is answered, so a key answered once is never sent again. A run claims its open keys
+(:meth:`riskbridge.ledger.Ledger.claim_writebacks`) before it sends them, so overlapping runs (a nightly and an
+on-demand run scoring one study) never send one key at once.
 """
 
 from __future__ import annotations
@@ -517,6 +519,17 @@ def work(context: StageContext, run_id: int, items: Sequence[str] | None, progre
     counts: Counter[str] = Counter()
     ledger = context.ledger
     ledger.enqueue_writebacks(run_id)
+    keys = [assessment_key(s.model_version, s.patient_id, s.study_uid) for s in open_scores(ledger, run_id)]
+    if not keys:
+        return counts
+    # An overlapping run sending the same keys holds them until it is done; what it answered is not sent again.
+    with ledger.claim_writebacks(keys):
+        return _send_open(context, run_id, progress, counts)
+
+
+def _send_open(context: StageContext, run_id: int, progress: Progress | None, counts: Counter[str]) -> Counter[str]:
+    """Post the run's open scores in bundles, several at once, and count what the server answered."""
+    ledger = context.ledger
     scores = open_scores(ledger, run_id)
     if not scores:
         return counts

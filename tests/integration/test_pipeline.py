@@ -1,7 +1,8 @@
 """The whole pipeline without Airflow against the sandbox (Orthanc, HAPI FHIR, PostgreSQL) on a synthetic cohort,
 checked against its ground truth: every planted identity and series edge case quarantined with its expected reason,
 one RiskAssessment per scored patient, a rerun that sends and writes nothing, a run interrupted after retrieve and
-resumed by a new process (a new Pipeline) with the same result, and ``riskbridge run`` on the same window.
+resumed by a new process (a new Pipeline) with the same result, ``riskbridge run`` on the same window, and two
+overlapping runs writing back the same keys at once.
 
 The model is a tiny real package with seeded random weights (the scores mean nothing; the plumbing is tested).
 The sandbox may hold other tests' cohorts in the same window, so assertions are about this cohort's studies.
@@ -9,11 +10,12 @@ The sandbox may hold other tests' cohorts in the same window, so assertions are 
 
 from __future__ import annotations
 
+import threading
 import uuid
 from collections.abc import Callable
 from datetime import date
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import pytest
 from synthetic_site import synthetic_site_settings
@@ -27,6 +29,8 @@ from riskbridge.pipeline import Pipeline, StageResult, window_of_days
 from riskbridge.settings import DatabaseSettings, IdentitySettings, RunSettings, Settings
 from riskbridge.stages import discover as discover_stage
 from riskbridge.stages import report as report_stage
+from riskbridge.stages import write_back as write_back_stage
+from riskbridge.staging_retention import purge_old
 
 pytestmark = pytest.mark.integration
 
@@ -343,3 +347,113 @@ def test_a_run_whose_identity_map_matches_nothing_fails_with_the_quarantine_aler
     assert discovered >= wrong.run.quarantine_alert_min_studies
     assert summary.quarantine.get("identity_unmatched", 0) > 0.8 * discovered
     assert "score" not in summary.stage_counts or summary.stage_counts["score"].get("done", 0) == 0
+
+
+def test_overlapping_runs_send_each_key_once_and_write_one_risk_assessment_per_key(
+    settings: Settings, truth: list[dict[str, Any]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A nightly and an on-demand run score the same studies with the same model and write back at once. The first
+    claims its keys; the second waits for them, finds them answered and sends nothing. Without the claim both send
+    the keys still open, and HAPI can create two RiskAssessments for one identifier (parallel conditional creates
+    are not serialized there). The real client's transaction is wrapped to count the keys sent and to hold the
+    first bundle until the second run has read the outbox, so the two write-backs overlap on every run."""
+    window = window_of_days(*WINDOW, ZONE)
+    one_at_a_time = settings.writeback.model_copy(update={"bundle_size": 1, "bundle_workers": 1})
+    settings = settings.model_copy(update={"writeback": one_at_a_time})
+    with Pipeline.from_settings(settings) as pipeline:
+        first = pipeline.start_run("nightly", "test:pipeline:overlap-a", window)
+        pipeline.run_stages(first, until="score")
+        second = pipeline.start_run("backfill", "test:pipeline:overlap-b", window)
+        pipeline.run_stages(second, until="score")
+    sent: list[str] = []
+    sent_lock = threading.Lock()
+    real_transaction = FhirClient.transaction
+
+    real_open_scores = write_back_stage.open_scores
+    second_read_the_outbox = threading.Event()
+
+    def counted(self: FhirClient, entries: Any) -> Any:
+        # The first bundle waits until the second run has read the outbox: both are then in write-back at once.
+        second_read_the_outbox.wait(timeout=60)
+        with sent_lock:
+            sent.extend(e["request"]["ifNoneExist"] for e in entries if "ifNoneExist" in e["request"])
+        return real_transaction(self, entries)
+
+    def open_scores(ledger: Ledger, run_id: int) -> Any:
+        scores = real_open_scores(ledger, run_id)
+        if run_id == second:
+            second_read_the_outbox.set()
+        return scores
+
+    monkeypatch.setattr(FhirClient, "transaction", counted)
+    monkeypatch.setattr(write_back_stage, "open_scores", open_scores)
+    results: dict[int, StageResult | BaseException] = {}
+
+    def write_back(run_id: int) -> None:
+        try:
+            with Pipeline.from_settings(settings) as pipeline:
+                results[run_id] = pipeline.run_stage("write_back", run_id)
+        except BaseException as exc:  # reported by the assertions below, not lost in the thread
+            results[run_id] = exc
+
+    threads = {run_id: threading.Thread(target=write_back, args=(run_id,), name=f"run-{run_id}") for run_id in
+               (first, second)}  # fmt: skip
+    for thread in threads.values():
+        thread.start()
+    for thread in threads.values():
+        thread.join(timeout=300)
+    done = {run_id: result for run_id, result in results.items() if isinstance(result, StageResult)}
+    assert set(done) == {first, second}, results
+    assert sent and len(sent) == len(set(sent)), "a key was sent twice"
+    assert done[first].done == len(sent), "the first run sent every key"
+    assert (done[second].done, done[second].failed) == (0, 0), "the second run waited and found them answered"
+    with Ledger.connect(settings.database) as ledger:
+        for run_id in (first, second):
+            assert {w.status for w in ledger.writebacks(run_id)} == {"created"}
+    _check_against_truth(settings, first, truth)  # one RiskAssessment per scored patient on the server
+
+
+def test_staging_keeps_a_running_runs_series_and_removes_scored_and_old_ones(
+    settings: Settings, truth: list[dict[str, Any]]
+) -> None:
+    """While the run is running nothing of it is purged; once failed, an old series its study was not scored from
+    is removed and marked for retrieval again, so resuming retrieves it anew; finishing removes the scored series
+    (``[retention] staging_after_run = "remove-scored"``, the default)."""
+    window = window_of_days(*WINDOW, ZONE)
+    with Pipeline.from_settings(settings) as pipeline:
+        run_id = pipeline.start_run("nightly", "test:pipeline:staging-retention", window)
+        pipeline.run_stages(run_id, until="retrieve")
+        retrieved = {r.series_uid for r in ledger_retrievals(pipeline.ledger, run_id)}
+        assert retrieved
+        # What selection sampled headers from is staged too, and no run holds it: it goes, the chosen series stay.
+        sampled = {d.name for d in settings.staging_dir.glob("*/*") if d.is_dir()} - retrieved
+        running = purge_old(pipeline.ledger, settings.staging_dir, 0)
+        assert (running.series, running.kept_running) == (len(sampled), len(retrieved))
+        assert {d.name for d in settings.staging_dir.glob("*/*")} == retrieved
+        pipeline.finish_run(run_id, "failed")  # as if a task failed for good; a clear resumes it later
+        dry = purge_old(pipeline.ledger, settings.staging_dir, 0, dry_run=True)
+        assert dry.series == len(retrieved) and {d.name for d in settings.staging_dir.glob("*/*")} == retrieved
+        assert purge_old(pipeline.ledger, settings.staging_dir, 3650).series == 0  # nothing that old
+        purged = purge_old(pipeline.ledger, settings.staging_dir, 0)
+        assert purged.series == len(retrieved) and purged.bytes > 0
+        assert not list(settings.staging_dir.glob("*/*"))
+        assert {item for chunk in pipeline.chunks("retrieve", run_id, 100) for item in chunk} == retrieved
+        assert pipeline.ledger.resume_run(run_id)
+        pipeline.run_stages(run_id)
+        assert pipeline.finish(run_id) is None
+    scored = _check_against_truth(settings, run_id, truth)
+    left = {d.name for d in settings.staging_dir.glob("*/*") if d.is_dir()}
+    with Ledger.connect(settings.database) as ledger:
+        scored_series = {r.series_uid for r in ledger_retrievals(ledger, run_id) if r.study_uid in scored}
+    assert scored_series and not (left & scored_series), "the scored series left staging when the run finished"
+
+
+def ledger_retrievals(ledger: Ledger, run_id: int) -> list[Any]:
+    with ledger.transaction() as cursor:
+        cursor.execute("SELECT study_uid, series_uid FROM retrievals WHERE run_id = %s AND complete", (run_id,))
+        return [_Retrieval(row["study_uid"], row["series_uid"]) for row in cursor.fetchall()]
+
+
+class _Retrieval(NamedTuple):
+    study_uid: str
+    series_uid: str

@@ -12,6 +12,7 @@ from typing import Any
 import pydicom
 import pytest
 
+from riskbridge.connectors import staging
 from riskbridge.connectors.retrieval import (
     RetrievalError,
     RetrievalFailure,
@@ -225,23 +226,21 @@ def test_dicomweb_workers_are_threads_and_keep_the_order(sandbox: Settings, coho
 
 
 @pytest.mark.parametrize("transport", ["c-move", "c-get", "dicomweb"])
-def test_with_a_known_count_no_instance_list_is_needed(
-    sandbox: Settings, cohort: Path, tmp_path: Path, transport: str, monkeypatch: pytest.MonkeyPatch
+def test_with_a_known_count_the_series_comes_in_one_request_and_is_judged_by_its_listing(
+    sandbox: Settings, cohort: Path, tmp_path: Path, transport: str
 ) -> None:
-    import riskbridge.connectors.retrieval
-
-    def no_listing(*args: object) -> set[str]:
-        raise AssertionError("the IMAGE-level C-FIND should not be needed")
-
-    monkeypatch.setattr(riskbridge.connectors.retrieval, "expected_instances", no_listing)
+    """A file an earlier attempt left under a UID the PACS does not list for the series stands in for nothing: it
+    is removed and counted, and the series is complete only with every listed instance."""
     settings = _settings(sandbox, tmp_path)
     study_uid, series_uid, count = _series(cohort)[1]
+    stale = staging.instance_path(settings.staging_dir, study_uid, series_uid, "1.2.826.0.1.3680043.8.498.999")
+    staging.write_atomic(stale, [b"a stale instance"])
     with Retriever(settings.pacs, settings.staging_dir, transport) as retriever:
         result = retriever.retrieve(study_uid, series_uid, count)
         again = retriever.retrieve(study_uid, series_uid, count)
-    assert (result.expected, result.received, result.attempts) == (count, count, 1)
+    assert (result.expected, result.received, result.attempts, result.unlisted) == (count, count, 1, 1)
     assert {path.stem for path in result.path.glob("*.dcm")} == set(_source_files(cohort, study_uid, series_uid))
-    assert again.attempts == 0 and again.complete
+    assert again.attempts == 0 and again.complete and again.unlisted == 0
 
 
 @pytest.mark.parametrize("transport", ["c-move", "c-get"])

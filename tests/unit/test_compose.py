@@ -85,19 +85,15 @@ def test_only_the_gpu_worker_consumes_the_gpu_queue_and_reserves_a_gpu() -> None
     assert "deploy" not in default
 
 
-def test_secret_files_exist() -> None:
-    secrets = yaml.safe_load(COMPOSE_FILE.read_text())["secrets"]
-    for name, secret in secrets.items():
-        assert (COMPOSE_FILE.parent / secret["file"]).is_file(), name
-
-
 def test_airflow_settings_file_loads_and_sends_scoring_to_the_gpu_queue() -> None:
     settings = load_settings(AIRFLOW_DIR / "riskbridge.toml")
     assert settings.airflow.score_queue == "gpu"
     assert settings.site.timezone is not None
 
 
-def test_connections_file_becomes_riskbridge_settings() -> None:
+def test_connections_file_becomes_riskbridge_settings(tmp_path: Path) -> None:
+    """The connections file `riskbridge compose secrets` renders from the committed template (no secret is
+    committed; test_compose_secrets.py checks the generator itself)."""
     from airflow.secrets.local_filesystem import load_connections_dict
 
     from riskbridge.airflow.hooks import (
@@ -105,8 +101,14 @@ def test_connections_file_becomes_riskbridge_settings() -> None:
         pacs_settings_from_connection,
         postgres_dsn_from_connection,
     )
+    from riskbridge.credentials import generate_compose_secrets
 
-    connections = load_connections_dict(str(AIRFLOW_DIR / "connections.json"))
+    compose = tmp_path / "docker"
+    (compose / "airflow").mkdir(parents=True)
+    shutil.copy(COMPOSE_FILE, compose / "docker-compose.yml")
+    shutil.copy(AIRFLOW_DIR / "connections.template.json", compose / "airflow" / "connections.template.json")
+    generate_compose_secrets(compose)
+    connections = load_connections_dict(str(compose / "airflow" / "connections.json"))
     assert set(connections) == {"pacs_default", "fhir_default", "riskbridge_db"}
     base = Settings()
     pacs = pacs_settings_from_connection(connections["pacs_default"], base.pacs)
@@ -115,7 +117,7 @@ def test_connections_file_becomes_riskbridge_settings() -> None:
         fhir_settings_from_connection(connections["fhir_default"], base.fhir).base_url == "http://hapi-fhir:8080/fhir"
     )
     dsn = postgres_dsn_from_connection(connections["riskbridge_db"])
-    password = (COMPOSE_FILE.parent / "postgres_password.txt").read_text().strip()
+    password = (compose / "postgres_password.txt").read_text().strip()
     assert dsn == f"postgresql://riskbridge:{password}@postgres:5432/riskbridge"
 
 

@@ -333,8 +333,13 @@ def test_any_sop_class_when_allowed_is_none_and_only_restricts_instances(tmp_pat
     assert stage_multipart([data], BOUNDARY, tmp_path, STUDY, SERIES, allowed_sop_classes=None).instances == [
         sop_uid(1)
     ]
-    with pytest.raises(RejectedPartError, match="not the instance that was asked for"):
-        stage_multipart([body([instance(sop_uid(1))])], BOUNDARY, tmp_path, STUDY, SERIES, only={sop_uid(2)})
+    # A verified instance that was not asked for is refused alone: recorded, not staged, the next part staged.
+    other = tmp_path / "other"
+    data = body([instance(sop_uid(1)), instance(sop_uid(2))])
+    staged = stage_multipart([data], BOUNDARY, other, STUDY, SERIES, only={sop_uid(2)})
+    assert staged.instances == [sop_uid(2)]
+    assert [(r.index, r.instance, r.reason) for r in staged.refused] == [(0, uid_hash(sop_uid(1)), "not asked for")]
+    assert staging.staged_instances(other, STUDY, SERIES) == {sop_uid(2)}
 
 
 def test_a_truncated_stream_leaves_no_partial_file(tmp_path: Path) -> None:

@@ -1,7 +1,8 @@
 """Unit tests of the one HTTP layer (riskbridge.connectors.http) without a server: which answers and failures a
 RetryPolicy retries, Retry-After, the 401 token renewal, the caller's transport error, pooled sessions with TLS
-settings; and of the connectors package itself: every public exception sits on its riskbridge.errors branch, and
-names resolve lazily so one connector does not import another's libraries."""
+settings (a site CA bundle the environment cannot override), the shared credential rules and token authorizer; and
+of the connectors package itself: every public exception sits on its riskbridge.errors branch, and names resolve
+lazily so one connector does not import another's libraries."""
 
 from __future__ import annotations
 
@@ -11,10 +12,12 @@ import subprocess
 import sys
 from datetime import UTC, datetime, timedelta
 from email.utils import format_datetime
+from pathlib import Path
 from typing import Any
 
 import pytest
 import requests
+from requests.adapters import BaseAdapter
 from requests.structures import CaseInsensitiveDict
 
 from riskbridge.connectors.http import (
@@ -22,13 +25,18 @@ from riskbridge.connectors.http import (
     Authorizer,
     HttpTransport,
     RetryPolicy,
+    authorizer_for,
     backoff_delay,
     basic_authorization,
+    check_credentials_url,
+    is_loopback_host,
     new_session,
     parse_retry_after,
     root_cause,
+    tls_files,
 )
-from riskbridge.errors import DataError, FhirServerError, LedgerError, PacsError, RiskbridgeError
+from riskbridge.errors import ConfigurationError, DataError, FhirServerError, LedgerError, PacsError, RiskbridgeError
+from riskbridge.settings import FhirAuth, HttpTlsSettings
 
 URL = "http://server.test/api/thing"
 
@@ -211,6 +219,80 @@ def test_new_sessions_pool_connections_without_urllib3_retries_and_carry_tls_set
     assert session.verify == str(ca) and session.cert == (str(tmp_path / "c.pem"), str(tmp_path / "k.pem"))
     assert session.headers["Accept"] == "application/fhir+json" and session.headers["Authorization"] == "Bearer x"
     assert new_session().verify is True
+
+
+class Recording(BaseAdapter):
+    """An adapter that answers 200 and keeps the TLS arguments requests hands it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.tls: list[tuple[Any, Any]] = []
+
+    def send(self, request: requests.PreparedRequest, **kwargs: Any) -> requests.Response:  # type: ignore[override]
+        self.tls.append((kwargs.get("verify"), kwargs.get("cert")))
+        response = answer(200)
+        response.request = request
+        return response
+
+    def close(self) -> None:
+        pass
+
+
+def test_a_site_ca_bundle_is_not_overridden_by_the_environment(tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """requests lets REQUESTS_CA_BUNDLE replace a session's own verify; the transport passes it per request."""
+    monkeypatch.setenv("REQUESTS_CA_BUNDLE", "/etc/ssl/certs/ca-certificates.crt")
+    ca, cert, key = tmp_path / "site-ca.pem", tmp_path / "c.pem", tmp_path / "k.pem"
+    for verify, expected in ((ca, str(ca)), (True, "/etc/ssl/certs/ca-certificates.crt")):
+        adapter = Recording()
+        http = HttpTransport(RetryPolicy(), error=lambda *a: TransportFailed(), verify=verify, client_cert=(cert, key))
+        http.session.mount("https://", adapter)
+        http.send("GET", "https://pacs.test/x", what="GET x")
+        assert adapter.tls == [(expected, (str(cert), str(key)))]  # True: the system (or environment) CAs
+
+
+def test_tls_files_of_a_tls_section(tmp_path: Path) -> None:
+    for name in ("ca.pem", "c.pem", "k.pem"):
+        (tmp_path / name).write_text("x")
+    assert tls_files(None) == (True, None) and tls_files(HttpTlsSettings()) == (True, None)
+    full = HttpTlsSettings(ca_file=tmp_path / "ca.pem", cert_file=tmp_path / "c.pem", key_file=tmp_path / "k.pem")
+    assert tls_files(full) == (tmp_path / "ca.pem", (tmp_path / "c.pem", tmp_path / "k.pem"))
+
+
+def test_the_plain_http_rule_names_the_settings_it_checks() -> None:
+    bearer = FhirAuth(type="bearer", token="not-a-default-token")
+    check_credentials_url(bearer, "http://127.0.0.2/x", base_key="a.url", auth_key="a.auth")
+    check_credentials_url(FhirAuth(), "http://remote.test/x", base_key="a.url", auth_key="a.auth")
+    with pytest.raises(ConfigurationError, match=r"^a\.url: a\.auth type 'bearer' would send credentials over plain"):
+        check_credentials_url(bearer, "http://remote.test/x", base_key="a.url", auth_key="a.auth")
+    oauth2 = FhirAuth(type="oauth2", token_url="http://idp.test/token", client_id="c", client_secret="not-a-default")
+    with pytest.raises(ConfigurationError, match=r"^a\.auth\.token_url: a\.auth type 'oauth2'"):
+        check_credentials_url(oauth2, "https://remote.test/x", base_key="a.url", auth_key="a.auth")
+    assert [
+        is_loopback_host(h) for h in ("127.1.2.3", "[::1]", "LOCALHOST.", "::ffff:127.0.0.1", "10.0.0.1", None)
+    ] == [
+        True,
+        True,
+        True,
+        True,
+        False,
+        False,
+    ]
+
+
+def test_a_token_authorizer_raises_its_connectors_own_error() -> None:
+    class TokenRefused(Exception):
+        pass
+
+    auth = FhirAuth(type="oauth2", token_url="https://idp.test/token", client_id="c", client_secret="s3cr3t-value")
+    http, session, _, events = transport([answer(400)])
+    http.authorizer = authorizer_for(
+        auth, http, error=lambda message, status, reason: TokenRefused(message, status), setting="x.auth"
+    )
+    with pytest.raises(TokenRefused) as caught:
+        http.send("GET", URL, what="GET thing")
+    assert caught.value.args == ("POST token endpoint idp.test: 400", 400)
+    assert events == ["token_requests", "requests"] and "Authorization" in session.calls[0]  # client_secret_basic
+    assert "s3cr3t-value" not in str(caught.value)
 
 
 def test_a_given_session_is_closed_only_when_the_transport_owns_it() -> None:

@@ -1,7 +1,8 @@
 """The staging area without a server: UIDs checked whole (no trailing newline), writes fsynced before their
 rename (and the series directory once the series is complete), a crashed attempt's temporary files swept when a
 series' retrieval starts, and the free-space guard that fails a series ``staging_disk_full`` before any transfer.
-The PACS here is a stand-in (a fetch that writes files into staging)."""
+Completeness is judged by SOP Instance UID against the listing: an unlisted staged file is removed, never counted.
+The PACS here is a stand-in (a fetch that writes files into staging, and a listing)."""
 
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ from riskbridge.settings import PacsSettings
 STUDY = "1.2.826.0.1.3680043.8.498.7"
 SERIES = f"{STUDY}.1"
 MIB = 1024 * 1024
+LISTED = [f"1.2.3.{i}" for i in range(1, 65)]  # what the stand-in PACS lists for the series
 
 
 # --- UIDs -------------------------------------------------------------------------------------------------------------
@@ -166,6 +168,7 @@ def fetches(monkeypatch: pytest.MonkeyPatch) -> list[_Fetched]:
         return "0x0000 (success)"
 
     monkeypatch.setattr(Retriever, "_fetch", fetch)
+    monkeypatch.setattr("riskbridge.connectors.retrieval.expected_instances", lambda *a: set(LISTED))
     return calls
 
 
@@ -276,3 +279,44 @@ def test_a_young_partial_file_is_left_to_its_writer(
     with Retriever(PacsSettings(), tmp_path, "c-get") as retriever:
         retriever.retrieve(STUDY, SERIES, expected=64)
     assert all(path.exists() for path in live)
+
+
+# --- completeness by SOP Instance UID ---------------------------------------------------------------------------------
+
+
+def test_a_stale_file_never_stands_in_for_a_missing_instance(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fetches: list[_Fetched], caplog: pytest.LogCaptureFixture
+) -> None:
+    """63 listed instances and one the PACS no longer lists make 64 files, the count selection knows: the stale one
+    is removed and counted, and the missing listed one is fetched alone."""
+    _free(monkeypatch, 100 * 1024 * MIB)
+    for sop in [*LISTED[:63], "1.2.3.999"]:
+        staging.write_atomic(staging.instance_path(tmp_path, STUDY, SERIES, sop), [b"x"])
+    with (
+        caplog.at_level(logging.WARNING, logger="riskbridge.connectors.retrieval"),
+        Retriever(PacsSettings(), tmp_path, "c-get") as retriever,
+    ):
+        record = retriever.retrieve(STUDY, SERIES, expected=64)
+    assert (record.received, record.unlisted, record.complete) == (64, 1, True)
+    assert staging.staged_instances(tmp_path, STUDY, SERIES) == set(LISTED)
+    assert fetches == [_Fetched(SERIES, ["1.2.3.64"])]
+    assert f"removed 1 staged instance(s) the PACS does not list for the series: {uid_hash('1.2.3.999')}" in caplog.text
+
+
+def test_an_unrequested_instance_that_names_the_series_is_removed_after_a_whole_series_fetch(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fetches: list[_Fetched]
+) -> None:
+    """The whole-series request accepts any instance naming the series; one the listing lacks does not stay."""
+    _free(monkeypatch, 100 * 1024 * MIB)
+    monkeypatch.setattr("riskbridge.connectors.retrieval.expected_instances", lambda *a: set(LISTED[:60]))
+    with Retriever(PacsSettings(), tmp_path, "c-get") as retriever:
+        record = retriever.retrieve(STUDY, SERIES, expected=60)
+    assert (record.expected, record.received, record.unlisted, record.attempts) == (60, 60, 4, 1)
+    assert staging.staged_instances(tmp_path, STUDY, SERIES) == set(LISTED[:60])
+    assert fetches == [_Fetched(SERIES, None)]
+
+
+def test_remove_instances_counts_only_what_was_there(tmp_path: Path) -> None:
+    staging.write_atomic(staging.instance_path(tmp_path, STUDY, SERIES, "1.2.3.1"), [b"x"])
+    assert staging.remove_instances(tmp_path, STUDY, SERIES, ["1.2.3.1", "1.2.3.2"]) == 1
+    assert staging.staged_instances(tmp_path, STUDY, SERIES) == set()
