@@ -93,7 +93,7 @@ app.add_typer(airflow_app, name="airflow")
 
 @airflow_app.command("init")
 def airflow_init(
-    home: Path | None = typer.Option(None, "--home", help="AIRFLOW_HOME to prepare (default: [airflow] home)."),
+    home: Path | None = typer.Option(None, "--home", help="AIRFLOW_HOME to prepare (default: \\[airflow] home)."),
     metadata_url: str | None = typer.Option(
         None, "--metadata-url", help="Airflow metadata database URL (default: SQLite in the home)."
     ),
@@ -338,7 +338,7 @@ def db_upgrade() -> None:
 def db_purge(
     dry_run: bool = typer.Option(False, "--dry-run", help="Count the rows a purge would clear; change nothing."),
 ) -> None:
-    """Clear the patient identifiers the ledger no longer needs ([retention] phi_days, undecided_days; docs/ledger.md
+    """Clear the patient identifiers the ledger no longer needs (\\[retention] phi_days, undecided_days; docs/ledger.md
     "PHI and retention"). Prints counts per table, never a value."""
     from riskbridge.connectors.db import safe_dsn
     from riskbridge.ledger import Ledger
@@ -455,9 +455,8 @@ def run_pipeline(
     """Run the pipeline's stages without Airflow: discover, match, select, retrieve, clinical, harmonize, score,
     write back, report. The same window (or --run-key) resumes the same run and redoes nothing; studies an earlier
     run already scored and wrote back with the same model are skipped unless --rescore."""
-    import hashlib
-
     from riskbridge.pipeline import Pipeline
+    from riskbridge.records import keyed_digest
     from riskbridge.stages import STAGE_NAMES
 
     settings = _settings()
@@ -479,7 +478,7 @@ def run_pipeline(
             run_key = f"cli:{kind}:{window}"
         else:
             listed = "\n".join([*sorted(accessions or []), "--", *sorted(patients or [])])
-            run_key = f"cli:{kind}:{hashlib.sha256(listed.encode()).hexdigest()[:16]}"
+            run_key = f"cli:{kind}:{keyed_digest(listed)}"  # keyed: the run key holds no reversible MRN hash
         run_key += ":rescore" if rescore else ""
     expected_errors = (RiskbridgeError, OSError, ValueError)
     with Pipeline.from_settings(settings) as pipeline:
@@ -579,7 +578,7 @@ def cohort_export(
     ),
     out: Path = typer.Option(..., "--out", "-o", help="Training table directory (empty, or an earlier table)."),
     labels: str | None = typer.Option(
-        None, "--labels", help="Label spec: a shipped name or a YAML file (default: [export] label_spec)."
+        None, "--labels", help="Label spec: a shipped name or a YAML file (default: \\[export] label_spec)."
     ),
     run_key: str | None = typer.Option(None, "--run-key", help="Names the export run; the same key resumes it."),
 ) -> None:
@@ -634,7 +633,7 @@ def model_promote(
 ) -> None:
     """Make a candidate package the active model after its checks: the package verifies, it was trained on the
     pipeline's feature spec, and it scored enough studies in shadow. Then record the promotion and pin the package
-    and its sha256 in the config file ([run] model_package, model_sha256; the shadow settings removed), or print the
+    and its sha256 in the config file (\\[run] model_package, model_sha256; the shadow settings removed), or print the
     settings to set when there is no config file. Exit 1 when a check fails (nothing changes)."""
     from riskbridge.ledger import Ledger
     from riskbridge.promotion import check_candidate, pin_in_config, record_promotion
@@ -673,9 +672,9 @@ def monitor(
         None, "--outcome-window", help="START..END of the scans judged against their outcomes (default: --window)."
     ),
     table: Path | None = typer.Option(
-        None, "--table", help="The active model's training table (default: [monitor] training_table)."
+        None, "--table", help="The active model's training table (default: \\[monitor] training_table)."
     ),
-    out: Path | None = typer.Option(None, "--out", "-o", help="Page directory (default: under [run] report_dir)."),
+    out: Path | None = typer.Option(None, "--out", "-o", help="Page directory (default: under \\[run] report_dir)."),
 ) -> None:
     """Drift of the active model's inputs and scores in a window against its training table, and its AUROC and
     calibration on the outcomes that arrived since; an HTML page with plots. Exit 1 on an alert

@@ -34,6 +34,7 @@ from riskbridge.harmonize.features import FeatureVector
 from riskbridge.harmonize.labels import LabelDecision, LabelSpec, label_patient, load_label_spec
 from riskbridge.ledger import Ledger
 from riskbridge.pipeline import Pipeline
+from riskbridge.records import keyed_digest
 from riskbridge.settings import Settings
 from riskbridge.stages.clinical import feature_vector_of
 
@@ -179,7 +180,7 @@ def _required(settings: Settings) -> tuple[bytes, str]:
 def _scope_key(window: tuple[datetime, datetime] | None, accessions: Sequence[str]) -> str:
     if window is not None:
         return str(Interval(*window))
-    digest = hashlib.sha256("\n".join(sorted(set(accessions))).encode()).hexdigest()[:16]
+    digest = keyed_digest("\n".join(sorted(set(accessions))))
     return f"accessions-{len(set(accessions))}-{digest}"
 
 

@@ -57,10 +57,17 @@ def uid_hash(uid: str) -> str:
     """Return a short, stable pseudonym of a DICOM UID or identifier (an MRN, an accession number), for logs: the
     first 12 hex digits of its HMAC-SHA256 under the site's pseudonym key (:func:`configure_pseudonyms`; without
     it, ``RISKBRIDGE_PSEUDONYM_KEY`` or the default key file). :class:`ConfigurationError` when no key can be read."""
+    return keyed_digest(uid, 12)
+
+
+def keyed_digest(text: str, length: int = 16) -> str:
+    """Return the first ``length`` hex digits of the HMAC-SHA256 of ``text`` under the site's pseudonym key: what a
+    run key holds of the accession numbers or PatientIDs it was started for (an unkeyed hash of an MRN list can be
+    reversed by trying every MRN)."""
     keyed = _pseudonym_mac if _pseudonym_mac is not None else _keyed_mac(None)
     mac = keyed.copy()
-    mac.update(uid.encode())
-    return mac.hexdigest()[:12]
+    mac.update(text.encode())
+    return mac.hexdigest()[:length]
 
 
 def configure_pseudonyms(settings: Settings) -> None:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from typer.testing import CliRunner
@@ -77,3 +79,32 @@ def test_run_and_coverage_refuse_bad_options_in_one_line(
     result = runner.invoke(app, args, env={"COLUMNS": "200"})
     assert result.exit_code == 2, result.output
     assert message in result.output and "Traceback" not in result.output
+
+
+def _commands(group: Any, path: tuple[str, ...] = ()) -> Iterator[tuple[tuple[str, ...], Any]]:
+    for name, command in sorted(group.commands.items()):
+        yield (*path, name), command
+        if hasattr(command, "commands"):
+            yield from _commands(command, (*path, name))
+
+
+def test_every_help_text_is_shown_whole_with_its_default() -> None:
+    """Help texts name settings in brackets ("default: [airflow] home"); rendered as markup they vanished and the
+    help read "(default:  home)". Every command's and option's help must appear as written (rich markup escapes
+    such a bracket as "\\[")."""
+    import typer
+
+    root = typer.main.get_command(app)
+    checked = 0
+    for path, command in _commands(root):
+        result = CliRunner().invoke(app, [*path, "--help"], env={"COLUMNS": "200"})
+        assert result.exit_code == 0, (path, result.output)
+        shown = " ".join(result.output.replace("│", " ").split())  # rich boxes the options
+        texts = [p.help for p in command.params if getattr(p, "help", None)]
+        if command.help:
+            texts.append(command.help.split("\n\n")[0])
+        for text in texts:
+            written = text.replace("\\[", "[")  # "\\[" keeps a bracket literal in rich markup
+            assert " ".join(written.split()) in shown, (path, written)
+            checked += "[" in written
+    assert checked >= 5, "help texts naming a [section] setting are covered"

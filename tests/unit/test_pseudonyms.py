@@ -18,7 +18,13 @@ import typer
 
 from riskbridge import console, records
 from riskbridge.errors import ConfigurationError
-from riskbridge.records import PSEUDONYM_KEY_ENV, PSEUDONYM_KEY_FILE_ENV, configure_pseudonyms, uid_hash
+from riskbridge.records import (
+    PSEUDONYM_KEY_ENV,
+    PSEUDONYM_KEY_FILE_ENV,
+    configure_pseudonyms,
+    keyed_digest,
+    uid_hash,
+)
 from riskbridge.settings import RunSettings, Settings
 
 UIDS = ["1.2.840.113619.2.55.3.604688119.969.1268071029.320", "MRN-0004711", "ACC-2024-000123", ""]
@@ -146,3 +152,16 @@ def test_the_cli_keys_its_pseudonyms_from_the_settings(tmp_path: Path, monkeypat
     with pytest.raises(typer.Exit) as ended:  # one line on stderr, exit status 2
         console.cli_settings()
     assert ended.value.exit_code == 2
+
+
+def test_run_keys_of_accession_lists_are_keyed_too(tmp_path: Path) -> None:
+    """An export run by accessions is keyed by a digest of the list: keyed, it cannot be reversed by trying MRNs."""
+    from riskbridge.cohort import _scope_key
+
+    accessions = ["ACC0001", "ACC0002"]
+    configure_pseudonyms(_settings(tmp_path / "site-a.key"))
+    site_a = _scope_key(None, accessions)
+    bare = hashlib.sha256("\n".join(accessions).encode()).hexdigest()[:16]
+    assert site_a == f"accessions-2-{keyed_digest(chr(10).join(accessions))}" and bare not in site_a
+    configure_pseudonyms(_settings(tmp_path / "site-b.key"))
+    assert _scope_key(None, list(reversed(accessions))) != site_a
