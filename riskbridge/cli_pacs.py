@@ -37,7 +37,9 @@ STUDY_COLUMNS = (
 
 
 def _verdict_style(value: Any) -> str | None:
-    return {"OK": "green", "FAIL": "red", "ok": "green", "note": "yellow", "problem": "red"}.get(str(value))
+    return {"OK": "green", "WARN": "yellow", "FAIL": "red", "ok": "green", "note": "yellow", "problem": "red"}.get(
+        str(value)
+    )
 
 
 DOCTOR_COLUMNS = (
@@ -73,10 +75,7 @@ def doctor(
         from riskbridge.doctor import run_checks
 
         results = run_checks(_settings())
-        rows = [
-            {"check": r.name, "target": r.target, "result": "OK" if r.ok else "FAIL", "detail": r.detail}
-            for r in results
-        ]
+        rows = [{"check": r.name, "target": r.target, "result": r.result, "detail": r.detail} for r in results]
         emit(rows, DOCTOR_COLUMNS, fmt, title="riskbridge doctor")
         if not all(result.ok for result in results):
             raise typer.Exit(code=1)

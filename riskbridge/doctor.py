@@ -1,8 +1,8 @@
 """``riskbridge doctor``: can this installation reach its PACS, its FHIR server and its ledger database?
 
 Each check is independent and reports OK or FAIL with the reason; one failing part never hides another. After the
-checks come warnings about settings that work but weaken security (:func:`setting_warnings`): OK rows whose detail
-starts with ``warning:``, so they are seen without failing the command.
+checks come warnings about settings that work but weaken security (:func:`setting_warnings`): WARN rows, seen without
+failing the command.
 """
 
 from __future__ import annotations
@@ -23,6 +23,12 @@ class CheckResult:
     target: str
     ok: bool
     detail: str
+    warning: bool = False  # works, but a setting weakens security: shown as WARN, never fails the command
+
+    @property
+    def result(self) -> str:
+        """OK, WARN or FAIL, as the command shows it."""
+        return "FAIL" if not self.ok else "WARN" if self.warning else "OK"
 
 
 def check_pacs(pacs: PacsSettings) -> str:
@@ -65,8 +71,9 @@ def setting_warnings(settings: Settings) -> list[CheckResult]:
                 "Storage SCP (DICOM)",
                 f"{pacs.scp_ae}@{pacs.scp_bind_address}:{pacs.scp_port}",
                 True,
-                "warning: listens off loopback without TLS (pacs.scp_allow_plaintext = true): retrieved images cross "
+                "listens off loopback without TLS (pacs.scp_allow_plaintext = true): retrieved images cross "
                 "the network unencrypted; configure [pacs.tls]",
+                warning=True,
             )
         )
     return warnings

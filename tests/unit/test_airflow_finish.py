@@ -15,10 +15,14 @@ from airflow.sdk.exceptions import AirflowFailException
 
 from riskbridge.airflow import dagkit
 from riskbridge.pipeline import Pipeline
+from riskbridge.settings import Settings
 from riskbridge.stages.report import RunSummary
 
 
 class _Pipeline:
+    # Staging retention needs the ledger; it is tested in tests/integration/test_pipeline.py.
+    settings = Settings(retention={"staging_after_run": "keep"})
+
     def __init__(self, alert: str | None) -> None:
         self.alert = alert
         self.finished: list[tuple[int, str]] = []

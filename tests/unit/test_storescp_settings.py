@@ -127,7 +127,19 @@ def test_doctor_warns_when_plaintext_off_loopback_is_allowed(all_ok: None) -> No
     assert len(results) == 4 and all(result.ok for result in results)
     warning = results[-1]
     assert warning.name == "Storage SCP (DICOM)" and warning.target == "RISKBRIDGE_SCP@10.0.0.5:11113"
-    assert warning.detail.startswith("warning: listens off loopback without TLS")
+    assert (warning.result, [r.result for r in results[:3]]) == ("WARN", ["OK", "OK", "OK"])
+    assert warning.detail.startswith("listens off loopback without TLS")
+    from typer.testing import CliRunner
+
+    from riskbridge import cli_pacs
+    from riskbridge.cli import app
+
+    settings = Settings(pacs={"scp_bind_address": "10.0.0.5", "scp_allow_plaintext": True})
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(cli_pacs, "_settings", lambda: settings)
+        shown = CliRunner().invoke(app, ["doctor", "--format", "tsv"])
+    assert shown.exit_code == 0, shown.output  # a warning never fails the command
+    assert "Storage SCP (DICOM)\tRISKBRIDGE_SCP@10.0.0.5:11113\tWARN\t" in shown.output
 
 
 def test_doctor_has_no_warning_for_the_defaults_or_with_tls(all_ok: None, tmp_path: Path) -> None:
