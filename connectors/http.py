@@ -173,11 +173,13 @@ class RetryPolicy:
         """True when a failure below HTTP is retried.
 
         A connect timeout never reached the server, so even a request that is not idempotent may be resent; other
-        connection failures and read timeouts only when ``idempotent``; a TLS failure never (it will not heal).
+        connection failures and read timeouts only when ``idempotent``; a TLS failure never (it will not heal). A
+        connection reset or closed while the body is read (requests raises ChunkedEncodingError, which is not a
+        ConnectionError) is a connection failure too.
         """
         return isinstance(exc, requests.ConnectTimeout) or (
             idempotent
-            and isinstance(exc, requests.ConnectionError | requests.Timeout)
+            and isinstance(exc, requests.ConnectionError | requests.Timeout | requests.exceptions.ChunkedEncodingError)
             and not isinstance(exc, requests.exceptions.SSLError)
         )
 
@@ -191,6 +193,8 @@ def transport_reason(exc: requests.RequestException) -> str:
         return "TLS handshake failed"
     if isinstance(exc, requests.Timeout):
         return "timed out"
+    if isinstance(exc, requests.exceptions.ChunkedEncodingError):
+        return "connection lost mid-response"
     errno = re.search(r"\[Errno -?\d+\] [^'\")]+", str(exc))
     if errno:
         return f"cannot connect: {errno.group(0)}"

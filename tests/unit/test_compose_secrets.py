@@ -59,6 +59,9 @@ URL_PASSWORD = re.compile(r"://[^/\s:@\"']+:(?P<password>[^@\s/\"']+)@")
 REGISTERED_USERS = re.compile(r'"RegisteredUsers"\s*:\s*\{(?P<users>[^}]*)\}')
 
 
+REFUSAL_SCRIPT = "docker/check-secrets.sh"  # holds the list of refused defaults (the old values only as hashes)
+
+
 def _placeholder(value: str) -> bool:
     """A value filled in at start: an environment variable, a command substitution, a secret file reference."""
     return value == "" or value.startswith(("$", "{", "/run/secrets/"))
@@ -107,7 +110,10 @@ def test_no_tracked_file_under_docker_holds_a_secret() -> None:
         data = path.read_bytes()
         if b"\0" in data:
             continue  # binary
-        findings += scan_for_secrets(name, data.decode("utf-8", errors="replace"))
+        found = scan_for_secrets(name, data.decode("utf-8", errors="replace"))
+        if name == REFUSAL_SCRIPT:  # it names the refused words and its messages say "secret: ..." on purpose
+            found = [f for f in found if f.endswith(("a Fernet-key-like string", "a leaked value"))]
+        findings += found
     assert findings == []
 
 
