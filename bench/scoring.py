@@ -15,14 +15,26 @@ The preprocessing cache is off (every request reads its series), so the loader's
 Results go to docs/benchmarks.md (section "scoring").
 
 Run: ``python bench/scoring.py [--series 4] [--requests 16] [--slices 160] [--size 512] [--workers N]
-[--batch-size B] [--device auto] [--package DIR] [--no-write]``. On a GPU machine use enough requests for several
-batches, e.g. ``--series 8 --requests 512 --batch-size 32``, so that the steady state is measured.
+[--batch-size B] [--device auto] [--amp auto] [--package DIR|reference] [--no-write]``. On a GPU machine use
+enough requests for several batches, e.g. ``--series 8 --requests 512 --batch-size 32``, so that the steady state
+is measured.
+
+``--lean`` (what bench/gpu_check.sh runs) skips the preprocessing and loader-alone measurements and, for each
+``--amp`` setting given, measures the model alone and end to end twice: preprocessing cache off (every request reads
+and preprocesses its series) and warm (every series already preprocessed: a rerun, or a shadow model with the same
+preprocessing; ``--cached-requests`` of them, since the loader is then much faster). GPU utilization comes from
+``--gpu-log`` (the CSV of ``nvidia-smi --query-gpu=timestamp,utilization.gpu,memory.used
+--format=csv,noheader,nounits -lms 500`` running in the background) when given, else from a sampling thread. The
+results go to ``--out DIR`` (scoring-lean.json, rewritten after every run so a cut-off run keeps what it measured,
+and scoring-lean.md), never to docs/benchmarks.md; no run starts after ``--deadline-s`` seconds.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import platform
 import shutil
 import statistics
 import subprocess
@@ -30,7 +42,9 @@ import sys
 import tempfile
 import threading
 import time
+from datetime import datetime
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -43,12 +57,25 @@ from riskbridge.harmonize.features import FeatureSpec, FeatureVector, build_vect
 from riskbridge.model.calibration import Calibrator
 from riskbridge.model.data import DEFAULT_PREPROCESS
 from riskbridge.model.network import FusionNet, ModelConfig
-from riskbridge.model.package import lab_feature_names, save_package
+from riskbridge.model.package import lab_feature_names, reference_package_path, save_package
 from riskbridge.model.preprocess import PreprocessConfig, Preprocessor
-from riskbridge.model.scoring import Scorer, ScoreRequest
+from riskbridge.model.scoring import AMP_MODES, Scorer, ScoreRequest
 from riskbridge.model.volume_io import load_series_volume
 
 WAIT_COLUMNS = ["loader", "model step s", "loader wait s", "steady wait share", "median wait per batch s", "GPU util"]
+LEAN_COLUMNS = [
+    "autocast",
+    "preprocessing cache",
+    "requests",
+    "batch",
+    "end to end volumes/s",
+    "model alone volumes/s",
+    "wait share",
+    "steady wait share",
+    "median wait per batch s",
+    "GPU util mean",
+    "GPU memory MiB",
+]
 # Two threads at most for the model on a shared CPU machine (the project's rule); a GPU run is unaffected.
 CPU_THREADS = 2
 
@@ -185,9 +212,10 @@ class GpuSampler:
         self._thread.join()
 
 
-def end_to_end(scorer: Scorer, requests: list[ScoreRequest]) -> dict[str, float]:
-    """Score all requests; return volumes/s, loader wait (all, and after the first batch), and GPU utilization."""
-    sampler = GpuSampler() if scorer.device.type == "cuda" else None
+def end_to_end(scorer: Scorer, requests: list[ScoreRequest], sample_gpu: bool = True) -> dict[str, float]:
+    """Score all requests; return volumes/s, loader wait (all, and after the first batch), and GPU utilization
+    (sampled in a thread on CUDA when ``sample_gpu``; NaN otherwise)."""
+    sampler = GpuSampler() if scorer.device.type == "cuda" and sample_gpu else None
     start = time.perf_counter()
     if sampler is not None:
         with sampler:
@@ -197,18 +225,206 @@ def end_to_end(scorer: Scorer, requests: list[ScoreRequest]) -> dict[str, float]
     seconds = time.perf_counter() - start
     stats = scorer.last_stats
     waits = stats.batch_waits_s
-    steady_wait = sum(waits[1:])  # the first batch waits for worker start-up and the first volumes: unavoidable
-    steady_time = seconds - waits[0] if waits else seconds
     result = {
         "seconds": seconds,
         "rate": stats.images / seconds,
         "wait": stats.loader_wait_s,
         "model": stats.model_s,
-        "steady_wait_share": steady_wait / steady_time if steady_time > 0 else 0.0,
+        "wait_share": stats.wait_share,
+        # the first batch waits for worker start-up and the first volumes: unavoidable
+        "steady_wait_share": stats.steady_wait_share,
         "median_wait": statistics.median(waits[1:]) if len(waits) > 1 else 0.0,
         "gpu_util": float(np.mean(sampler.samples)) if sampler and sampler.samples else float("nan"),
     }
     return result
+
+
+def logged_utilization(log: Path, start: float, end: float) -> tuple[float, float, int]:
+    """Mean GPU utilization (%), peak memory used (MiB) and the sample count of the ``nvidia-smi`` CSV ``log``
+    (timestamp, utilization.gpu, memory.used) between the epoch seconds ``start`` and ``end``; NaN without samples.
+
+    nvidia-smi writes local time, which ``datetime.timestamp`` reads as local time too; unparsable lines (a line
+    cut off when the logger stopped, ``[N/A]``) are skipped.
+    """
+    utilization: list[float] = []
+    memory: list[float] = []
+    for line in log.read_text(errors="replace").splitlines() if log.is_file() else []:
+        fields = [field.strip() for field in line.split(",")]
+        if len(fields) < 3:
+            continue
+        try:
+            stamp = datetime.strptime(fields[0], "%Y/%m/%d %H:%M:%S.%f").timestamp()
+            busy, used = float(fields[1]), float(fields[2])
+        except ValueError:
+            continue
+        if start <= stamp <= end:
+            utilization.append(busy)
+            memory.append(used)
+    if not utilization:
+        return float("nan"), float("nan"), 0
+    return float(np.mean(utilization)), float(max(memory)), len(utilization)
+
+
+def lean(arguments: argparse.Namespace) -> dict[str, Any]:
+    """Model alone and end to end per ``--amp`` setting, preprocessing cache off and warm; return the results (also
+    written to ``--out`` after every run)."""
+    spec = load_default_feature_spec()
+    workers = arguments.workers if arguments.workers is not None else max(1, min(8, (os.cpu_count() or 2) - 1))
+    begun = time.monotonic()
+    device_name = "CPU"
+    results: dict[str, Any] = {
+        "machine": {
+            "cpus": os.cpu_count(),
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "cuda": torch.version.cuda,
+            "load_average_before": os.getloadavg()[0],
+        },
+        "settings": {
+            "series": arguments.series,
+            "slices": arguments.slices,
+            "size": arguments.size,
+            "requests": arguments.requests,
+            "cached_requests": arguments.cached_requests or arguments.requests,
+            "workers": workers,
+            "device": arguments.device,
+        },
+        "runs": [],
+        "skipped": [],
+    }
+    with tempfile.TemporaryDirectory(prefix="riskbridge-bench-scoring-") as temporary:
+        root = Path(temporary)
+        package = arguments.package or make_package(root / "package", spec)
+        series = []
+        for index in range(arguments.series):
+            series.append(write_series(root / f"series-{index}", arguments.slices, arguments.size, seed=index))
+            print(f"series {index + 1}/{arguments.series} written", flush=True)
+        counts = {False: arguments.requests, True: arguments.cached_requests or arguments.requests}
+        requests = [
+            ScoreRequest(f"p{index}", series[index % len(series)], None, feature_vector(spec, index))
+            for index in range(max(counts.values()))
+        ]
+        for amp in arguments.amp:
+            for cached in (False, True):
+                label = f"amp {amp}, cache {'warm' if cached else 'off'}"
+                if time.monotonic() - begun > arguments.deadline_s:
+                    results["skipped"].append(label)
+                    print(f"{label}: skipped, past the {arguments.deadline_s:.0f} s deadline", flush=True)
+                    continue
+                scorer = Scorer.from_package(
+                    package,
+                    spec,
+                    device=arguments.device,
+                    batch_size=arguments.batch_size,
+                    workers=workers,
+                    cache_dir=root / "cache" if cached else None,
+                    amp=amp,
+                )
+                if scorer.device.type == "cuda":
+                    device_name = torch.cuda.get_device_name(scorer.device)
+                    torch.cuda.reset_peak_memory_stats(scorer.device)
+                chosen = requests[: counts[cached]]
+                if cached:
+                    scorer.score(requests[: len(series)])  # untimed: preprocesses every series into the cache
+                model = model_rate(scorer, counts[cached])
+                started = time.time()
+                measured = end_to_end(scorer, chosen, sample_gpu=arguments.gpu_log is None)
+                ended = time.time()
+                utilization, memory, samples = measured["gpu_util"], float("nan"), 0
+                if arguments.gpu_log is not None:
+                    time.sleep(1.0)  # the logger's last samples of the run reach the file
+                    utilization, memory, samples = logged_utilization(arguments.gpu_log, started, ended)
+                run = {
+                    "amp": amp,
+                    "autocast": scorer.last_stats.amp,
+                    "cache": "warm" if cached else "off",
+                    "batch_size": scorer.batch_size,
+                    "model_alone_volumes_per_s": model,
+                    "end_to_end_volumes_per_s": measured["rate"],
+                    "median_wait_per_batch_s": measured["median_wait"],
+                    "gpu_util_mean": utilization,
+                    "gpu_util_samples": samples,
+                    "gpu_memory_used_mib_max": memory,
+                    "torch_max_allocated_mib": (
+                        torch.cuda.max_memory_allocated(scorer.device) / 2**20 if scorer.device.type == "cuda" else None
+                    ),
+                    "stats": scorer.last_stats.to_json(),
+                }
+                results["runs"].append(run)
+                results["device_name"] = device_name
+                print(
+                    f"{label}: {run['end_to_end_volumes_per_s']:.1f} volumes/s end to end, model alone {model:.1f}, "
+                    f"wait share {100 * scorer.last_stats.wait_share:.0f}% "
+                    f"({100 * scorer.last_stats.steady_wait_share:.0f}% after the first batch), "
+                    "GPU util " + ("-" if utilization != utilization else f"{utilization:.0f}%"),
+                    flush=True,
+                )
+                write_lean(arguments.out, results)
+        if not arguments.package:
+            shutil.rmtree(root / "package", ignore_errors=True)
+    results["device_name"] = device_name
+    results["machine"]["load_average_after"] = os.getloadavg()[0]
+    results["seconds"] = time.monotonic() - begun
+    write_lean(arguments.out, results)
+    return results
+
+
+def lean_markdown(results: dict[str, Any]) -> str:
+    """The lean results as a markdown paragraph and table (to paste into docs/benchmarks.md)."""
+    settings, machine_info = results["settings"], results["machine"]
+
+    def number(value: float | None, digits: int = 1, percent: bool = False, unit: str = "") -> str:
+        if value is None or value != value:  # None or NaN: not measured
+            return "-"
+        return f"{100 * value:.0f}%" if percent else f"{value:.{digits}f}{unit}"
+
+    rows = [
+        [
+            run["autocast"],
+            run["cache"],
+            str(run["stats"]["requests"]),
+            str(run["batch_size"]),
+            number(run["end_to_end_volumes_per_s"]),
+            number(run["model_alone_volumes_per_s"]),
+            number(run["stats"]["wait_share"], percent=True),
+            number(run["stats"]["steady_wait_share"], percent=True),
+            number(run["median_wait_per_batch_s"], 3),
+            number(run["gpu_util_mean"], 0, unit="%"),
+            number(run["gpu_memory_used_mib_max"], 0),
+        ]
+        for run in results["runs"]
+    ]
+    text = (
+        f"{results.get('device_name', 'CPU')}, torch {machine_info['torch']} (CUDA {machine_info['cuda']}), "
+        f"{machine_info['cpus']} CPUs, loader workers: {settings['workers']}; {settings['series']} synthetic series of "
+        f"{settings['slices']} slices of {settings['size']}x{settings['size']} int16 CT. Cache off: every request "
+        "reads and preprocesses its series; warm: every series already preprocessed. Wait share: the time the model "
+        "step waited for the loader over the whole call (steady: after the first batch).\n\n"
+        f"{markdown_table(LEAN_COLUMNS, rows)}\n"
+    )
+    if results["skipped"]:
+        text += f"\nSkipped (past the deadline): {', '.join(results['skipped'])}.\n"
+    return text
+
+
+def plain(value: Any) -> Any:
+    """``value`` with NaN (not measured) as None, so the results file is strict JSON."""
+    if isinstance(value, float) and value != value:
+        return None
+    if isinstance(value, dict):
+        return {key: plain(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [plain(item) for item in value]
+    return value
+
+
+def write_lean(out: Path | None, results: dict[str, Any]) -> None:
+    """Write scoring-lean.json and scoring-lean.md into ``out`` (nothing when None)."""
+    if out is None:
+        return
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "scoring-lean.json").write_text(json.dumps(plain(results), indent=2) + "\n")
+    (out / "scoring-lean.md").write_text(lean_markdown(results))
 
 
 def run(arguments: argparse.Namespace) -> str:
@@ -229,7 +445,13 @@ def run(arguments: argparse.Namespace) -> str:
         ]
         scorers = {
             count: Scorer.from_package(
-                package, spec, device=arguments.device, batch_size=arguments.batch_size, workers=count, cache_dir=None
+                package,
+                spec,
+                device=arguments.device,
+                batch_size=arguments.batch_size,
+                workers=count,
+                cache_dir=None,
+                amp=arguments.amp[0],
             )
             for count in (0, workers)
         }
@@ -327,10 +549,35 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=None, help="loader workers (default: cores - 1, at most 8)")
     parser.add_argument("--batch-size", type=int, default=None, help="default: the scorer's (8 on CPU, probed on CUDA)")
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
-    parser.add_argument("--package", type=Path, default=None, help="a model package (default: random weights)")
+    parser.add_argument(
+        "--amp",
+        nargs="+",
+        choices=AMP_MODES,
+        default=["auto"],
+        help="autocast (auto: on CUDA only); --lean measures each one given, the full run takes one",
+    )
+    parser.add_argument(
+        "--package", default=None, help="a model package directory, or 'reference' (default: random weights)"
+    )
     parser.add_argument("--no-write", action="store_true", help="print only; leave docs/benchmarks.md as it is")
+    parser.add_argument("--lean", action="store_true", help="model alone and end to end per --amp, cache off/warm")
+    parser.add_argument("--cached-requests", type=int, default=None, help="--lean, warm cache (default: --requests)")
+    parser.add_argument("--out", type=Path, default=None, help="--lean: the folder for scoring-lean.json and .md")
+    parser.add_argument("--gpu-log", type=Path, default=None, help="--lean: nvidia-smi's CSV log (see above)")
+    parser.add_argument("--deadline-s", type=float, default=float("inf"), help="--lean: start no run after this")
     arguments = parser.parse_args()
+    if arguments.package == "reference":
+        arguments.package = reference_package_path()
+    elif arguments.package is not None:
+        arguments.package = Path(arguments.package)
     torch.set_num_threads(CPU_THREADS)
+    if arguments.lean:
+        print(lean_markdown(lean(arguments)))
+        if arguments.out is not None:
+            print(f"written to {arguments.out / 'scoring-lean.json'} and scoring-lean.md")
+        return
+    if len(arguments.amp) > 1:
+        parser.error("the full run takes one --amp setting (--lean measures several)")
     body = run(arguments)
     print(body)
     if not arguments.no_write:

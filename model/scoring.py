@@ -3,9 +3,10 @@
 :class:`Scorer` loads a package (every checksum verified, its feature spec checked against the caller's), then
 scores :class:`ScoreRequest` s in batches that mix patients: a torch ``DataLoader`` whose workers read and
 preprocess the series (:class:`~riskbridge.model.preprocess.Preprocessor`, cached per series UID) and build the
-tabular inputs, with pinned memory on CUDA. On CUDA the model runs under autocast (bfloat16 where the GPU supports
-it, else float16) with a batch size probed to fit memory (halved on out-of-memory); on the CPU in float32 with a
-fixed batch size.
+tabular inputs, with pinned memory and asynchronous copies on CUDA. On CUDA the model runs under autocast
+(``amp="auto"``: bfloat16 where the GPU supports it, else float16; ``"off"`` for float32) with a batch size probed to
+fit memory (halved on out-of-memory); on the CPU in float32 with a fixed batch size. :class:`ScoringStats` says how
+long the model waited for the loader (:attr:`ScoringStats.wait_share`).
 
 A request without an image is scored with the image modality masked out of the fusion (``present`` False), never
 with a zero-filled volume. A request that cannot be scored (its series unreadable, or none of the modalities the
@@ -43,6 +44,8 @@ log = logging.getLogger(__name__)
 CPU_BATCH_SIZE = 8
 # First batch size tried on CUDA; halved until a forward pass of that many volumes fits.
 CUDA_PROBE_BATCH_SIZE = 64
+# Autocast choices: auto (CUDA: bf16 where supported, else fp16; the CPU: off), off (float32), or a dtype.
+AMP_MODES = ("auto", "off", "bf16", "fp16")
 
 
 class ScoringError(ModelError, RuntimeError):
@@ -125,8 +128,9 @@ class ScoreResult:
 class ScoringStats:
     """Where the time of the last :meth:`Scorer.score` call went (for the benchmark and the logs).
 
-    ``loader_wait_s`` is the time the model step waited for the loader's next batch; ``model_s`` the forward
-    passes including the copy to the device and the results back (so the device work is finished).
+    ``loader_wait_s`` is the time the model step waited for the loader's next batch (the sum of ``batch_waits_s``);
+    ``model_s`` the forward passes including the copy to the device and the results back (so the device work is
+    finished); ``total_s`` the whole call, which also holds the bookkeeping between batches (:attr:`other_s`).
     """
 
     requests: int = 0
@@ -137,6 +141,51 @@ class ScoringStats:
     model_s: float = 0.0
     total_s: float = 0.0
     batch_waits_s: list[float] = field(default_factory=list)
+    device: str = ""
+    amp: str = "float32"  # the autocast dtype, or float32 without autocast
+
+    @property
+    def other_s(self) -> float:
+        """The time that was neither waiting for the loader nor the model step (results, progress callbacks)."""
+        return max(0.0, self.total_s - self.loader_wait_s - self.model_s)
+
+    @property
+    def wait_share(self) -> float:
+        """The share of the whole call the model waited for the loader (0 when nothing was timed)."""
+        return self.loader_wait_s / self.total_s if self.total_s > 0 else 0.0
+
+    @property
+    def steady_wait_share(self) -> float:
+        """:attr:`wait_share` after the first batch: the first wait holds the workers' start-up and the first
+        volumes, which no loader can hide; a model fed fast enough waits close to 0 of the rest."""
+        if not self.batch_waits_s:
+            return 0.0
+        rest = self.total_s - self.batch_waits_s[0]
+        return sum(self.batch_waits_s[1:]) / rest if rest > 0 else 0.0
+
+    @property
+    def volumes_per_s(self) -> float:
+        """Images encoded per second of the whole call."""
+        return self.images / self.total_s if self.total_s > 0 else 0.0
+
+    def to_json(self) -> dict[str, Any]:
+        """Plain JSON types, the derived shares included (for the benchmark's results file)."""
+        return {
+            "requests": self.requests,
+            "images": self.images,
+            "batches": self.batches,
+            "failures": self.failures,
+            "device": self.device,
+            "amp": self.amp,
+            "total_s": self.total_s,
+            "model_s": self.model_s,
+            "loader_wait_s": self.loader_wait_s,
+            "other_s": self.other_s,
+            "wait_share": self.wait_share,
+            "steady_wait_share": self.steady_wait_share,
+            "volumes_per_s": self.volumes_per_s,
+            "batch_waits_s": list(self.batch_waits_s),
+        }
 
 
 @dataclass
@@ -241,11 +290,38 @@ def resolve_device(device: str) -> torch.device:
     return resolved
 
 
-def autocast_dtype(device: torch.device) -> torch.dtype | None:
-    """The autocast dtype on CUDA: bfloat16 where supported, else float16; None (float32) on the CPU."""
-    if device.type != "cuda":
+def autocast_dtype(device: torch.device, amp: str = "auto") -> torch.dtype | None:
+    """The autocast dtype for ``amp`` (one of :data:`AMP_MODES`) on ``device``; None means float32, no autocast.
+
+    ``auto``: on CUDA bfloat16 where the GPU supports it (it keeps float32's range, float16 does not), else
+    float16; on the CPU none, since float32 is what the reference numbers were measured in. ``bf16`` also runs on
+    the CPU; ``fp16`` is CUDA only (float16 autocast is meant for GPUs; on the CPU bf16 is the reduced precision to
+    try). ValueError otherwise.
+    """
+    if amp not in AMP_MODES:
+        raise ValueError(f"amp must be one of {', '.join(AMP_MODES)}, got {amp!r}")
+    cuda = device.type == "cuda"
+    if amp == "off" or (amp == "auto" and not cuda):
         return None
-    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if amp == "fp16" and not cuda:
+        raise ValueError("amp fp16 needs a CUDA device (use bf16 or off on the CPU)")
+    if amp == "bf16" and cuda and not torch.cuda.is_bf16_supported():
+        raise ValueError(f"amp bf16: {torch.cuda.get_device_name(device)} does not support bfloat16 (use fp16)")
+    if amp == "auto":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.bfloat16 if amp == "bf16" else torch.float16
+
+
+def loader_options(device: torch.device, workers: int) -> dict[str, Any]:
+    """The DataLoader settings for ``device``: page-locked batches on CUDA (the copies to the GPU can then run
+    asynchronously), none on the CPU (pinning there only costs a copy); with workers, one torch thread each and two
+    batches prefetched per worker so the next batch is ready when the model finishes one."""
+    return {
+        "num_workers": workers,
+        "pin_memory": device.type == "cuda",
+        "worker_init_fn": _worker_init if workers else None,
+        "prefetch_factor": 2 if workers else None,
+    }
 
 
 class Scorer:
@@ -260,6 +336,7 @@ class Scorer:
         cache_dir: Path | None = None,
         batch_size: int | None = None,
         workers: int = 0,
+        amp: str = "auto",
     ) -> None:
         """Use :meth:`from_package`; this takes an already loaded package and checks the feature spec."""
         package.require_spec(feature_spec)
@@ -270,7 +347,7 @@ class Scorer:
         self.package = package
         self.spec = feature_spec
         self.device = resolve_device(device)
-        self.amp_dtype = autocast_dtype(self.device)
+        self.amp_dtype = autocast_dtype(self.device, amp)
         self.workers = workers
         self.preprocessor = Preprocessor(package.config.preprocess, cache_dir=cache_dir)
         self.network: FusionNet = package.build_network().to(self.device)
@@ -290,9 +367,11 @@ class Scorer:
         workers: int = 0,
         *,
         expected_sha256: str | None = None,
+        amp: str = "auto",
     ) -> Scorer:
         """Load and verify the package at ``path`` (every file's sha256, and the whole package's against
-        ``expected_sha256`` when given), check it was trained on ``feature_spec``; ModelPackageError otherwise."""
+        ``expected_sha256`` when given), check it was trained on ``feature_spec``; ModelPackageError otherwise.
+        ``amp`` is one of :data:`AMP_MODES` (see :func:`autocast_dtype`)."""
         return cls(
             load_package(Path(path), expected_sha256=expected_sha256),
             feature_spec,
@@ -300,6 +379,7 @@ class Scorer:
             cache_dir=cache_dir,
             batch_size=batch_size,
             workers=workers,
+            amp=amp,
         )
 
     @property
@@ -350,7 +430,8 @@ class Scorer:
                 f"{len(wrong)} request(s) carry vectors built by another feature spec than the model's "
                 f"{self.spec.label} (first: {wrong[0]})"
             )
-        stats = ScoringStats(requests=len(requests))
+        amp = "float32" if self.amp_dtype is None else str(self.amp_dtype).removeprefix("torch.")
+        stats = ScoringStats(requests=len(requests), device=str(self.device), amp=amp)
         self.last_stats = stats
         started = time.perf_counter()
         scored: dict[int, ScoreResult] = {}
@@ -373,23 +454,35 @@ class Scorer:
                 progress(done, len(requests))
         stats.failures = len(failures)
         stats.total_s = time.perf_counter() - started
+        log.info(
+            "scored %d request(s), %d image(s) in %d batch(es) on %s (%s) in %.2f s: model step %.2f s, waited for "
+            "the loader %.2f s (%.0f%%, %.0f%% after the first batch)",
+            stats.requests - stats.failures,
+            stats.images,
+            stats.batches,
+            stats.device,
+            stats.amp,
+            stats.total_s,
+            stats.model_s,
+            stats.loader_wait_s,
+            100 * stats.wait_share,
+            100 * stats.steady_wait_share,
+        )
         for index, reason in sorted(failures.items()):
             log.warning("not scored: request %d: %s", index, reason)
         results = [scored[index] for index in sorted(scored)]
         return results, {requests[index].key: reason for index, reason in sorted(failures.items())}
 
     def loader(self, requests: Sequence[ScoreRequest]) -> DataLoader[_Item]:
-        """The DataLoader over the requests: workers preprocess, batches mix patients, pinned memory on CUDA."""
+        """The DataLoader over the requests: workers preprocess, batches mix patients, pinned memory on CUDA
+        (:func:`loader_options`)."""
         dataset = RequestDataset(requests, self.preprocessor, self.spec, self.uses)
         return DataLoader(
             dataset,
             batch_size=self.batch_size,
             shuffle=False,
-            num_workers=self.workers,
             collate_fn=collate,
-            pin_memory=self.device.type == "cuda",
-            worker_init_fn=_worker_init if self.workers else None,
-            prefetch_factor=2 if self.workers else None,
+            **loader_options(self.device, self.workers),
         )
 
     def _batches(self, requests: Sequence[ScoreRequest]) -> Iterator[tuple[float, _Batch]]:
@@ -404,7 +497,7 @@ class Scorer:
             yield time.perf_counter() - waited, batch
 
     def autocast(self) -> AbstractContextManager[Any]:
-        """Autocast on CUDA (bfloat16 or float16), nothing on the CPU (float32)."""
+        """Autocast in :attr:`amp_dtype` (by default on CUDA only), or nothing (float32)."""
         if self.amp_dtype is None:
             return nullcontext()
         return torch.autocast(device_type=self.device.type, dtype=self.amp_dtype)
