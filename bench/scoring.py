@@ -295,10 +295,7 @@ def lean(arguments: argparse.Namespace) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="riskbridge-bench-scoring-") as temporary:
         root = Path(temporary)
         package = arguments.package or make_package(root / "package", spec)
-        series = []
-        for index in range(arguments.series):
-            series.append(write_series(root / f"series-{index}", arguments.slices, arguments.size, seed=index))
-            print(f"series {index + 1}/{arguments.series} written", flush=True)
+        series = write_all_series(root, arguments)
         counts = {False: arguments.requests, True: arguments.cached_requests or arguments.requests}
         requests = [
             ScoreRequest(f"p{index}", series[index % len(series)], None, feature_vector(spec, index))
@@ -427,6 +424,15 @@ def write_lean(out: Path | None, results: dict[str, Any]) -> None:
     (out / "scoring-lean.md").write_text(lean_markdown(results))
 
 
+def write_all_series(root: Path, arguments: argparse.Namespace) -> list[Path]:
+    """Write ``arguments.series`` synthetic series under ``root`` (seeded by their index), saying each one."""
+    series = []
+    for index in range(arguments.series):
+        series.append(write_series(root / f"series-{index}", arguments.slices, arguments.size, seed=index))
+        print(f"series {index + 1}/{arguments.series} written", flush=True)
+    return series
+
+
 def run(arguments: argparse.Namespace) -> str:
     """Run every measurement; return the markdown body of the report section."""
     spec = load_default_feature_spec()
@@ -435,10 +441,7 @@ def run(arguments: argparse.Namespace) -> str:
     with tempfile.TemporaryDirectory(prefix="riskbridge-bench-scoring-") as temporary:
         root = Path(temporary)
         package = arguments.package or make_package(root / "package", spec)
-        series = []
-        for index in range(arguments.series):
-            series.append(write_series(root / f"series-{index}", arguments.slices, arguments.size, seed=index))
-            print(f"series {index + 1}/{arguments.series} written", flush=True)
+        series = write_all_series(root, arguments)
         requests = [
             ScoreRequest(f"p{index}", series[index % len(series)], None, feature_vector(spec, index))
             for index in range(arguments.requests)

@@ -28,7 +28,6 @@ final answer is returned whatever its status; a failure below HTTP becomes the c
 from __future__ import annotations
 
 import base64
-import ipaddress
 import logging
 import random
 import re
@@ -47,6 +46,7 @@ import requests
 from requests.adapters import HTTPAdapter
 
 from riskbridge.errors import ConfigurationError
+from riskbridge.hosts import is_loopback_host
 
 if TYPE_CHECKING:
     from cryptography.hazmat.primitives.asymmetric import ec, rsa
@@ -106,7 +106,6 @@ CLIENT_ASSERTION_TYPE = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
 # a server clock a little ahead of ours still accepts it.
 CLIENT_ASSERTION_LIFETIME_S = 240
 DEFAULT_TOKEN_LIFETIME_S = 300.0
-LOOPBACK_NAMES = frozenset({"localhost"})
 
 
 # --- waits -------------------------------------------------------------------------------------------------------
@@ -428,22 +427,6 @@ class HttpTransport:
 
 
 # --- credentials -------------------------------------------------------------------------------------------------
-
-
-def is_loopback_host(host: str | None) -> bool:
-    """True for ``localhost`` and loopback addresses (127.0.0.0/8, ``::1``, IPv4-mapped 127.x), False otherwise."""
-    if not host:
-        return False
-    name = host.strip("[]").rstrip(".").lower()
-    if name in LOOPBACK_NAMES:
-        return True
-    try:
-        address = ipaddress.ip_address(name)
-    except ValueError:
-        return False
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        return address.ipv4_mapped.is_loopback
-    return address.is_loopback
 
 
 def check_credentials_url(auth: FhirAuth, base_url: str, *, base_key: str, auth_key: str) -> None:

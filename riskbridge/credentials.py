@@ -19,7 +19,6 @@ Two guards against a deployment that runs with a secret anyone can look up:
 from __future__ import annotations
 
 import hashlib
-import ipaddress
 import json
 import os
 import re
@@ -33,6 +32,7 @@ from pydantic import BaseModel, SecretStr
 
 from riskbridge.errors import ConfigurationError
 from riskbridge.filemodes import create_private_file
+from riskbridge.hosts import is_loopback_host
 
 if TYPE_CHECKING:
     from riskbridge.settings import Settings
@@ -99,15 +99,7 @@ def is_loopback(host: str) -> bool:
     """True for a host that only this machine reaches: localhost, a loopback address, a Unix socket directory."""
     host = unquote(host).strip().strip("[]")
     # libpq takes an absolute path (or no host at all) as the directory of a Unix-domain socket.
-    if not host or host.startswith("/") or host.lower() == "localhost":
-        return True
-    try:
-        address = ipaddress.ip_address(host.split("%", 1)[0])
-    except ValueError:
-        return False
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        return address.ipv4_mapped.is_loopback
-    return address.is_loopback
+    return not host or host.startswith("/") or is_loopback_host(host)
 
 
 def _strip_port(host: str) -> str:

@@ -28,6 +28,7 @@ from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, Settings
 
 from riskbridge.credentials import default_secret_problems
 from riskbridge.errors import ConfigurationError
+from riskbridge.hosts import is_loopback_host
 
 ENV_PREFIX = "RISKBRIDGE_"
 CONFIG_ENV = "RISKBRIDGE_CONFIG"
@@ -145,17 +146,7 @@ class PacsSettings(_Section):
     @staticmethod
     def is_loopback(address: str) -> bool:
         """True for a loopback IP address (IPv4-mapped IPv6 too) and ``localhost``; any other host name is not."""
-        import ipaddress
-
-        if address.lower() == "localhost":
-            return True
-        try:
-            ip = ipaddress.ip_address(address.split("%", 1)[0])
-        except ValueError:
-            return False
-        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-            return ip.ipv4_mapped.is_loopback
-        return ip.is_loopback
+        return is_loopback_host(address)
 
     @model_validator(mode="after")
     def _worker_ae_titles_fit(self) -> PacsSettings:

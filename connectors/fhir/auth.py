@@ -23,16 +23,15 @@ from riskbridge.connectors.http import (
     CLIENT_ASSERTION_LIFETIME_S,
     CLIENT_ASSERTION_TYPE,
     DEFAULT_TOKEN_LIFETIME_S,
-    LOOPBACK_NAMES,
     Authorizer,
     check_credentials_url,
-    is_loopback_host,
     oauth_error_reason,
     smart_client_assertion,
     static_authorization,
 )
 from riskbridge.connectors.http import authorizer_for as _authorizer_for
 from riskbridge.connectors.http import load_private_key as _load_private_key
+from riskbridge.hosts import LOOPBACK_NAMES, is_loopback_host
 from riskbridge.settings import FhirAuth, FhirSettings
 
 from .errors import FhirError, diagnostics
