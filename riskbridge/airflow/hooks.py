@@ -48,6 +48,12 @@ _PACS_EXTRAS = (
     "workers",
     "max_attempts",
     "timeout_s",
+    # who may connect to the storage SCP, and how much a peer may send (docs/retrieval.md "Who may connect")
+    "scp_allowed_peers",
+    "scp_allow_plaintext",
+    "tls_handshake_timeout_s",
+    "max_pdu_kb",
+    "max_instance_mb",
 )
 _TLS_EXTRAS = ("tls_ca_file", "tls_cert_file", "tls_key_file")
 _FHIR_TUNING_EXTRAS = (

@@ -91,6 +91,29 @@ def test_pacs_connection_in_uri_form_keeps_unset_keys(monkeypatch: pytest.Monkey
     assert pacs.calling_ae == Settings().pacs.calling_ae
 
 
+def test_pacs_connection_sets_who_may_connect_and_how_much(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The storage SCP's peer allow-list, plaintext choice, handshake timeout and size limits come from the
+    Connection too, and are validated as in the config file (a bad network names the key)."""
+    extra = {
+        "scp_bind_address": "10.20.0.5",
+        "scp_allowed_peers": ["10.20.0.0/16"],
+        "scp_allow_plaintext": True,
+        "tls_handshake_timeout_s": 3,
+        "max_pdu_kb": 512,
+        "max_instance_mb": 64,
+    }
+    _set_connection(monkeypatch, "pacs_default", {"conn_type": "riskbridge_pacs", "host": "10.20.0.9", "extra": extra})
+    pacs = PacsHook().pacs_settings(Settings().pacs)
+    assert (pacs.scp_allowed_peers, pacs.scp_allow_plaintext) == (["10.20.0.0/16"], True)
+    assert (pacs.tls_handshake_timeout_s, pacs.max_pdu_kb, pacs.max_instance_mb) == (3, 512, 64)
+    refused = {**extra, "scp_allow_plaintext": False}
+    _set_connection(
+        monkeypatch, "pacs_default", {"conn_type": "riskbridge_pacs", "host": "10.20.0.9", "extra": refused}
+    )
+    with pytest.raises(ConnectionSettingsError, match="not a loopback address"):
+        PacsHook().pacs_settings(Settings().pacs)
+
+
 @pytest.mark.parametrize(
     ("connection", "message"),
     [
