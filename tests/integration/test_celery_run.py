@@ -38,12 +38,12 @@ import psycopg2
 import psycopg2.extensions
 import pytest
 import requests
-from celery_cluster_support import Processes, free_port, wait_for
 from synthetic_site import synthetic_site_settings
 from tiny_model import tiny_package
 
 from riskbridge.airflow.local import LocalAirflow
 from riskbridge.connectors.fhir import FhirClient
+from riskbridge.dev.processes import Processes, free_port, wait_for
 from riskbridge.dev.synth import EdgeCaseRates, generate, load, read_truth, site_environment
 from riskbridge.dev.synth import cohort as synth_cohort
 from riskbridge.ledger import Ledger
