@@ -502,6 +502,9 @@ class SandboxSettings(_Section):
     orthanc_http_port: int = Field(18042, ge=1, le=65535)
     hapi_port: int = Field(18080, ge=1, le=65535)
     hapi_java_opts: str = "-Xmx1g -XX:+UseSerialGC"
+    # HAPI FHIR's database: "h2" (in memory, the default) or "postgresql" (a database "hapi" in the sandbox's own
+    # PostgreSQL, which then starts first); docs/sandbox.md, "HAPI FHIR".
+    hapi_database: Literal["h2", "postgresql"] = "h2"
     postgres_port: int = Field(15432, ge=1, le=65535)
     # AE titles a test or site tool may call Orthanc (and the dcmqrscp) from (dcmtk's findscu/movescu in the tests).
     extra_calling_aes: list[str] = ["DCMTK"]

@@ -9,7 +9,10 @@ each part. No Docker engine is needed.
   remote HTTP access off, and strict DICOM AE authorization (only the AE titles in ``DicomModalities`` may
   associate). Orthanc 1.10 binds its DICOM port on all interfaces whatever the config says; the AE check is
   what keeps strangers out. Started with ``TCP_NODELAY=1`` (its DCMTK layer leaves Nagle on otherwise).
-- HAPI FHIR JPA (R4) from our own launcher under ``docker/hapi-fhir``, built with Maven on first use.
+- HAPI FHIR JPA (R4) from our own launcher under ``docker/hapi-fhir``, built with Maven on first use; its database
+  is H2 in memory (``sandbox.hapi_database = "h2"``, the default) or a database of its own in the sandbox's
+  PostgreSQL (``"postgresql"``: PostgreSQL then starts first, and the database is recreated empty on every HAPI start,
+  as an in-memory H2 is).
 - PostgreSQL from Debian: a cluster of its own (initdb) in the sandbox directory, on its own port.
 - dcmtk's Query/Retrieve SCP ``dcmqrscp`` (Debian ``dcmtk``): a second PACS that answers only what a strict PACS
   answers (its C-FIND returns a fixed, small set of attributes per level), with a generated configuration: its AE
@@ -48,6 +51,7 @@ ProgressCallback = Callable[[str, str], None]
 PROJECT_ROOT = Path(__file__).resolve().parents[2]  # riskbridge/dev/sandbox.py -> the checkout
 HAPI_SOURCE_DIR = PROJECT_ROOT / "docker" / "hapi-fhir"
 HAPI_JAR_NAME = "riskbridge-hapi-fhir.jar"
+HAPI_POSTGRES_DATABASE = "hapi"  # HAPI's database in the sandbox's PostgreSQL when sandbox.hapi_database = "postgresql"
 POSTGRES_BIN_DIRS = sorted(Path("/usr/lib/postgresql").glob("*/bin"), reverse=True)
 ORTHANC_PLUGIN_CANDIDATES = (
     Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so"),
@@ -453,6 +457,26 @@ class _Hapi(_Part):
         os.replace(partial, installed)
         return installed
 
+    @property
+    def on_postgres(self) -> bool:
+        """True when this HAPI keeps its data in the sandbox's PostgreSQL (``sandbox.hapi_database``)."""
+        return self.settings.sandbox.hapi_database == "postgresql"
+
+    def database_arguments(self) -> list[str]:
+        """The launcher's datasource options for ``sandbox.hapi_database`` (none for H2: the launcher's default).
+
+        PostgreSQL: the JDBC URL of the database :data:`HAPI_POSTGRES_DATABASE` in the sandbox's own cluster and its
+        role; the cluster trusts loopback connections (``initdb --auth=trust``), so there is no password to pass. The
+        launcher picks the JDBC driver and HAPI's dialect from the URL (docker/hapi-fhir/README.md).
+        """
+        if not self.on_postgres:
+            return []
+        port = self.settings.sandbox.postgres_port
+        return [
+            f"--spring.datasource.url=jdbc:postgresql://127.0.0.1:{port}/{HAPI_POSTGRES_DATABASE}",
+            f"--spring.datasource.username={_Postgres.role}",
+        ]
+
     def command(self) -> tuple[list[str], dict[str, str], str | None]:
         java = _require_binary("java", "openjdk-17-jre-headless")
         argv = [
@@ -462,6 +486,7 @@ class _Hapi(_Part):
             str(self.server_jar),
             f"--server.port={self.settings.sandbox.hapi_port}",
             "--server.address=127.0.0.1",
+            *self.database_arguments(),
         ]
         return argv, {}, None
 
@@ -584,6 +609,18 @@ class _Postgres(_Part):
                 if cursor.fetchone() is None:
                     progress(self.name, f"creating database {self.database}")
                     cursor.execute(f'CREATE DATABASE "{self.database}"')
+        finally:
+            connection.close()
+
+    def recreate_database(self, name: str, progress: ProgressCallback) -> None:
+        """Drop the database ``name`` if it exists (closing its connections) and create it empty."""
+        connection = self._connect("postgres")
+        try:
+            connection.autocommit = True
+            with connection.cursor() as cursor:
+                progress(self.name, f"creating database {name} (empty)")
+                cursor.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+                cursor.execute(f'CREATE DATABASE "{name}"')
         finally:
             connection.close()
 
@@ -795,14 +832,20 @@ class Sandbox:
             yield
 
     def select(self, only: Sequence[str] | None) -> tuple[_Part, ...]:
-        """Return the parts named in ``only`` (all parts when None); raise SandboxError for an unknown name."""
+        """Return the parts named in ``only`` (all parts when None); raise SandboxError for an unknown name.
+
+        A HAPI on PostgreSQL (``sandbox.hapi_database = "postgresql"``) brings the postgres part along.
+        """
         if only is None:
             return self.parts
         names = [part.name for part in self.parts]
         unknown = sorted(set(only) - set(names))
         if unknown:
             raise SandboxError(f"unknown sandbox part(s) {', '.join(unknown)}: choose from {', '.join(names)}")
-        return tuple(part for part in self.parts if part.name in only)
+        wanted = set(only)
+        if self.hapi.name in wanted and self.hapi.on_postgres:
+            wanted.add(self.postgres.name)
+        return tuple(part for part in self.parts if part.name in wanted)
 
     def up(self, progress: ProgressCallback = _noop, only: Sequence[str] | None = None) -> list[PartStatus]:
         """Start every part (or those named in ``only``) that is not running and wait until all answer.
@@ -820,12 +863,25 @@ class Sandbox:
             # starts, so that a part that cannot start leaves no other part of this call running.
             for part in to_start:
                 part.prepare(progress)
+            # A HAPI on PostgreSQL starts once PostgreSQL answers and HAPI's database has been created empty.
+            later = [part for part in to_start if part is self.hapi and self.hapi.on_postgres]
             started: list[_Part] = []
+            prepared: list[_Part] = []  # parts already waited for and given their after_ready work
             try:
                 for part in to_start:
-                    part.start()
-                    started.append(part)
-                    progress(part.name, "started")
+                    if part not in later:
+                        part.start()
+                        started.append(part)
+                        progress(part.name, "started")
+                if later:
+                    self._wait_ready([self.postgres], progress)
+                    self.postgres.after_ready(progress)
+                    self.postgres.recreate_database(HAPI_POSTGRES_DATABASE, progress)
+                    prepared.append(self.postgres)
+                    for part in later:
+                        part.start()
+                        started.append(part)
+                        progress(part.name, "started")
             except BaseException:
                 for part in started:
                     part.stop()
@@ -833,8 +889,9 @@ class Sandbox:
             for part in parts:
                 if part not in to_start:
                     progress(part.name, "already running")
-            self._wait_ready(parts, progress)
-            for part in parts:
+            remaining = [part for part in parts if part not in prepared]
+            self._wait_ready(remaining, progress)
+            for part in remaining:
                 part.after_ready(progress)
             return [part.status() for part in parts]
 

@@ -17,6 +17,7 @@ import ca.uhn.fhir.jpa.dao.search.IHSearchSortHelper;
 import ca.uhn.fhir.jpa.model.config.PartitionSettings;
 import ca.uhn.fhir.jpa.model.config.SubscriptionSettings;
 import ca.uhn.fhir.jpa.model.dialect.HapiFhirH2Dialect;
+import ca.uhn.fhir.jpa.model.dialect.HapiFhirPostgresDialect;
 import ca.uhn.fhir.jpa.provider.DaoRegistryResourceSupportedSvc;
 import ca.uhn.fhir.jpa.search.DatabaseBackedPagingProvider;
 import ca.uhn.fhir.jpa.search.IStaleSearchDeletingSvc;
@@ -46,9 +47,10 @@ import java.util.Properties;
 import javax.sql.DataSource;
 
 /**
- * Storage side of the server: settings objects, the H2 data source, the JPA entity manager
- * factory / transaction manager, and the handful of service beans that HAPI's
- * {@code JpaConfig} expects the embedding application to provide.
+ * Storage side of the server: settings objects, the data source (H2 in memory by default, or PostgreSQL when
+ * {@code spring.datasource.url} is a {@code jdbc:postgresql:} URL), the JPA entity manager factory / transaction
+ * manager, and the handful of service beans that HAPI's {@code JpaConfig} expects the embedding application to
+ * provide.
  */
 @Configuration
 public class StorageConfig {
@@ -139,6 +141,51 @@ public class StorageConfig {
 
 	// ---------------------------------------------------------------- database
 
+	/** The databases this launcher knows: JDBC driver and HAPI's Hibernate dialect for each. */
+	enum Database {
+		H2("org.h2.Driver", H2InlineTextDialect.class.getName()),
+		POSTGRESQL("org.postgresql.Driver", HapiFhirPostgresDialect.class.getName());
+
+		final String myDriverClassName;
+		final String myDialectClassName;
+
+		Database(String theDriverClassName, String theDialectClassName) {
+			myDriverClassName = theDriverClassName;
+			myDialectClassName = theDialectClassName;
+		}
+
+		/**
+		 * The database a JDBC URL names: {@code jdbc:postgresql:...} is PostgreSQL, {@code jdbc:h2:...} is H2;
+		 * anything else is refused at start-up rather than guessed.
+		 */
+		static Database forUrl(String theUrl) {
+			String url = theUrl.trim().toLowerCase(Locale.ROOT);
+			if (url.startsWith("jdbc:h2:")) {
+				return H2;
+			}
+			if (url.startsWith("jdbc:postgresql:")) {
+				return POSTGRESQL;
+			}
+			throw new IllegalArgumentException(
+					"spring.datasource.url must be a jdbc:h2: or jdbc:postgresql: URL, not " + theUrl.split("\\?")[0]);
+		}
+	}
+
+	/**
+	 * The Hibernate dialect for a database: PostgreSQL gets {@link HapiFhirPostgresDialect}; H2 gets
+	 * {@link H2InlineTextDialect} unless {@code riskbridge.fhir.h2-inline-text=false} asks for HAPI's own
+	 * {@link HapiFhirH2Dialect}. A non-blank {@code riskbridge.fhir.dialect} (a class name) overrides both.
+	 */
+	static String dialectFor(Database theDatabase, boolean theH2InlineText, String theOverride) {
+		if (theOverride != null && !theOverride.isBlank()) {
+			return theOverride.trim();
+		}
+		if (theDatabase == Database.H2 && !theH2InlineText) {
+			return HapiFhirH2Dialect.class.getName();
+		}
+		return theDatabase.myDialectClassName;
+	}
+
 	@Bean(destroyMethod = "close")
 	public BasicDataSource dataSource(
 			@Value("${spring.datasource.url:jdbc:h2:mem:riskbridge;DB_CLOSE_DELAY=-1}") String theUrl,
@@ -146,7 +193,7 @@ public class StorageConfig {
 			@Value("${spring.datasource.password:}") String thePassword,
 			@Value("${riskbridge.fhir.db-max-connections:20}") int theMaxConnections) {
 		BasicDataSource retVal = new BasicDataSource();
-		retVal.setDriverClassName("org.h2.Driver");
+		retVal.setDriverClassName(Database.forUrl(theUrl).myDriverClassName);
 		retVal.setUrl(withoutCloseOnExit(theUrl));
 		retVal.setUsername(theUsername);
 		retVal.setPassword(thePassword);
@@ -176,27 +223,31 @@ public class StorageConfig {
 			DataSource theDataSource,
 			@Value("${riskbridge.fhir.hbm2ddl:update}") String theHbm2ddl,
 			@Value("${riskbridge.fhir.h2-indexed-id-lookup:true}") boolean theIndexedIdLookup,
-			@Value("${riskbridge.fhir.h2-inline-text:true}") boolean theInlineText) {
+			@Value("${riskbridge.fhir.h2-inline-text:true}") boolean theInlineText,
+			@Value("${spring.datasource.url:jdbc:h2:mem:riskbridge;DB_CLOSE_DELAY=-1}") String theUrl,
+			@Value("${riskbridge.fhir.dialect:}") String theDialect) {
+		Database database = Database.forUrl(theUrl);
 		LocalContainerEntityManagerFactoryBean retVal =
 				HapiEntityManagerFactoryUtil.newEntityManagerFactory(theBeanFactory, theFhirContext, theStorageSettings);
 		retVal.setPersistenceUnitName("HAPI_PU");
 		retVal.setDataSource(theDataSource);
 
 		Properties jpaProperties = new Properties();
-		// Resource bodies as inline strings, not large objects: see H2InlineTextDialect.
-		jpaProperties.put(
-				"hibernate.dialect",
-				theInlineText ? H2InlineTextDialect.class.getName() : HapiFhirH2Dialect.class.getName());
+		// H2: resource bodies as inline strings, not large objects (see H2InlineTextDialect). PostgreSQL: HAPI's own.
+		jpaProperties.put("hibernate.dialect", dialectFor(database, theInlineText, theDialect));
 		jpaProperties.put("hibernate.hbm2ddl.auto", theHbm2ddl);
 		jpaProperties.put("hibernate.search.enabled", "false");
 		jpaProperties.put("hibernate.format_sql", "false");
 		jpaProperties.put("hibernate.show_sql", "false");
+		// Hibernate logs each SQL warning at WARN: on PostgreSQL the schema update's "constraint ... does not exist,
+		// skipping" notices, about 25 lines per start. SQL errors are still logged.
+		jpaProperties.put("hibernate.jdbc.log.warnings", "false");
 		jpaProperties.put("hibernate.jdbc.batch_size", "20");
 		jpaProperties.put("hibernate.cache.use_query_cache", "false");
 		jpaProperties.put("hibernate.cache.use_second_level_cache", "false");
 		jpaProperties.put("hibernate.cache.use_structured_entries", "false");
 		jpaProperties.put("hibernate.cache.use_minimal_puts", "false");
-		if (theIndexedIdLookup) {
+		if (theIndexedIdLookup && database == Database.H2) {
 			// H2 scans HFJ_RESOURCE for HAPI's multi-id lookups unless they are written as a row-value IN list.
 			jpaProperties.put("hibernate.session_factory.statement_inspector", new H2ResourceIdLookup());
 		}
