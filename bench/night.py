@@ -36,6 +36,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import logging
 import os
@@ -549,7 +550,19 @@ def report_body(
         if flows and len(flows) > 1:
             fa, fb, fk = fit(sorted(flows), [flows[n].wall_s for n in sorted(flows)])
             growth += f"; Airflow: {fa:.1f} s + {fb:.2f} s x N, exponent {fk:.2f}"
-        text.append(f"Growth with N: {growth}.")
+        marginal = []
+        for small, large in itertools.pairwise(sizes):
+            step = large - small
+            floor_step = night_floor(runs[large], floors[large]) - night_floor(runs[small], floors[small])
+            parts = [f"run {(runs[large].wall_s - runs[small].wall_s) / step:.2f}", f"floor {floor_step / step:.2f}"]
+            if small in flows and large in flows:
+                parts.append(f"Airflow {(flows[large].wall_s - flows[small].wall_s) / step:.2f}")
+            marginal.append(f"N {small} -> {large}: {', '.join(parts)}")
+        text.append(
+            f"Growth with N: {growth}. The exponent of a fit through a fixed start-up cost reads below 1 even for "
+            f"linear growth; the marginal seconds per study between sizes say more: {'; '.join(marginal)}. A "
+            "marginal cost that rises with N is growth worse than linear."
+        )
     largest = max(sizes)
     share = (runs[largest].wall_s - night_floor(runs[largest], floors[largest])) / runs[largest].wall_s
     text.append(

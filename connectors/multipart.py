@@ -62,6 +62,9 @@ HEAD_BYTES = 64 * 1024  # how much of a part is looked at first: file meta + dat
 # sequences of group 0008 can push group 0020 back; nothing real pushes it this far).
 MAX_HEAD_BYTES = 1024 * 1024
 PART_TYPE = "application/dicom"
+# A verified part up to this size is read whole and written on a background thread (BackgroundWriter); a bigger one
+# is written as it arrives, so one answer holds at most this much per part plus the writer's own bound in memory.
+IN_MEMORY_PART_BYTES = 16 * 1024 * 1024
 
 _IMPLICIT_LE = "1.2.840.10008.1.2"
 _DEFLATED = "1.2.840.10008.1.2.1.99"
@@ -523,6 +526,20 @@ def _declared_length(part: MultipartPart) -> int | None:
     return int(text) if text is not None and text.strip().isdigit() else None
 
 
+def _rest_in_memory(head: bytes, body: Iterator[bytes], limit: int) -> tuple[list[bytes], Iterator[bytes] | None]:
+    """The part's bytes as a list of chunks, read to its end while they total at most ``limit``; otherwise the
+    chunks read so far and the unread rest of ``body`` (the part is then too big to hold: it is written as it
+    arrives)."""
+    pieces = [head]
+    size = len(head)
+    for piece in body:
+        pieces.append(piece)
+        size += len(piece)
+        if size > limit:
+            return pieces, body
+    return pieces, None
+
+
 def stage_multipart(
     chunks: Iterable[bytes],
     boundary: str,
@@ -532,6 +549,7 @@ def stage_multipart(
     allowed_sop_classes: Collection[str] | None = CT_STORAGE_CLASSES,
     only: Iterable[str] | None = None,
     max_part_bytes: int | None = None,
+    writer: staging.BackgroundWriter | None = None,
 ) -> StagedParts:
     """Write every verified part of a WADO-RS multipart body atomically to the staging area; return what was done.
 
@@ -541,7 +559,47 @@ def stage_multipart(
     nothing more is read; one larger than ``max_part_bytes`` (None: no cap) raises :class:`PartTooLargeError`. A
     verified part whose instance is not in ``only`` (when given) is read past and listed in ``refused``. Framing
     errors raise :class:`MultipartError`; a part being written when an error occurs leaves no file behind.
+
+    A verified part of at most :data:`IN_MEMORY_PART_BYTES` is read whole and handed to ``writer`` (a
+    :class:`~riskbridge.connectors.staging.BackgroundWriter`; without one, a writer of this call's own), so the
+    next part is parsed while the file is written; the parts are fsynced together and renamed into place at the end
+    of the answer (a bigger part is written, fsynced and renamed as it arrives). So every staged file was fsynced
+    before its rename, and all of them are in place when this returns or raises; a failed write raises its
+    OSError, unless another error is being raised already (then the parts before it are still committed).
     """
+    own_writer = writer is None
+    active = writer if writer is not None else staging.BackgroundWriter()
+    try:
+        try:
+            result = _stage_parts(
+                chunks, boundary, staging_root, study_uid, series_uid, allowed_sop_classes, only, max_part_bytes, active
+            )
+        except BaseException:
+            # The answer failed: commit the parts already handed over (they were verified) before the caller looks
+            # at the staging area; a write failure among them shows up as a missing instance.
+            active.commit()
+            raise
+        committed = active.commit()
+    finally:
+        if own_writer:
+            active.close()
+    if committed.failures:
+        raise committed.failures[0].error
+    return result
+
+
+def _stage_parts(
+    chunks: Iterable[bytes],
+    boundary: str,
+    staging_root: Path,
+    study_uid: str,
+    series_uid: str,
+    allowed_sop_classes: Collection[str] | None,
+    only: Iterable[str] | None,
+    max_part_bytes: int | None,
+    writer: staging.BackgroundWriter,
+) -> StagedParts:
+    """The work of :func:`stage_multipart`; the writes it hands to ``writer`` may still be running when it returns."""
     result = StagedParts()
     wanted = frozenset(only) if only is not None else None
     for part in iter_multipart(chunks, boundary):
@@ -589,7 +647,14 @@ def stage_multipart(
                 pass
             result.refused.append(RefusedPart(part.index, uid_hash(meta.sop_instance_uid), "not asked for"))
             continue
-        result.bytes += staging.write_atomic(path, itertools.chain((head,), body))
+        held, rest = _rest_in_memory(head, body, IN_MEMORY_PART_BYTES)
+        if rest is None:
+            if writer.failed:
+                break  # the disk failed: stop reading; stage_multipart's commit raises the failure
+            writer.submit(path, held)
+            result.bytes += sum(len(piece) for piece in held)
+        else:
+            result.bytes += staging.write_atomic(path, itertools.chain(held, rest))
         result.instances.append(meta.sop_instance_uid)
         result.verified += 1
     return result

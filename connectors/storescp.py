@@ -6,11 +6,12 @@ instance whose dataset names an expected series (:meth:`InstanceSink.expect_seri
 without decoding them). Anything else is refused with a DICOM failure status and logged by hashed UID.
 Every accepted instance is written atomically to the staging area from the received bytes as they are
 (``event.encoded_dataset()``: decoding in the handler measured 33% slower), so receiving one twice is harmless.
-Writes run on background threads, a bounded number in flight, so the sender's next C-STORE is not held up by the
-disk (the PACS waits for each C-STORE response before it sends the next instance). The response is therefore
-sent before the file is on disk: completeness is decided afterwards by counting staged files
-(:meth:`InstanceSink.flush` first), never by the statuses this SCP returned, so a failed write shows up as a
-missing instance and is fetched again.
+Writes run on background threads (:class:`~riskbridge.connectors.staging.BackgroundWriter`), a bounded number in
+flight, so the sender's next C-STORE is not held up by the disk (the PACS waits for each C-STORE response before it
+sends the next instance); :meth:`InstanceSink.flush`, called after each C-MOVE or C-GET, fsyncs the batch and only
+then renames its files into place. The response is therefore sent before the file is on disk: completeness is
+decided afterwards by the staged files (after :meth:`InstanceSink.flush`), never by the statuses this SCP returned,
+so a failed write shows up as a missing instance and is fetched again.
 It hardens what it accepts, in this order: a connection from an address outside the allowed peers
 (``[pacs] scp_allowed_peers``, by default the PACS host's addresses) is closed as it is accepted, before TLS or any
 DICOM is read; the TLS handshake runs on the connection's own thread with a timeout, so a client that connects and
@@ -28,7 +29,6 @@ import socket
 import ssl
 import threading
 from collections.abc import Iterable, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -78,14 +78,12 @@ class InstanceSink:
     refusals: list[Refusal] = field(default_factory=list)
     bytes_received: int = 0
     write_errors: int = 0
-    writers: int = 2
+    writers: int = 4
     max_in_flight: int = 32  # instances received but not yet written (about 17 MB of 512x512 slices)
     _expected: dict[str, tuple[str, str]] = field(default_factory=dict)
     _expected_series: set[tuple[str, str]] = field(default_factory=set)
     _lock: threading.Lock = field(default_factory=threading.Lock)
-    _pool: ThreadPoolExecutor | None = None
-    _slots: threading.BoundedSemaphore | None = None
-    _pending: set[Future[None]] = field(default_factory=set)
+    _writer: staging.BackgroundWriter | None = None
 
     def expect(self, study_uid: str, series_uid: str, sop_instance_uids: Iterable[str]) -> None:
         """Accept these instances of this series from now on."""
@@ -109,14 +107,14 @@ class InstanceSink:
         with self._lock:
             self._expected_series.discard((study_uid, series_uid))
 
-    def _target(self, sop: str, data: bytes) -> tuple[str, str] | None:
+    def _target(self, sop: str, meta: bytes, dataset: bytes) -> tuple[str, str] | None:
         """The (study, series) an instance is expected for, by its SOP UID or by the series its dataset names."""
         with self._lock:
             target = self._expected.get(sop)
             by_series = bool(self._expected_series)
         if target is not None or not by_series:
             return target
-        uids = part10.study_and_series(data)
+        uids = _study_and_series(meta, dataset)
         with self._lock:
             return uids if uids in self._expected_series else None
 
@@ -133,10 +131,11 @@ class InstanceSink:
         sop = str(event.request.AffectedSOPInstanceUID or "")
         if self.allowed_calling_aes is not None and calling_ae not in self.allowed_calling_aes:
             return self._refuse(calling_ae, sop, "calling AE title is not a configured PACS")
-        # The same bytes as event.encoded_dataset(include_meta=True), without building a pydicom FileMetaDataset.
+        # The same bytes as event.encoded_dataset(include_meta=True), without building a pydicom FileMetaDataset, and
+        # kept as two pieces written one after the other: joining them copied every instance once more.
         meta = part10.file_preamble(str(event.request.AffectedSOPClassUID), sop, str(event.context.transfer_syntax))
-        data = meta + event.request.DataSet.getvalue()
-        target = self._target(sop, data)
+        dataset = event.request.DataSet.getvalue()
+        target = self._target(sop, meta, dataset)
         if target is None:
             return self._refuse(calling_ae, sop, "instance was not requested")
         try:
@@ -144,55 +143,62 @@ class InstanceSink:
         except staging.StagingError as exc:
             LOG.error("C-STORE from %s: instance %s could not be staged: %s", calling_ae, uid_hash(sop), exc)
             return STATUS_OUT_OF_RESOURCES
-        self._submit(path, data, calling_ae)
+        self._submit(path, (meta, dataset))
         return STATUS_SUCCESS
 
-    def _submit(self, path: Path, data: bytes, calling_ae: str) -> None:
+    def _submit(self, path: Path, data: tuple[bytes, ...]) -> None:
         with self._lock:
-            if self._pool is None:
-                self._pool = ThreadPoolExecutor(self.writers, thread_name_prefix="staging-writer")
-                self._slots = threading.BoundedSemaphore(self.max_in_flight)
-            pool, slots = self._pool, self._slots
-        assert slots is not None
-        slots.acquire()  # back-pressure: a slow disk slows the sender instead of filling memory
-        future = pool.submit(self._write, path, data, calling_ae)
-        with self._lock:
-            self._pending.add(future)
-        future.add_done_callback(self._written)
-
-    def _write(self, path: Path, data: bytes, calling_ae: str) -> None:
-        try:
-            written = staging.write_atomic(path, [data])
-        except OSError as exc:
-            LOG.error("C-STORE from %s: instance %s could not be staged: %s", calling_ae, uid_hash(path.stem), exc)
-            with self._lock:
-                self.write_errors += 1
-            return
-        with self._lock:
-            self.bytes_received += written
-
-    def _written(self, future: Future[None]) -> None:
-        with self._lock:
-            self._pending.discard(future)
-        assert self._slots is not None
-        self._slots.release()
+            if self._writer is None:
+                # Back-pressure: a slow disk slows the sender instead of filling memory.
+                self._writer = staging.BackgroundWriter(self.writers, max_bytes=1 << 62, max_items=self.max_in_flight)
+            writer = self._writer
+        writer.submit(path, data)
 
     def flush(self) -> None:
-        """Wait until every instance received so far is written (or has failed to be)."""
-        while True:
-            with self._lock:
-                pending = list(self._pending)
-            if not pending:
-                return
-            wait(pending)
+        """Make every instance received so far durable and staged (written, fsynced, renamed into place) or failed:
+        failures are logged (hashed UID) and counted in ``write_errors``, and show up as missing instances."""
+        with self._lock:
+            writer = self._writer
+        if writer is None:
+            return
+        committed = writer.commit()
+        for failure in committed.failures:
+            LOG.error("C-STORE: instance %s could not be staged: %s", uid_hash(failure.path.stem), failure.error)
+        with self._lock:
+            self.bytes_received += committed.bytes
+            self.write_errors += len(committed.failures)
 
     def close(self) -> None:
         """Flush and stop the writer threads."""
         self.flush()
         with self._lock:
-            pool, self._pool = self._pool, None
-        if pool is not None:
-            pool.shutdown(wait=True)
+            writer, self._writer = self._writer, None
+        if writer is not None:
+            writer.close()
+
+
+# The dataset's Study and Series Instance UIDs come early (group 0020, after groups 0008-0018); this much of it is
+# walked first, and the whole instance only when they are not within it.
+_HEAD_BYTES = 64 * 1024
+
+
+def _study_and_series(meta: bytes, dataset: bytes) -> tuple[str, str] | None:
+    """(StudyInstanceUID, SeriesInstanceUID) of the instance whose file meta is ``meta`` and dataset ``dataset``.
+
+    The first :data:`_HEAD_BYTES` of the dataset are walked (a result only when the walk passed the Series
+    Instance UID, so never from a cut element); otherwise, or for encodings the walk leaves to pydicom, the whole
+    instance is read as :func:`part10.study_and_series` reads it.
+    """
+    if len(dataset) > _HEAD_BYTES:
+        head = meta + dataset[:_HEAD_BYTES]
+        try:
+            uids = part10.dataset_uids(head, part10.read_file_meta(head), whole=False)
+        except part10.Part10Error:
+            uids = None
+        if uids is not None:
+            study, series = uids
+            return (study, series) if study and series else None
+    return part10.study_and_series(meta + dataset)
 
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network

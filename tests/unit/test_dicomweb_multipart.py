@@ -21,7 +21,7 @@ from pydicom.sequence import Sequence
 from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from requests.adapters import BaseAdapter
 
-from riskbridge.connectors import staging
+from riskbridge.connectors import multipart, staging
 from riskbridge.connectors.dicom import DicomError
 from riskbridge.connectors.dicomweb import DicomwebClient, DicomwebError, redact
 from riskbridge.connectors.multipart import (
@@ -340,6 +340,33 @@ def test_any_sop_class_when_allowed_is_none_and_only_restricts_instances(tmp_pat
     assert staged.instances == [sop_uid(2)]
     assert [(r.index, r.instance, r.reason) for r in staged.refused] == [(0, uid_hash(sop_uid(1)), "not asked for")]
     assert staging.staged_instances(other, STUDY, SERIES) == {sop_uid(2)}
+
+
+def test_parts_too_big_to_hold_are_written_as_they_arrive_and_small_ones_in_the_background(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Parts up to IN_MEMORY_PART_BYTES go to the writer threads whole, bigger ones are streamed to their file on
+    the reading thread; either way every file is in place, byte for byte, when stage_multipart returns."""
+    monkeypatch.setattr(multipart, "IN_MEMORY_PART_BYTES", 100_000)  # above the 64 KiB head read first
+    handed: list[str] = []
+    real_submit = staging.BackgroundWriter.submit
+
+    def submit(self: staging.BackgroundWriter, path: Path, chunks: Any) -> None:
+        handed.append(path.stem)
+        real_submit(self, path, chunks)
+
+    monkeypatch.setattr(staging.BackgroundWriter, "submit", submit)
+    files = {sop_uid(n): instance(sop_uid(n), payload=bytes([n]) * (n * 40_000)) for n in range(1, 7)}
+    writer = staging.BackgroundWriter(threads=2)
+    staged = stage_multipart(chunked(body(list(files.values())), 4096), BOUNDARY, tmp_path, STUDY, SERIES,
+                             writer=writer)  # fmt: skip
+    assert staged.instances == list(files)
+    assert staged.bytes == sum(len(data) for data in files.values())
+    assert handed == [sop for sop, data in files.items() if len(data) <= 100_000]
+    assert 0 < len(handed) < len(files)
+    for sop, data in files.items():
+        assert staging.instance_path(tmp_path, STUDY, SERIES, sop).read_bytes() == data
+    writer.close()
 
 
 def test_a_truncated_stream_leaves_no_partial_file(tmp_path: Path) -> None:

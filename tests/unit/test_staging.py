@@ -11,6 +11,7 @@ import logging
 import os
 import shutil
 import stat
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -109,6 +110,77 @@ def test_a_failed_fsync_leaves_no_file_under_its_final_name_and_no_temporary(
     with pytest.raises(OSError, match="Input/output error"):
         staging.write_atomic(target, [b"abc"])
     assert list(target.parent.iterdir()) == []
+
+
+def test_the_background_writer_fsyncs_a_batch_before_renaming_any_of_it(
+    tmp_path: Path, synced: list[tuple[str, Any]]
+) -> None:
+    """Files are written on the writer's threads, but only commit makes them staged: every one fsynced with all its
+    bytes, then renamed into place."""
+    writer = staging.BackgroundWriter(threads=3)
+    sizes = {f"1.2.3.{n}": n for n in range(1, 9)}  # a distinct size per instance identifies its fsync
+    for sop, size in sizes.items():
+        writer.submit(staging.instance_path(tmp_path, STUDY, SERIES, sop), [b"x" * (size - 1), b"y"])
+    assert staging.staged_instances(tmp_path, STUDY, SERIES) == set()  # temporary files until the commit
+    committed = writer.commit()
+    assert (committed.files, committed.bytes, committed.failures) == (8, sum(sizes.values()), ())
+    assert staging.staged_instances(tmp_path, STUDY, SERIES) == set(sizes)
+    first_rename = next(index for index, event in enumerate(synced) if event[0] == "replace")
+    assert sorted(size for kind, size in synced[:first_rename] if kind == "fsync file") == sorted(sizes.values())
+    for sop, size in sizes.items():
+        assert staging.instance_path(tmp_path, STUDY, SERIES, sop).read_bytes() == b"x" * (size - 1) + b"y"
+    writer.close()
+    assert sorted(p.name for p in staging.series_dir(tmp_path, STUDY, SERIES).iterdir()) == sorted(
+        f"{sop}.dcm" for sop in sizes
+    )
+
+
+def test_a_failed_background_write_is_reported_once_and_leaves_no_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real_fsync = os.fsync
+
+    def fsync(handle: int) -> None:
+        if os.fstat(handle).st_size == 3:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real_fsync(handle)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    writer = staging.BackgroundWriter()
+    writer.submit(staging.instance_path(tmp_path, STUDY, SERIES, "1.2.3"), [b"abc"])
+    writer.submit(staging.instance_path(tmp_path, STUDY, SERIES, "1.2.4"), [b"abcd"])
+    committed = writer.commit()
+    assert committed.files == 1
+    [failure] = committed.failures
+    assert failure.path.name == "1.2.3.dcm" and failure.error.errno == errno.ENOSPC
+    assert writer.commit() == staging.Committed()  # reported once: the caller has judged it already
+    assert [p.name for p in staging.series_dir(tmp_path, STUDY, SERIES).iterdir()] == ["1.2.4.dcm"]
+    writer.close()
+
+
+def test_the_background_writer_holds_at_most_max_bytes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A second instance waits while the first one's bytes are still being written, so memory stays bounded."""
+    release = threading.Event()
+    real = staging._write_partial
+
+    def slow(path: Path, chunks: Any) -> tuple[Path, int]:
+        release.wait(5)
+        return real(path, chunks)
+
+    monkeypatch.setattr(staging, "_write_partial", slow)
+    writer = staging.BackgroundWriter(threads=2, max_bytes=10)
+    writer.submit(staging.instance_path(tmp_path, STUDY, SERIES, "1.2.3.1"), [b"12345678"])
+    second = threading.Thread(
+        target=writer.submit, args=(staging.instance_path(tmp_path, STUDY, SERIES, "1.2.3.2"), [b"12345678"])
+    )
+    second.start()
+    time.sleep(0.2)
+    assert second.is_alive(), "the second submit should wait for room"
+    release.set()
+    second.join(5)
+    assert writer.commit().files == 2
+    assert staging.staged_instances(tmp_path, STUDY, SERIES) == {"1.2.3.1", "1.2.3.2"}
+    writer.close()
 
 
 # --- sweeping a crashed attempt's temporary files ---------------------------------------------------------------------

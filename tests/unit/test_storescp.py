@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import pydicom
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -320,3 +321,35 @@ def test_c_get_refuses_an_instance_over_max_instance_mb_on_the_scu_association(
     sink.close()
     assert _staged(tmp_path, fits).is_file()
     assert not _staged(tmp_path, too_large).exists()
+
+
+# --- acceptance by series, from the received bytes ---------------------------------------------------------------
+
+
+def test_instances_are_accepted_by_the_series_their_dataset_names_wherever_it_names_it(tmp_path: Path) -> None:
+    """The study and series are read from the dataset's first 64 KiB when they are there, from the whole instance
+    when a long private element pushes them further; an instance naming another series is refused. The staged file
+    is the file meta followed by the dataset as received."""
+    early = _instance(MIB // 2)
+    late = _instance(MIB // 2)
+    late.StudyInstanceUID, late.SeriesInstanceUID = early.StudyInstanceUID, early.SeriesInstanceUID
+    late.add_new(0x00090010, "LO", "RISKBRIDGE TEST")
+    late.add_new(0x00091000, "OB", b"\x01" * (100 * 1024))  # group 0009 comes before group 0020
+    other = _instance(1024)
+    other.StudyInstanceUID = early.StudyInstanceUID
+    sink = InstanceSink(tmp_path, allowed_calling_aes=frozenset({PACS_AE}))
+    sink.expect_series(early.StudyInstanceUID, early.SeriesInstanceUID)
+    port = _free_port()
+    with StorageSCP(SCP_AE, port, sink, timeout_s=5):
+        assoc = _scu(CTImageStorage).associate("127.0.0.1", port, ae_title=SCP_AE)
+        statuses = [assoc.send_c_store(ds).Status for ds in (early, late, other)]
+        assoc.release()
+    sink.close()
+    assert statuses == [0x0000, 0x0000, 0xC000]
+    for ds in (early, late):
+        staged = pydicom.dcmread(_staged(tmp_path, ds))
+        assert staged.file_meta.MediaStorageSOPInstanceUID == ds.SOPInstanceUID
+        assert staged.PixelData == ds.PixelData
+    assert staged[0x00091000].value == late[0x00091000].value
+    assert not (tmp_path / other.StudyInstanceUID / other.SeriesInstanceUID).exists()
+    assert [refusal.reason for refusal in sink.refusals] == ["instance was not requested"]
