@@ -52,6 +52,7 @@ from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -539,8 +540,9 @@ def report_body(
         "night has a ledger database of its own and writes under an identifier system of its own, so nothing is "
         "skipped as done. Model: the shipped reference package on CPU, 2 threads. Page cache warm (the series were "
         "read once before the first night). " + setup["disk_note"],
-        f"Load average {setup['load_before']} before and {setup['load_after']} after: other processes shared "
-        "the 2 cores, so compare rows of this run only.",
+        f"Run ended {setup.get('measured', 'at the time above')}. One-minute load average {setup['load_before']} "
+        f"before and {setup['load_after']} after: other processes may share the 2 cores, so compare rows of this run "
+        "only. " + setup.get("remark", ""),
         "### The night\n\n" + markdown_table(header, summary),
     ]
     sizes = sorted(runs)
@@ -755,12 +757,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             "load_s": load_s,
             "orthanc_gb": dicom_bytes / 1e9,
             "disk_note": (
-                f"The disk limits N: each patient's studies take {per_study_gb * 1000:.0f} MB in Orthanc, and the "
-                f"generator writes them once more before the load, so the {free_gb:.0f} GB left free during this run "
-                f"allow about {int(free_gb / per_study_gb / 2)} patients on this machine."
+                f"The disk limits N: each patient's studies take {per_study_gb * 1000:.0f} MB in Orthanc and the "
+                f"generator writes them once more before the load, so 300 patients would need "
+                f"{per_study_gb * 300 * 2:.0f} GB at the peak; {free_gb:.0f} GB were still free with this cohort "
+                "loaded."
             ),
             "load_before": load_before,
             "load_after": load_average(),
+            "measured": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
         }
         results = {"nights": [asdict(n) for n in nights], "floors": {str(k): v for k, v in floors.items()},
                    "setup": setup}  # fmt: skip

@@ -18,7 +18,6 @@ small JSON. No torch import here: the score stage loads the model when it has so
 from __future__ import annotations
 
 import logging
-import threading
 import time
 from collections.abc import Callable, Sequence
 from datetime import date, datetime, timedelta
@@ -214,39 +213,12 @@ class Pipeline:
         """
         if until is not None:
             stage(until)  # an unknown name fails before any work
-        last = next(i for i, s in enumerate(STAGES) if s.name == until) if until is not None else len(STAGES) - 1
-        warming = self._warm_up_later_stages(STAGES[1 : last + 1])
         results: list[StageResult] = []
-        for current in STAGES[: last + 1]:
-            if current.name in warming:
-                warming.pop(current.name).join()  # never two builds of the same thing at once
+        for current in STAGES:
             results += self._run_whole_stage(current, run_id, progress)
+            if until == current.name:
+                break
         return results
-
-    def _warm_up_later_stages(self, later: Sequence[Stage]) -> dict[str, threading.Thread]:
-        """Start each later stage's ``warm_up`` (see :mod:`riskbridge.stages`) on a daemon thread; a failure there
-        is logged and left to the stage's own work to meet again and report."""
-
-        def warm(current: Stage, warm_up: Callable[[StageContext], None]) -> None:
-            started = time.perf_counter()
-            try:
-                warm_up(self.context)
-            except Exception:
-                LOG.warning("warming up the %s stage failed; the stage loads what it needs itself", current.name,
-                            exc_info=True)  # fmt: skip
-                return
-            LOG.info("%s stage warmed up in %.1f s", current.name, time.perf_counter() - started)
-
-        threads: dict[str, threading.Thread] = {}
-        for current in later:
-            warm_up = getattr(current.module, "warm_up", None)
-            if callable(warm_up):
-                thread = threading.Thread(
-                    target=warm, args=(current, warm_up), name=f"warm-{current.name}", daemon=True
-                )
-                thread.start()
-                threads[current.name] = thread
-        return threads
 
     def _run_whole_stage(
         self, current: Stage, run_id: int, progress: Callable[[str, int, int], None] | None

@@ -9,9 +9,6 @@ model packages. It defines:
   chunk to work on for a chunked stage, None otherwise. A stage run again does nothing it already did.
 - ``counts(cursor, run_id) -> Counter``: the stage's outcomes for the whole run, from its own tables (the report).
 - ``pending_items(context, run_id) -> list[str]``: only for a chunked stage, the items still to do.
-- optionally ``warm_up(context) -> None``: load what the stage needs whatever its items (libraries, rule
-  pipelines). When one process runs every stage (``riskbridge run``), it is called on a thread at the start of the
-  run, so the load overlaps the earlier stages' waits on the network; the stage's ``work`` must not rely on it.
 
 :data:`STAGES` drives :class:`riskbridge.pipeline.Pipeline`, the Airflow DAG factory (one task per stage, a
 mapped task per chunk), the CLI's progress bars and ``--until``, and the report's stage table. Adding a stage is one

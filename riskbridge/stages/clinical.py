@@ -393,12 +393,6 @@ def record(ledger: Ledger, run_id: int, study_uid: str, result: ClinicalResult, 
     return True
 
 
-def warm_up(context: StageContext) -> None:
-    """Build the notes' spaCy pipeline (spaCy and medspaCy, and torch through thinc: seconds of imports), which
-    :func:`riskbridge.harmonize.notes.build_pipeline` keeps for the stage's ``work``."""
-    note_flags.build_pipeline(None)
-
-
 def pending_items(context: StageContext, run_id: int) -> list[str]:
     """StudyInstanceUIDs retrieved and without a feature vector yet: the items the stage is chunked over."""
     return [task.study_uid for task in pending(context.ledger, run_id)]

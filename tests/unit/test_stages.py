@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import contextlib
 import sys
-import threading
 import types
 from collections import Counter
 from collections.abc import Iterator, Mapping, Sequence
@@ -96,7 +95,6 @@ def audit_stage(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[str]]:
             return Counter()
 
         monkeypatch.setattr(current.module, "work", other)
-        monkeypatch.delattr(current.module, "warm_up", raising=False)
         if current.chunked:
             monkeypatch.setattr(current.module, "pending_items", lambda context, run_id: [])
     yield calls
@@ -111,63 +109,6 @@ def test_a_stage_added_as_one_module_and_one_line_runs_in_its_place(audit_stage:
     assert next(r for r in results if r.stage == "audit").done == 3
     assert ("audit", "all") in {(t[1], t[2]) for t in ledger.timings}
     assert stage("audit").module.counts(None, 7)["done"] == 3
-
-
-def test_a_later_stages_warm_up_runs_on_a_thread_and_ends_before_its_work(
-    audit_stage: list[str], monkeypatch: pytest.MonkeyPatch
-) -> None:
-    audit = stage("audit").module
-    released, seen = threading.Event(), []
-
-    def warm_up(context: StageContext) -> None:
-        seen.append(threading.current_thread().name)
-        released.wait(5)
-        seen.append("warm")
-
-    original = audit.work
-
-    def work(context: StageContext, run_id: int, items: Any, progress: Any) -> Counter[str]:
-        seen.append("work")
-        return original(context, run_id, items, progress)
-
-    def discover(context: Any, run_id: int, items: Any, progress: Any) -> Counter[str]:
-        audit_stage.append("discover")
-        threading.Timer(0.2, released.set).start()  # the warm-up is still waiting while the first stage runs
-        return Counter()
-
-    monkeypatch.setattr(audit, "warm_up", warm_up, raising=False)
-    monkeypatch.setattr(audit, "work", work)
-    monkeypatch.setattr(stage("discover").module, "work", discover)
-    Pipeline(Settings(), ledger=_Ledger()).run_stages(7)  # type: ignore[arg-type]
-    assert seen == ["warm-audit", "warm", "work"]
-    assert audit_stage.index("discover") < audit_stage.index("audit")
-
-
-def test_a_failed_warm_up_is_logged_and_the_stage_still_runs(
-    audit_stage: list[str], monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
-) -> None:
-    def warm_up(context: StageContext) -> None:
-        raise OSError("rule file unreadable")
-
-    monkeypatch.setattr(stage("audit").module, "warm_up", warm_up, raising=False)
-    results = Pipeline(Settings(), ledger=_Ledger()).run_stages(7)  # type: ignore[arg-type]
-    assert "audit" in audit_stage and next(r for r in results if r.stage == "audit").done == 3
-    assert "warming up the audit stage failed" in caplog.text
-
-
-def test_no_warm_up_starts_for_a_stage_past_until(audit_stage: list[str], monkeypatch: pytest.MonkeyPatch) -> None:
-    started: list[str] = []
-    monkeypatch.setattr(stage("audit").module, "warm_up", lambda context: started.append("audit"), raising=False)
-    Pipeline(Settings(), ledger=_Ledger()).run_stages(7, until="harmonize")  # type: ignore[arg-type]
-    assert started == [] and "audit" not in audit_stage
-
-
-def test_the_clinical_stage_warms_up_its_notes_pipeline() -> None:
-    from riskbridge.harmonize import notes
-    from riskbridge.stages import clinical
-
-    clinical.warm_up(StageContext(Settings()))
-    assert notes._build_pipeline.cache_info().currsize >= 1
 
 
 def test_a_pinned_model_sha256_is_checked_before_anything_is_judged_or_scored() -> None:
