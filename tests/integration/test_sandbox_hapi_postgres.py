@@ -36,16 +36,22 @@ def hapi_on_postgres() -> Iterator[Settings]:
     """The test's own PostgreSQL and HAPI FHIR on it; stopped and removed afterwards."""
     directory = Path(tempfile.mkdtemp(prefix="riskbridge-hapi-pg-"))
     directory.chmod(0o755)  # the 'postgres' account must traverse it when the tests run as root
-    settings = Settings(
-        fhir={"base_url": f"http://127.0.0.1:{HAPI_PORT}/fhir"},
-        sandbox={
+    # model_copy, not Settings(sandbox=...): riskbridge's environment overrides keyword arguments key by key, and
+    # CI exports RISKBRIDGE_SANDBOX__DIR (the shared sandbox's): this sandbox would read, then stop, the shared one's
+    # processes through their PID files.
+    base = Settings()
+    sandbox = base.sandbox.model_copy(
+        update={
             "dir": directory / "sandbox",
             "hapi_database": "postgresql",
             "hapi_port": HAPI_PORT,
             "postgres_port": POSTGRES_PORT,
             "ready_timeout_s": 150,
-        },
+        }
     )
+    fhir = base.fhir.model_copy(update={"base_url": f"http://127.0.0.1:{HAPI_PORT}/fhir"})
+    settings = base.model_copy(update={"sandbox": sandbox, "fhir": fhir})
+    assert settings.sandbox.dir == directory / "sandbox"
     box = Sandbox(settings)
     try:
         statuses = box.up(only=["hapi-fhir"])
