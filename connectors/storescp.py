@@ -82,6 +82,7 @@ class InstanceSink:
     max_in_flight: int = 32  # instances received but not yet written (about 17 MB of 512x512 slices)
     _expected: dict[str, tuple[str, str]] = field(default_factory=dict)
     _expected_series: set[tuple[str, str]] = field(default_factory=set)
+    _received: dict[tuple[str, str], set[str]] = field(default_factory=dict)  # accepted by series, per series
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _writer: staging.BackgroundWriter | None = None
 
@@ -98,9 +99,17 @@ class InstanceSink:
                 self._expected.pop(sop, None)
 
     def expect_series(self, study_uid: str, series_uid: str) -> None:
-        """Accept any instance whose dataset belongs to this series, from now on."""
+        """Accept any instance whose dataset belongs to this series, from now on; :meth:`take_received` tells
+        which were accepted so."""
         with self._lock:
             self._expected_series.add((study_uid, series_uid))
+            self._received[(study_uid, series_uid)] = set()
+
+    def take_received(self, study_uid: str, series_uid: str) -> set[str]:
+        """The SOPInstanceUIDs accepted for this series by their dataset since :meth:`expect_series`, less those
+        whose write failed; call it after :meth:`flush` (the staged ones, then). Forgets them."""
+        with self._lock:
+            return self._received.pop((study_uid, series_uid), set())
 
     def forget_series(self, study_uid: str, series_uid: str) -> None:
         """Stop accepting instances by their series."""
@@ -116,7 +125,10 @@ class InstanceSink:
             return target
         uids = _study_and_series(meta, dataset)
         with self._lock:
-            return uids if uids in self._expected_series else None
+            if uids not in self._expected_series:
+                return None
+            self._received.setdefault(uids, set()).add(sop)
+            return uids
 
     def _refuse(self, calling_ae: str, sop: str, reason: str) -> int:
         refusal = Refusal(calling_ae, uid_hash(sop) if sop else "-", reason)
@@ -167,6 +179,9 @@ class InstanceSink:
         with self._lock:
             self.bytes_received += committed.bytes
             self.write_errors += len(committed.failures)
+            for failure in committed.failures:
+                series = (failure.path.parent.parent.name, failure.path.parent.name)
+                self._received.get(series, set()).discard(failure.path.stem)
 
     def close(self) -> None:
         """Flush and stop the writer threads."""

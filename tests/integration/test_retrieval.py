@@ -225,22 +225,54 @@ def test_dicomweb_workers_are_threads_and_keep_the_order(sandbox: Settings, coho
     assert seen == [1, 2, 3, 4]
 
 
+def _counted_listings(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Record each IMAGE-level listing (QIDO-RS or C-FIND) the retriever asks for, by series UID."""
+    listed: list[str] = []
+    original = Retriever._listing
+
+    def listing(self: Retriever, study_uid: str, series_uid: str) -> set[str]:
+        listed.append(series_uid)
+        return original(self, study_uid, series_uid)
+
+    monkeypatch.setattr(Retriever, "_listing", listing)
+    return listed
+
+
 @pytest.mark.parametrize("transport", ["c-move", "c-get", "dicomweb"])
-def test_with_a_known_count_the_series_comes_in_one_request_and_is_judged_by_its_listing(
-    sandbox: Settings, cohort: Path, tmp_path: Path, transport: str
+def test_with_a_known_count_a_whole_answer_of_that_many_instances_stands_for_the_listing(
+    sandbox: Settings, cohort: Path, tmp_path: Path, transport: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A file an earlier attempt left under a UID the PACS does not list for the series stands in for nothing: it
-    is removed and counted, and the series is complete only with every listed instance."""
+    """One request, no listing: the answer's own instances, as many as the SERIES-level count, prove the series.
+    A file an earlier attempt left under a UID the answer lacks stands in for nothing: it is removed and counted.
+    A series already staged has no answer to go by, so it is listed."""
     settings = _settings(sandbox, tmp_path)
+    listed = _counted_listings(monkeypatch)
     study_uid, series_uid, count = _series(cohort)[1]
     stale = staging.instance_path(settings.staging_dir, study_uid, series_uid, "1.2.826.0.1.3680043.8.498.999")
     staging.write_atomic(stale, [b"a stale instance"])
     with Retriever(settings.pacs, settings.staging_dir, transport) as retriever:
         result = retriever.retrieve(study_uid, series_uid, count)
+        assert listed == []
         again = retriever.retrieve(study_uid, series_uid, count)
     assert (result.expected, result.received, result.attempts, result.unlisted) == (count, count, 1, 1)
     assert {path.stem for path in result.path.glob("*.dcm")} == set(_source_files(cohort, study_uid, series_uid))
     assert again.attempts == 0 and again.complete and again.unlisted == 0
+    assert listed == [series_uid]
+
+
+@pytest.mark.parametrize("transport", ["c-move", "c-get", "dicomweb"])
+def test_an_answer_that_disagrees_with_the_count_is_judged_by_the_listing(
+    sandbox: Settings, cohort: Path, tmp_path: Path, transport: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A count that no longer holds (an instance deleted since selection's C-FIND) proves nothing: the series is
+    listed, and complete with what the listing names."""
+    settings = _settings(sandbox, tmp_path)
+    listed = _counted_listings(monkeypatch)
+    study_uid, series_uid, count = _series(cohort)[0]
+    with Retriever(settings.pacs, settings.staging_dir, transport) as retriever:
+        result = retriever.retrieve(study_uid, series_uid, count + 1)
+    assert listed == [series_uid]
+    assert result.complete and (result.expected, result.received, result.attempts) == (count, count, 1)
 
 
 @pytest.mark.parametrize("transport", ["c-move", "c-get"])

@@ -20,6 +20,7 @@ from typing import Any, NamedTuple
 import pytest
 
 from riskbridge.connectors import staging
+from riskbridge.connectors.dicom import SubOperations
 from riskbridge.connectors.retrieval import DISK_FULL, RetrievalError, RetrievalFailure, Retriever, retrieve_all
 from riskbridge.records import uid_hash
 from riskbridge.settings import PacsSettings
@@ -233,11 +234,13 @@ def fetches(monkeypatch: pytest.MonkeyPatch) -> list[_Fetched]:
     """Stands in for the PACS: each fetch of a series stages its instances 1.2.3.1 ... 1.2.3.64 (or the subset)."""
     calls: list[_Fetched] = []
 
-    def fetch(self: Retriever, study_uid: str, series_uid: str, subset: list[str] | None) -> str:
+    def fetch(self: Retriever, study_uid: str, series_uid: str, subset: list[str] | None) -> SubOperations:
         calls.append(_Fetched(series_uid, subset))
-        for sop in subset or [f"1.2.3.{i}" for i in range(1, 65)]:
+        sops = subset or [f"1.2.3.{i}" for i in range(1, 65)]
+        for sop in sops:
             staging.write_atomic(staging.instance_path(self.staging_root, study_uid, series_uid, sop), [b"x"])
-        return "0x0000 (success)"
+        # Written past the sink, so a whole-series answer proves nothing here: every series is judged by its listing.
+        return SubOperations(0x0000, len(sops), 0, 0, "0x0000 (success)")
 
     monkeypatch.setattr(Retriever, "_fetch", fetch)
     monkeypatch.setattr("riskbridge.connectors.retrieval.expected_instances", lambda *a: set(LISTED))
