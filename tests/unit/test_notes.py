@@ -7,6 +7,8 @@ from __future__ import annotations
 import base64
 import json
 import re
+import subprocess
+import sys
 from collections.abc import Mapping
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -530,3 +532,18 @@ def test_a_condition_recorded_after_the_scan_never_counts_for_it() -> None:
     assert result.flags["heart_failure"].present is False
     assert result.as_booleans() is None, "a Condition recorded after the scan was not there to read: flags missing"
     assert extract_comorbidities_batch({}, {"p": [after]})["p"].flags["heart_failure"].present  # no index: as before
+
+
+def test_the_pipeline_loads_without_importing_torch_and_torch_still_imports_after() -> None:
+    """thinc would import torch with spaCy (seconds per clinical task process) though no thinc model runs here."""
+    script = (
+        "import sys\n"
+        "from riskbridge.harmonize.notes import build_pipeline\n"
+        "nlp = build_pipeline()\n"
+        "assert 'torch' not in sys.modules, 'the notes pipeline imported torch'\n"
+        "assert len(nlp('History of COPD.').ents) == 1\n"
+        "import torch\n"
+        "assert float(torch.ones(2).sum()) == 2.0\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, check=False)
+    assert done.returncode == 0, done.stderr[-2000:]
