@@ -49,6 +49,7 @@ from riskbridge.airflow.dagkit import (
     ON_DEMAND_DAG_ID,
 )
 from riskbridge.airflow.local import LocalAirflow
+from riskbridge.dev.pg import admin, query
 from riskbridge.dev.processes import Processes, free_port, settings_environment, wait_for
 from riskbridge.settings import Settings
 
@@ -176,13 +177,7 @@ class ScheduledAirflow:
 
     def query(self, sql: str, *args: Any) -> list[tuple[Any, ...]]:
         """Rows of one SQL statement on the metadata database."""
-        connection = psycopg2.connect(self.metadata_dsn)
-        try:
-            with connection, connection.cursor() as cursor:
-                cursor.execute(sql, args)
-                return list(cursor.fetchall())
-        finally:
-            connection.close()
+        return query(self.metadata_dsn, sql, *args)
 
     def trigger(
         self,
@@ -271,16 +266,6 @@ def sqlalchemy_url(dsn: str) -> str:
     return f"postgresql+psycopg2://{credentials}{host}:{port}/{dbname}{query}"
 
 
-def _admin(dsn: str, statement: str) -> None:
-    connection = psycopg2.connect(dsn)
-    connection.autocommit = True  # CREATE/DROP DATABASE cannot run in a transaction
-    try:
-        with connection.cursor() as cursor:
-            cursor.execute(statement)
-    finally:
-        connection.close()
-
-
 def child_environment(settings: Settings, config_file: Path, base: Mapping[str, str] | None = None) -> dict[str, str]:
     """``base`` (default: this process's environment) without its ``RISKBRIDGE_*`` and ``AIRFLOW*`` variables, with
     ``settings`` as ``RISKBRIDGE_*`` variables and ``config_file`` (written empty here) as riskbridge's config file."""
@@ -315,7 +300,7 @@ def scheduled_airflow(
     admin_dsn = settings.database.dsn.get_secret_value()
     name = f"rb_airflow_{uuid.uuid4().hex[:8]}"
     metadata_dsn = psycopg2.extensions.make_dsn(admin_dsn, dbname=name)
-    _admin(admin_dsn, f'CREATE DATABASE "{name}"')
+    admin(admin_dsn, f'CREATE DATABASE "{name}"')
     processes = Processes(work / "airflow-logs")
     try:
         local = LocalAirflow(home=work / "airflow", metadata_url=sqlalchemy_url(metadata_dsn))
@@ -362,7 +347,7 @@ def scheduled_airflow(
     finally:
         processes.stop_all()
         with contextlib.suppress(psycopg2.Error):  # the drop must not hide the block's own error
-            _admin(admin_dsn, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+            admin(admin_dsn, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 def ledger_counts(settings: Settings, dag_id: str, run_id: str) -> dict[str, Any]:

@@ -12,19 +12,10 @@ import psycopg2
 import psycopg2.extensions
 from pydantic import SecretStr
 
+from riskbridge.dev.pg import admin
 from riskbridge.dev.synth.cohort import MRN_SYSTEM, PACS_ISSUER, SITE_TIMEZONE
 from riskbridge.ledger import Ledger
 from riskbridge.settings import DatabaseSettings, IdentitySettings, Settings, SiteSettings
-
-
-def _admin(settings: Settings, statement: str) -> None:
-    connection = psycopg2.connect(settings.database.dsn.get_secret_value())
-    connection.autocommit = True
-    try:
-        with connection.cursor() as cursor:
-            cursor.execute(statement)
-    finally:
-        connection.close()
 
 
 @contextmanager
@@ -32,7 +23,7 @@ def synthetic_site(base: Settings, work: Path, prefix: str) -> Iterator[Settings
     """``base`` (the sandbox's settings) with the synthetic hospital's zone and identity rules, staging, models and
     reports under ``work``, and a new ledger database named ``<prefix>_<random>``, dropped when the block ends."""
     name = f"{prefix}_{uuid.uuid4().hex[:8]}"
-    _admin(base, f'CREATE DATABASE "{name}"')
+    admin(base.database.dsn.get_secret_value(), f'CREATE DATABASE "{name}"')
     dsn = psycopg2.extensions.make_dsn(base.database.dsn.get_secret_value(), dbname=name)
     settings = base.model_copy(
         update={
@@ -49,4 +40,4 @@ def synthetic_site(base: Settings, work: Path, prefix: str) -> Iterator[Settings
             ledger.upgrade()
         yield settings
     finally:
-        _admin(base, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        admin(base.database.dsn.get_secret_value(), f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')

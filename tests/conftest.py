@@ -13,7 +13,7 @@ import psycopg2.extensions
 import pytest
 from pydantic import SecretStr
 
-from riskbridge.connectors import db
+from riskbridge.dev.pg import admin
 from riskbridge.dev.sandbox import Sandbox
 from riskbridge.settings import DatabaseSettings, Settings, load_settings
 
@@ -31,16 +31,6 @@ def sandbox() -> Iterator[Settings]:
             part.stop()
 
 
-def _admin(sandbox: Settings, statement: str) -> None:
-    connection = db.connect(sandbox.database)
-    connection.autocommit = True  # CREATE/DROP DATABASE cannot run in a transaction
-    try:
-        with connection.cursor() as cursor:
-            cursor.execute(statement)
-    finally:
-        connection.close()
-
-
 @pytest.fixture
 def scratch_database(sandbox: Settings) -> Iterator[Callable[[str], tuple[DatabaseSettings, str]]]:
     """Make empty databases in the sandbox's PostgreSQL cluster: ``make(prefix) -> (settings that reach it, name)``.
@@ -51,11 +41,11 @@ def scratch_database(sandbox: Settings) -> Iterator[Callable[[str], tuple[Databa
 
     def make(prefix: str) -> tuple[DatabaseSettings, str]:
         name = f"{prefix}_{uuid.uuid4().hex[:12]}"
-        _admin(sandbox, f'CREATE DATABASE "{name}"')
+        admin(sandbox.database.dsn.get_secret_value(), f'CREATE DATABASE "{name}"')
         names.append(name)
         dsn = psycopg2.extensions.make_dsn(sandbox.database.dsn.get_secret_value(), dbname=name)
         return DatabaseSettings(dsn=SecretStr(dsn)), name
 
     yield make
     for name in names:
-        _admin(sandbox, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        admin(sandbox.database.dsn.get_secret_value(), f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')

@@ -43,6 +43,7 @@ from tiny_model import tiny_package
 
 from riskbridge.airflow.local import LocalAirflow
 from riskbridge.connectors.fhir import FhirClient
+from riskbridge.dev.pg import query
 from riskbridge.dev.processes import Processes, free_port, wait_for
 from riskbridge.dev.synth import EdgeCaseRates, generate, load, read_truth, site_environment
 from riskbridge.dev.synth import cohort as synth_cohort
@@ -111,18 +112,8 @@ def processes(tmp_path: Path) -> Iterator[Processes]:
     running.stop_all()
 
 
-def _query(dsn: str, sql: str, *args: Any) -> list[tuple[Any, ...]]:
-    connection = psycopg2.connect(dsn)
-    try:
-        with connection, connection.cursor() as cursor:
-            cursor.execute(sql, args)
-            return list(cursor.fetchall())
-    finally:
-        connection.close()
-
-
 def _task_instances(dsn: str) -> list[dict[str, Any]]:
-    rows = _query(
+    rows = query(
         dsn,
         "SELECT task_id, map_index, state, try_number, queue, pool, hostname, start_date, end_date "
         "FROM task_instance WHERE dag_id = %s AND run_id = %s ORDER BY start_date NULLS LAST",
@@ -135,7 +126,7 @@ def _task_instances(dsn: str) -> list[dict[str, Any]]:
 
 def _plan(dsn: str) -> list[list[str]]:
     """The retrieve chunks (series UIDs) plan_retrieve handed to the mapped retrieve tasks (its XCom)."""
-    rows = _query(dsn, "SELECT value FROM xcom WHERE dag_id = %s AND run_id = %s AND task_id = 'plan_retrieve'",
+    rows = query(dsn, "SELECT value FROM xcom WHERE dag_id = %s AND run_id = %s AND task_id = 'plan_retrieve'",
                   DAG_ID, RUN_ID)  # fmt: skip
     value: Any = rows[0][0] if rows else []
     while isinstance(value, str | bytes):
@@ -229,7 +220,7 @@ def test_nightly_run_on_celery_survives_a_worker_killed_mid_retrieve(
 
     def parsed() -> bool:
         processes.check_alive()
-        return bool(_query(metadata_dsn, "SELECT 1 FROM serialized_dag WHERE dag_id = %s", DAG_ID))
+        return bool(query(metadata_dsn, "SELECT 1 FROM serialized_dag WHERE dag_id = %s", DAG_ID))
 
     def api_up() -> bool:
         processes.check_alive()
@@ -293,14 +284,14 @@ def test_nightly_run_on_celery_survives_a_worker_killed_mid_retrieve(
 
     def finished() -> bool:
         processes.check_alive()
-        rows = _query(metadata_dsn, "SELECT state FROM dag_run WHERE dag_id = %s AND run_id = %s", DAG_ID, RUN_ID)
+        rows = query(metadata_dsn, "SELECT state FROM dag_run WHERE dag_id = %s AND run_id = %s", DAG_ID, RUN_ID)
         return bool(rows) and rows[0][0] in ("success", "failed")
 
     wait_for("the DAG run to finish", finished, timeout_s=300, interval_s=1.0)
     run_s = time.monotonic() - triggered_at
 
     # --- Airflow: the run, each task on its queue and pool, the killed try and its retry ---
-    state = _query(metadata_dsn, "SELECT state FROM dag_run WHERE dag_id = %s AND run_id = %s", DAG_ID, RUN_ID)[0][0]
+    state = query(metadata_dsn, "SELECT state FROM dag_run WHERE dag_id = %s AND run_id = %s", DAG_ID, RUN_ID)[0][0]
     instances = _task_instances(metadata_dsn)
     assert state == "success", json.dumps(instances, default=str, indent=1) + processes.log("scheduler")
     assert all(ti["state"] == "success" for ti in instances), instances
@@ -314,7 +305,7 @@ def test_nightly_run_on_celery_survives_a_worker_killed_mid_retrieve(
     assert score["hostname"] in gpu_workers, score
     retried = next(ti for ti in instances if ti["task_id"] == "retrieve" and ti["map_index"] == victim["map_index"])
     assert retried["try_number"] == victim["try_number"] + 1 and retried["hostname"] != killed_worker, retried
-    history = _query(
+    history = query(
         metadata_dsn,
         "SELECT try_number, state, hostname FROM task_instance_history "
         "WHERE dag_id = %s AND run_id = %s AND task_id = 'retrieve' AND map_index = %s",
@@ -327,15 +318,15 @@ def test_nightly_run_on_celery_survives_a_worker_killed_mid_retrieve(
     assert all(ti["task_id"] == "retrieve" for ti in retried_tasks), retried_tasks  # only what the kill hit
 
     # --- the ledger: run success; every chosen series staged complete, once ---
-    rows = _query(ledger_db.dsn.get_secret_value(), "SELECT run_id, status FROM runs WHERE run_key = %s",
+    rows = query(ledger_db.dsn.get_secret_value(), "SELECT run_id, status FROM runs WHERE run_key = %s",
                   f"airflow:{DAG_ID}:{RUN_ID}")  # fmt: skip
     assert len(rows) == 1 and rows[0][1] == "success", rows
     ledger_run = int(rows[0][0])
     mine = {record["index_study"]["study_uid"]: record for record in truth}
     ledger_dsn = ledger_db.dsn.get_secret_value()
-    discovered = {r[0] for r in _query(ledger_dsn, "SELECT study_uid FROM studies WHERE run_id = %s", ledger_run)}
+    discovered = {r[0] for r in query(ledger_dsn, "SELECT study_uid FROM studies WHERE run_id = %s", ledger_run)}
     assert set(mine) <= discovered
-    retrievals = _query(
+    retrievals = query(
         ledger_dsn,
         "SELECT study_uid, complete, expected, received, path, attempts FROM retrievals WHERE run_id = %s",
         ledger_run,
@@ -345,14 +336,14 @@ def test_nightly_run_on_celery_survives_a_worker_killed_mid_retrieve(
         assert complete and expected == received, (study_uid, expected, received)
         staged = list(Path(path).glob("*.dcm"))  # complete instances, one file per SOP Instance UID
         assert len(staged) == expected, (path, len(staged), expected)  # nothing missing, nothing twice
-    quarantined = dict(_query(ledger_dsn, "SELECT study_uid, reason FROM quarantine WHERE run_id = %s", ledger_run))
-    scored = {r[0]: r[1] for r in _query(ledger_dsn, "SELECT study_uid, assessment_key FROM scores WHERE run_id = %s",
+    quarantined = dict(query(ledger_dsn, "SELECT study_uid, reason FROM quarantine WHERE run_id = %s", ledger_run))
+    scored = {r[0]: r[1] for r in query(ledger_dsn, "SELECT study_uid, assessment_key FROM scores WHERE run_id = %s",
                                           ledger_run)}  # fmt: skip
     for uid in mine:
         assert (uid in scored) != (uid in quarantined), uid
         assert uid in scored or quarantined[uid] in POLICY_REASONS, quarantined[uid]
     assert len(scored) >= len(mine) // 2
-    writebacks = _query(
+    writebacks = query(
         ledger_dsn, "SELECT assessment_key, status, attempts, fhir_id FROM writebacks WHERE run_id = %s", ledger_run
     )
     assert sorted(w[0] for w in writebacks) == sorted(scored.values())

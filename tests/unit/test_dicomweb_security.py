@@ -41,6 +41,7 @@ from riskbridge.connectors.multipart import (
     stage_multipart,
 )
 from riskbridge.connectors.part10 import file_preamble
+from riskbridge.connectors.retrieval import Retriever
 from riskbridge.errors import ConfigurationError
 from riskbridge.records import uid_hash
 from riskbridge.settings import DicomwebSettings, FhirAuth, HttpTlsSettings, PacsSettings, SettingsError, load_settings
@@ -575,3 +576,52 @@ def test_the_site_ca_and_the_client_certificate_from_settings_reach_an_https_pac
 def test_a_secret_never_shows_in_the_settings_repr() -> None:
     web = DicomwebSettings(auth=FhirAuth(type="bearer", token=SecretStr(SECRET)))
     assert SECRET not in repr(web) and SECRET not in repr(PacsSettings(dicomweb=web))
+
+
+def _retriever_on(server: Server, root: Path, monkeypatch: pytest.MonkeyPatch) -> Retriever:
+    client = client_for(server)
+    monkeypatch.setattr(DicomwebClient, "from_settings", classmethod(lambda cls, pacs, session=None: client))
+    return Retriever(PacsSettings(dicomweb_url="http://pacs/dicom-web"), root, "dicomweb")
+
+
+def _listings(server: Server) -> int:
+    """QIDO-RS listings asked for (their first pages)."""
+    return sum(1 for path, query, _ in server.requests if path.endswith("/instances") and "offset=0" in query)
+
+
+def test_a_whole_clean_answer_of_the_counted_instances_proves_the_series_without_a_listing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    sops = [sop_uid(n) for n in (1, 2, 3)]
+
+    def handle(path: str, query: str, headers: dict[str, str]) -> Answer:
+        assert not path.endswith("/instances"), "no listing is needed"
+        return 200, MULTIPART, body([instance(sop) for sop in sops])
+
+    server = Server(handle)
+    with _retriever_on(server, tmp_path, monkeypatch) as retriever:
+        record = retriever.retrieve(STUDY, SERIES, expected=3)
+    assert record.complete and (record.received, record.attempts) == (3, 1)
+    assert len(server.requests) == 1 and _listings(server) == 0
+
+
+def test_a_whole_series_answer_with_a_duplicate_part_proves_nothing_and_the_series_is_listed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Fault injection (Orthanc never sends an instance twice): three parts for three counted instances, one of
+    them twice. The answer does not stand for the listing; the listing names the third, which is fetched alone."""
+    sops = [sop_uid(n) for n in (1, 2, 3)]
+
+    def handle(path: str, query: str, headers: dict[str, str]) -> Answer:
+        if path.endswith("/instances"):
+            return 200, "application/dicom+json", listing(sops) if "offset=0" in query else b"[]"
+        if path.endswith(sops[2]):
+            return 200, MULTIPART, body([instance(sops[2])])
+        return 200, MULTIPART, body([instance(sop) for sop in (sops[0], sops[1], sops[0])])
+
+    server = Server(handle)
+    with _retriever_on(server, tmp_path, monkeypatch) as retriever:
+        record = retriever.retrieve(STUDY, SERIES, expected=3)
+    assert record.complete and record.received == 3
+    assert _listings(server) == 1
+    assert staging.staged_instances(tmp_path, STUDY, SERIES) == set(sops)

@@ -353,3 +353,29 @@ def test_instances_are_accepted_by_the_series_their_dataset_names_wherever_it_na
     assert staged[0x00091000].value == late[0x00091000].value
     assert not (tmp_path / other.StudyInstanceUID / other.SeriesInstanceUID).exists()
     assert [refusal.reason for refusal in sink.refusals] == ["instance was not requested"]
+    series = (early.StudyInstanceUID, early.SeriesInstanceUID)
+    assert sink.take_received(*series) == {early.SOPInstanceUID, late.SOPInstanceUID}
+    assert sink.take_received(*series) == set(), "taken once"
+
+
+def test_an_instance_whose_write_failed_is_not_among_those_received_by_series(tmp_path: Path) -> None:
+    """A whole-series answer is judged by what was staged from it: a failed write is a missing instance."""
+    written, failing = _instance(1024), _instance(1024)
+    failing.StudyInstanceUID = written.StudyInstanceUID
+    blocked = tmp_path / failing.StudyInstanceUID / failing.SeriesInstanceUID
+    blocked.parent.mkdir(parents=True)
+    blocked.write_text("a file where the series directory should be")
+    sink = InstanceSink(tmp_path, allowed_calling_aes=frozenset({PACS_AE}))
+    for ds in (written, failing):
+        sink.expect_series(ds.StudyInstanceUID, ds.SeriesInstanceUID)
+    port = _free_port()
+    with StorageSCP(SCP_AE, port, sink, timeout_s=5):
+        assoc = _scu(CTImageStorage).associate("127.0.0.1", port, ae_title=SCP_AE)
+        for ds in (written, failing):
+            assoc.send_c_store(ds)
+        assoc.release()
+    sink.flush()
+    assert sink.write_errors == 1
+    assert sink.take_received(written.StudyInstanceUID, written.SeriesInstanceUID) == {written.SOPInstanceUID}
+    assert sink.take_received(failing.StudyInstanceUID, failing.SeriesInstanceUID) == set()
+    sink.close()
