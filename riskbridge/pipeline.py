@@ -18,6 +18,7 @@ small JSON. No torch import here: the score stage loads the model when it has so
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Callable, Sequence
 from datetime import date, datetime, timedelta
@@ -214,11 +215,38 @@ class Pipeline:
         if until is not None:
             stage(until)  # an unknown name fails before any work
         results: list[StageResult] = []
-        for current in STAGES:
-            results += self._run_whole_stage(current, run_id, progress)
+        for index, current in enumerate(STAGES):
+            following = STAGES[index + 1] if index + 1 < len(STAGES) and until != current.name else None
+            warming = self._warm_up(following) if following is not None else None
+            try:
+                results += self._run_whole_stage(current, run_id, progress)
+            finally:
+                if warming is not None:
+                    warming.join()  # the next stage never meets a half-built pipeline of its own
             if until == current.name:
                 break
         return results
+
+    def _warm_up(self, following: Stage) -> threading.Thread | None:
+        """Start ``following``'s ``warm_up`` (see :mod:`riskbridge.stages`) on a thread while the stage before it
+        runs; a failure there is logged and left to the stage's own work to meet again and report."""
+        warm_up = getattr(following.module, "warm_up", None)
+        if not callable(warm_up):
+            return None
+
+        def warm() -> None:
+            started = time.perf_counter()
+            try:
+                warm_up(self.context)
+            except Exception:
+                LOG.warning("warming up the %s stage failed; the stage loads what it needs itself", following.name,
+                            exc_info=True)  # fmt: skip
+                return
+            LOG.info("%s stage warmed up in %.1f s", following.name, time.perf_counter() - started)
+
+        thread = threading.Thread(target=warm, name=f"warm-{following.name}", daemon=True)
+        thread.start()
+        return thread
 
     def _run_whole_stage(
         self, current: Stage, run_id: int, progress: Callable[[str, int, int], None] | None

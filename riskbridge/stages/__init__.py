@@ -9,6 +9,11 @@ model packages. It defines:
   chunk to work on for a chunked stage, None otherwise. A stage run again does nothing it already did.
 - ``counts(cursor, run_id) -> Counter``: the stage's outcomes for the whole run, from its own tables (the report).
 - ``pending_items(context, run_id) -> list[str]``: only for a chunked stage, the items still to do.
+- optionally ``warm_up(context) -> None``: load what the stage needs whatever its items (libraries, rule
+  pipelines). When one process runs the stages in a row (``riskbridge run``), it runs on a thread while the stage
+  before it runs, and that stage's end waits for it; the stage's ``work`` must not rely on it. It pays where the
+  stage before waits on the network and leaves a core idle (retrieve before clinical); beside a stage that keeps the
+  interpreter busy it only moves time (measured: warming clinical during discover and select saved nothing).
 
 :data:`STAGES` drives :class:`riskbridge.pipeline.Pipeline`, the Airflow DAG factory (one task per stage, a
 mapped task per chunk), the CLI's progress bars and ``--until``, and the report's stage table. Adding a stage is one

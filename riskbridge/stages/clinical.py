@@ -393,6 +393,13 @@ def record(ledger: Ledger, run_id: int, study_uid: str, result: ClinicalResult, 
     return True
 
 
+def warm_up(context: StageContext) -> None:
+    """Build the notes' spaCy pipeline (spaCy and medspaCy, whose imports reach nltk and scipy: about 4 s on the
+    development VM) and load the unit table (pint's UCUM registry, about 1 s); both are kept for ``work``."""
+    note_flags.build_pipeline(None)
+    default_table()
+
+
 def pending_items(context: StageContext, run_id: int) -> list[str]:
     """StudyInstanceUIDs retrieved and without a feature vector yet: the items the stage is chunked over."""
     return [task.study_uid for task in pending(context.ledger, run_id)]

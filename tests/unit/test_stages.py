@@ -5,7 +5,10 @@ example of docs/architecture.md, here with an in-memory module and a stand-in le
 from __future__ import annotations
 
 import contextlib
+import logging
 import sys
+import threading
+import time
 import types
 from collections import Counter
 from collections.abc import Iterator, Mapping, Sequence
@@ -97,7 +100,50 @@ def audit_stage(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[str]]:
         monkeypatch.setattr(current.module, "work", other)
         if current.chunked:
             monkeypatch.setattr(current.module, "pending_items", lambda context, run_id: [])
+        if hasattr(current.module, "warm_up"):  # no spaCy here: the warm-up is tested on its own below
+            monkeypatch.setattr(current.module, "warm_up", lambda context: None)
     yield calls
+
+
+def test_a_stage_warms_up_on_a_thread_while_the_stage_before_it_runs_and_is_waited_for(
+    audit_stage: list[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    started = threading.Event()
+    seen: list[tuple[str, bool]] = []
+
+    def warm_up(context: StageContext) -> None:
+        seen.append(("warm audit", threading.current_thread() is threading.main_thread()))
+        started.set()
+        time.sleep(0.2)  # still warming when harmonize ends: audit's work must wait for it
+        seen.append(("warmed audit", False))
+
+    def harmonize(context: Any, run_id: int, items: Any, progress: Any) -> Counter[str]:
+        assert started.wait(5), "the warm-up runs while the stage before it runs"
+        seen.append(("harmonize", True))
+        return Counter()
+
+    def audit(context: Any, run_id: int, items: Any, progress: Any) -> Counter[str]:
+        seen.append(("audit", True))
+        return Counter()
+
+    monkeypatch.setattr(stage("audit").module, "warm_up", warm_up, raising=False)
+    monkeypatch.setattr(stage("harmonize").module, "work", harmonize)
+    monkeypatch.setattr(stage("audit").module, "work", audit)
+    Pipeline(Settings(), ledger=_Ledger()).run_stages(7, until="audit")  # type: ignore[arg-type]
+    assert seen == [("warm audit", False), ("harmonize", True), ("warmed audit", False), ("audit", True)]
+
+
+def test_a_failed_warm_up_is_logged_and_the_stage_still_runs(
+    audit_stage: list[str], monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    def warm_up(context: StageContext) -> None:
+        raise OSError("rule file unreadable")
+
+    monkeypatch.setattr(stage("audit").module, "warm_up", warm_up, raising=False)
+    with caplog.at_level(logging.WARNING, logger="riskbridge.pipeline"):
+        results = Pipeline(Settings(), ledger=_Ledger()).run_stages(7, until="audit")  # type: ignore[arg-type]
+    assert results[-1].stage == "audit" and results[-1].done == 3
+    assert "warming up the audit stage failed" in caplog.text
 
 
 def test_a_stage_added_as_one_module_and_one_line_runs_in_its_place(audit_stage: list[str]) -> None:
