@@ -361,8 +361,9 @@ def _find_status_meaning(code: int) -> str:
 class SubOperations:
     """The final answer of a C-MOVE or C-GET: its status and the PACS's sub-operation counters.
 
-    These are reported, never trusted: Orthanc 1.10 answers many different failures with 0xC000 and zero
-    counters, so completeness is always decided by counting what actually arrived.
+    These are reported, never trusted alone: Orthanc 1.10 answers many different failures with 0xC000 and zero
+    counters, so completeness is always decided by what actually arrived (a clean success is one condition of a
+    whole-series answer standing for the listing: :mod:`riskbridge.connectors.retrieval`).
     """
 
     status: int
