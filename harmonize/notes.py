@@ -167,6 +167,8 @@ def _torch_left_out() -> Iterator[None]:
     the development VM), and this rule-based pipeline never runs a thinc model. While this holds, ``import torch``
     raises ImportError, so thinc records that torch is absent; afterwards torch imports as usual (the score stage's).
     Nothing is done when torch is imported already (it costs nothing more then) or thinc is (too late to matter).
+    While it holds, ``import torch`` fails on every thread: ``riskbridge run`` builds this pipeline on a thread only
+    while the retrieve stage runs, which imports no torch.
     """
     if "torch" in sys.modules or "thinc" in sys.modules:
         yield
