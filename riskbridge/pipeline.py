@@ -25,6 +25,7 @@ from datetime import date, datetime, timedelta
 from pathlib import Path
 
 from riskbridge.coverage import Interval, NightlyWindow, merged, plan_nightly, uncovered
+from riskbridge.errors import RiskbridgeError
 from riskbridge.harmonize.windows import site_zone
 from riskbridge.ledger import CoveredRun, Ledger, LedgerError
 from riskbridge.records import configure_pseudonyms
@@ -238,7 +239,7 @@ class Pipeline:
             started = time.perf_counter()
             try:
                 warm_up(self.context)
-            except Exception:
+            except (RiskbridgeError, ImportError, OSError, ValueError, RuntimeError):
                 LOG.warning("warming up the %s stage failed; the stage loads what it needs itself", following.name,
                             exc_info=True)  # fmt: skip
                 return
