@@ -38,6 +38,8 @@ def test_night_benchmark_smoke_runs_both_sizes_and_reports_the_floor(sandbox: Se
         assert set(night["stages"]) == set(STAGE_NAMES)
         floor = results["floors"][str(size)]
         assert all(seconds > 0 for seconds in floor.values()), floor
+        assert {"files per series", "files per instance"} <= set(floor), floor
     report = (out / "night.md").read_text()
     assert "| 2 |" in report and "| 4 |" in report and "Overhead at N = 4" in report
+    assert "What one file per instance costs the disk" in report
     assert (out / "night.png").stat().st_size > 10_000
