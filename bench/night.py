@@ -631,8 +631,10 @@ def report_body(
         f"Overhead at N = {largest}: {share:.0%} of the night's wall time (target <= 20%: "
         f"{'met' if share <= 0.20 else 'not met'})."
     )
-    if "files per instance" in floors[largest]:
-        files = floors[largest]["files per instance"] - floors[largest]["files per series"]
+    # Runs before the per-instance files were measured have no such figures: neither the sentence nor the section.
+    measured_files = all("files per instance" in floors[n] for n in sizes)
+    if measured_files:
+        files = files_cost(floors[largest])
         rest = runs[largest].wall_s - night_floor(runs[largest], floors[largest]) - files
         overhead_text += (
             f" Of it, {files:.1f} s is what writing one durable file per instance instead of one per series costs "
@@ -643,7 +645,7 @@ def report_body(
         "### Per stage (ledger `stage_timings`) beside its floor\n\n" + markdown_table(stage_header, stage_rows)
     )
     text.append("### The floor, part by part\n\n" + markdown_table(floor_header, floor_rows))
-    if all("files per instance" in floors[n] for n in sizes):
+    if measured_files:
         text.append(files_section(runs, floors))
     if flows:
         flow_rows = []
@@ -674,12 +676,17 @@ def report_body(
     return "\n\n".join(text), summary
 
 
+def files_cost(floor: dict[str, float]) -> float:
+    """What one durable file per instance instead of one per series cost the disk (:func:`staging_files`)."""
+    return floor["files per instance"] - floor["files per series"]
+
+
 def files_section(runs: dict[int, Night], floors: dict[int, dict[str, float]]) -> str:
     """The section on what one file per instance costs the disk beside the retrieve stage's overhead."""
     rows = []
     for n in sorted(runs):
         floor = floors[n]
-        files = floor["files per instance"] - floor["files per series"]
+        files = files_cost(floor)
         over = runs[n].stages.get("retrieve", 0.0) - stage_floor(runs[n], floor, "retrieve")
         rows.append(
             [str(n), f"{floor['files per series']:.2f}", f"{floor['files per instance']:.2f}", f"{files:.2f}",
