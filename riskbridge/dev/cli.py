@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from datetime import date
 from pathlib import Path
 from typing import Any
 
@@ -105,6 +106,12 @@ def synth(
     lab_shift: list[str] = typer.Option(
         [], "--lab-shift", help="LAB=FACTOR: multiply a lab's true values (a shifted population); repeatable."
     ),
+    anchor: str | None = typer.Option(
+        None,
+        "--anchor",
+        help="YYYY-MM-DD in January or February: index CTs fall in the 14 days before it (default 2024-01-15); "
+        "a cohort of its own dates and UIDs, apart from others in the same servers.",
+    ),
 ) -> None:
     """Generate a deterministic synthetic cohort with ground truth (and optionally load it)."""
     from riskbridge.dev import synth as synthetic
@@ -117,6 +124,10 @@ def synth(
         except ValueError:
             raise fail(f"--lab-shift takes LAB=FACTOR (e.g. crp=3), not {item!r}") from None
 
+    try:
+        anchor_day = date.fromisoformat(anchor) if anchor is not None else None
+    except ValueError:
+        raise fail(f"--anchor takes a date YYYY-MM-DD, not {anchor!r}") from None
     if size not in ("small", "full"):
         raise fail(f"--size must be 'small' or 'full', not {size!r}")
     if pacs not in ("orthanc", "dcmqrscp"):
@@ -124,7 +135,9 @@ def synth(
     settings = cli_settings()
     try:
         with count_progress() as report:
-            summary = synthetic.generate(out, patients=patients, seed=seed, size=size, progress=report, lab_shift=shift)
+            summary = synthetic.generate(
+                out, patients=patients, seed=seed, size=size, progress=report, lab_shift=shift, anchor=anchor_day
+            )
     except synthetic.CohortError as exc:
         raise fail(str(exc)) from None
     console.print(summary.describe())

@@ -21,7 +21,6 @@ docs/reliability.md "A real distributed run".
 
 from __future__ import annotations
 
-import importlib
 import json
 import os
 import random
@@ -52,8 +51,6 @@ from riskbridge.settings import DatabaseSettings, RunSettings, Settings
 
 pytestmark = pytest.mark.integration
 
-# The module (the package exports its function under the same name): its ANCHOR and INDEX_WINDOW_DAYS.
-synth_generate = importlib.import_module("riskbridge.dev.synth.generate")
 
 PATIENTS = 8
 RETRIEVE_CHUNK = 3  # chosen series per retrieve task: three mapped retrieve tasks
@@ -80,21 +77,20 @@ def _free_anchor(base: str) -> datetime:
     rng = random.Random()
     for _ in range(50):
         day = date(rng.randint(2002, 2022), 1, 20) + timedelta(days=rng.randint(0, 38))
-        window = synth_generate.INDEX_WINDOW_DAYS
+        window = synth_cohort.INDEX_WINDOW_DAYS
         if not _orthanc_has_studies(base, day - timedelta(days=window + 4), day + timedelta(days=2)):
             return datetime(day.year, day.month, day.day, tzinfo=synth_cohort.SITE_TZ)
     raise RuntimeError("no free winter window left in the sandbox's Orthanc")
 
 
 @pytest.fixture
-def cohort(sandbox: Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[datetime, list[dict[str, Any]]]:
+def cohort(sandbox: Settings, tmp_path: Path) -> tuple[datetime, list[dict[str, Any]]]:
     """A small cohort of its own (random seed) at a date of its own, loaded into the sandbox: (anchor, truth)."""
     orthanc = f"http://127.0.0.1:{sandbox.sandbox.orthanc_http_port}"
     anchor = _free_anchor(orthanc)
-    monkeypatch.setattr(synth_cohort, "ANCHOR", anchor)
-    monkeypatch.setattr(synth_generate, "ANCHOR", anchor)
     out = tmp_path / "cohort"
-    generate(out, patients=PATIENTS, seed=random.randint(10**6, 10**9), rates=RATES, workers=1)
+    seed = random.randint(10**6, 10**9)
+    generate(out, patients=PATIENTS, seed=seed, rates=RATES, workers=1, anchor=anchor.date())
     load(out, orthanc, sandbox.fhir.base_url)
     return anchor, read_truth(out)
 
@@ -168,7 +164,7 @@ def test_nightly_run_on_celery_survives_a_worker_killed_mid_retrieve(
     # The night: 02:00 site time after the cohort's index window, the data interval that whole window (a manual run's
     # interval would otherwise end at the trigger's wall-clock time, far from the cohort's dates).
     night_end = anchor + timedelta(hours=2)
-    night_start = anchor - timedelta(days=synth_generate.INDEX_WINDOW_DAYS + 1)
+    night_start = anchor - timedelta(days=synth_cohort.INDEX_WINDOW_DAYS + 1)
     riskbridge_env = {
         **site_environment(),
         "RISKBRIDGE_DATABASE__DSN": ledger_db.dsn.get_secret_value(),

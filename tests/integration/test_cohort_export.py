@@ -16,12 +16,12 @@ import json
 import logging
 import uuid
 from collections.abc import Callable
-from datetime import date, datetime
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
-from synthetic_site import phi_strings, synthetic_site_settings
+from synthetic_site import cohort_anchor, phi_strings, synthetic_site_settings
 from tiny_model import tiny_package
 from typer.testing import CliRunner
 
@@ -38,7 +38,9 @@ pytestmark = pytest.mark.integration
 
 SECRET = "test-export-secret-0123456789"
 ZONE = "America/New_York"  # the synthetic hospital's
-WINDOW = "2024-01-08..2024-01-13"
+ANCHOR = cohort_anchor("test_cohort_export")
+DAYS = (ANCHOR - timedelta(days=7), ANCHOR - timedelta(days=2))  # part of the index window
+WINDOW = f"{DAYS[0]}..{DAYS[1]}"
 
 
 @pytest.fixture
@@ -60,7 +62,7 @@ def test_a_labelled_pseudonymized_table_from_the_synthetic_hospital(
     sandbox: Settings, settings: Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: Any
 ) -> None:
     cohort = tmp_path / "cohort"
-    generate(cohort, patients=30, seed=2121)
+    generate(cohort, patients=30, seed=2121, anchor=ANCHOR)
     load(cohort, f"http://127.0.0.1:{sandbox.sandbox.orthanc_http_port}", sandbox.fhir.base_url)
     truth = read_truth(cohort)
     monkeypatch.setattr(cli, "_settings", lambda: settings)
@@ -86,7 +88,7 @@ def test_a_labelled_pseudonymized_table_from_the_synthetic_hospital(
             assert record["quarantine"] is None, "a quarantined study made it into the table"
     assert mine >= 5, "the window holds index studies of the cohort"
     assert manifest["rows"] == len(rows) and manifest["source"]["label_spec"] == "lung_cancer_365d@1"
-    start, end = window_of_days(date(2024, 1, 8), date(2024, 1, 13), ZONE)
+    start, end = window_of_days(*DAYS, ZONE)
     inside = [r for r in truth if start <= datetime.fromisoformat(r["index_study"]["study_time"]) < end]
     assert {r["quarantine"] for r in inside if r["quarantine"]} <= set(manifest["excluded"])
 

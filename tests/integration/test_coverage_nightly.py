@@ -5,7 +5,8 @@ the same series at once.
 One story on a synthetic cohort and a ledger of the test's own:
 1. the cohort is loaded except half of the index studies of the three days before the first night (held back, as if
    the modality or an outside import sent them late);
-2. nightly run 1 (trigger 2024-01-15 02:00 site time; its first window the 72 h before) scores what it finds;
+2. nightly run 1 (trigger 02:00 site time on the cohort's anchor day; its first window the 72 h before) scores what
+   it finds;
 3. the held-back studies are loaded; nightly run 2 (trigger 24 h later, through ``riskbridge run --nightly``)
    continues from run 1's trigger, looks back 72 h, finds the held-back studies as late arrivals and scores them,
    and records the studies run 1 scored as already done: no retrieval, no FHIR fetch, no score;
@@ -21,13 +22,13 @@ import shutil
 import threading
 import uuid
 from collections.abc import Callable
-from datetime import datetime, timedelta
+from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
 import requests
-from synthetic_site import synthetic_site_settings
+from synthetic_site import cohort_anchor, synthetic_site_settings
 from tiny_model import tiny_package
 from typer.testing import CliRunner
 
@@ -41,7 +42,8 @@ from riskbridge.stages import report as report_stage
 
 pytestmark = pytest.mark.integration
 
-FIRST_TRIGGER = datetime(2024, 1, 15, 2, 0, tzinfo=SITE_TZ)
+ANCHOR = cohort_anchor("test_coverage_nightly")
+FIRST_TRIGGER = datetime(ANCHOR.year, ANCHOR.month, ANCHOR.day, 2, 0, tzinfo=SITE_TZ)
 HOURS = 72
 
 
@@ -49,6 +51,11 @@ def _rows(ledger: Ledger, sql: str, *values: Any) -> list[dict[str, Any]]:
     with ledger.transaction() as cursor:
         cursor.execute(sql, values)
         return list(cursor.fetchall())
+
+
+def _utc(day: date, hour: int) -> str:
+    """How ``riskbridge coverage --format json`` writes that hour of that day in UTC."""
+    return f"{day.isoformat()}T{hour:02d}:00:00+00:00"
 
 
 def _uids(ledger: Ledger, table: str, run_id: int) -> set[str]:
@@ -95,7 +102,7 @@ def test_a_late_study_is_scored_by_the_next_night_and_decided_studies_are_skippe
     sandbox: Settings, settings: Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     cohort = tmp_path / "cohort"
-    generate(cohort, patients=24, seed=1818)
+    generate(cohort, patients=24, seed=1818, anchor=ANCHOR)
     truth = read_truth(cohort)
     first_window = (FIRST_TRIGGER - timedelta(hours=HOURS) + timedelta(hours=1), FIRST_TRIGGER - timedelta(hours=1))
     recent = sorted(
@@ -135,7 +142,7 @@ def test_a_late_study_is_scored_by_the_next_night_and_decided_studies_are_skippe
     output = " ".join(night.output.split())
     assert "late arrivals: " in output and "gaps since" in output and ": none" in output
     with Ledger.connect(settings.database) as ledger:
-        second = ledger.run_by_key("cli:nightly:2024-01-16T07:00Z").run_id
+        second = ledger.run_by_key(f"cli:nightly:{second_trigger.astimezone(UTC):%Y-%m-%dT%H:%MZ}").run_id
         run = ledger.run(second)
         assert run.watermark == FIRST_TRIGGER
         assert run.window == (FIRST_TRIGGER - timedelta(hours=HOURS), second_trigger)
@@ -176,15 +183,18 @@ def test_a_late_study_is_scored_by_the_next_night_and_decided_studies_are_skippe
             assert _uids(ledger, table, again) & decided == set(), table
         assert not _rows(ledger, "SELECT 1 FROM writebacks WHERE run_id = %s", again)
 
-    listed = CliRunner().invoke(cli.app, ["coverage", "--from", "2024-01-12", "--to", "2024-01-15", "--format", "json"])
-    assert listed.exit_code == 1, listed.output  # 2024-01-12 00:00..02:00 site time: before the first window
+    first_day, next_day = ANCHOR - timedelta(days=3), ANCHOR + timedelta(days=1)
+    listing = ["coverage", "--from", first_day.isoformat(), "--to", ANCHOR.isoformat(), "--format", "json"]
+    listed = CliRunner().invoke(cli.app, listing)
+    assert listed.exit_code == 1, listed.output  # 00:00..02:00 site time of the first day: before the first window
     rows = json.loads(listed.output)
     assert [(row["status"], row["start"], row["end"]) for row in rows] == [
-        ("uncovered", "2024-01-12T05:00:00+00:00", "2024-01-12T07:00:00+00:00"),
-        ("covered", "2024-01-12T07:00:00+00:00", "2024-01-16T05:00:00+00:00"),
+        ("uncovered", _utc(first_day, 5), _utc(first_day, 7)),
+        ("covered", _utc(first_day, 7), _utc(next_day, 5)),
     ]
     assert rows[1]["runs"] == f"nightly {first}, nightly {second}, nightly {again}"
-    inside = CliRunner().invoke(cli.app, ["coverage", "--from", "2024-01-13", "--to", "2024-01-15"])
+    second_day = first_day + timedelta(days=1)
+    inside = CliRunner().invoke(cli.app, ["coverage", "--from", second_day.isoformat(), "--to", ANCHOR.isoformat()])
     assert inside.exit_code == 0, inside.output
 
     # --rescore does them again on purpose; the outbox keys exist, so nothing new is written.

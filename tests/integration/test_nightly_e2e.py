@@ -16,8 +16,8 @@ One story, in order (the tests share the module's Airflow home and ledger):
    the scored studies skipped as done, the quarantined ones tried again with the same decisions, and no new
    resource.
 
-The sandbox holds other tests' cohorts too (their index windows overlap), so the run discovers them as well; every
-assertion here is restricted to this module's cohort.
+The cohort has an index window of its own (:data:`synthetic_site.COHORT_ANCHORS`); every assertion here is
+restricted to it all the same.
 """
 
 from __future__ import annotations
@@ -28,13 +28,14 @@ import subprocess
 import sys
 import threading
 from collections.abc import Iterator, Mapping
-from datetime import date, datetime, timedelta
+from datetime import datetime, timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
 import pytest
 import requests
+from synthetic_site import cohort_anchor
 
 from riskbridge.airflow.hooks import fhir_connection
 from riskbridge.airflow.local import LocalAirflow, _json_output
@@ -52,8 +53,9 @@ pytestmark = pytest.mark.integration
 
 PATIENTS = 30
 SEED = 6060
-LOGICAL_DATE = "2024-01-15T02:00:00-05:00"
-WINDOW_HOURS = 24 * 16  # 2023-12-30 02:00 .. 2024-01-15 02:00: the cohort's whole index window (the first night)
+ANCHOR = cohort_anchor("test_nightly_e2e")
+LOGICAL_DATE = f"{ANCHOR.isoformat()}T02:00:00-05:00"
+WINDOW_HOURS = 24 * 16  # from 02:00 16 days before the anchor: the cohort's whole index window (the first night)
 LOOKBACK_HOURS = 72
 CLINICAL_RESOURCES = ("Observation", "DocumentReference", "DiagnosticReport", "Condition")
 SPEC = load_default_feature_spec()
@@ -108,7 +110,7 @@ class _FailClinicalSearches(BaseHTTPRequestHandler):
 def cohort(sandbox: Settings, tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
     """The module's cohort, generated and loaded into the sandbox; its ground truth."""
     out = tmp_path_factory.mktemp("e2e-cohort")
-    generate(out, patients=PATIENTS, seed=SEED)
+    generate(out, patients=PATIENTS, seed=SEED, anchor=ANCHOR)
     load(out, f"http://127.0.0.1:{sandbox.sandbox.orthanc_http_port}", sandbox.fhir.base_url)
     return read_truth(out)
 
@@ -134,8 +136,7 @@ def airflow(sandbox: Settings, tmp_path_factory: pytest.TempPathFactory) -> tupl
         "RISKBRIDGE_STAGING_DIR": str(work / "staging"),
         "RISKBRIDGE_MODEL_DIR": str(work / "models"),
         "RISKBRIDGE_RUN__REPORT_DIR": str(work / "reports"),
-        # Other tests' cohorts in the window make the quarantined share depend on which tests ran before this one;
-        # the alert itself is tested in test_pipeline.py.
+        # The cohort plants identity and series cases; the alert itself is tested in test_pipeline.py.
         "RISKBRIDGE_RUN__QUARANTINE_ALERT_FRACTION": "1.0",
     }
     return local, env
@@ -351,7 +352,7 @@ def test_cli_run_interrupted_and_resumed_matches_airflow(
 ) -> None:
     _, env = airflow
     airflow_run, _ = _ledger_run(sandbox, "airflow:riskbridge_nightly:")
-    first_day = date(2023, 12, 31)
+    first_day = ANCHOR - timedelta(days=15)
     window = f"{first_day.isoformat()}..{(first_day + timedelta(days=15)).isoformat()}"
     key = f"cli:e2e:{datetime.now().isoformat()}"
     before = _assessments(sandbox, cohort)

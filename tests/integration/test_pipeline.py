@@ -5,7 +5,8 @@ resumed by a new process (a new Pipeline) with the same result, ``riskbridge run
 overlapping runs writing back the same keys at once.
 
 The model is a tiny real package with seeded random weights (the scores mean nothing; the plumbing is tested).
-The sandbox may hold other tests' cohorts in the same window, so assertions are about this cohort's studies.
+The cohort has an index window of its own (:data:`synthetic_site.COHORT_ANCHORS`); assertions are about this
+cohort's studies all the same.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import pytest
-from synthetic_site import synthetic_site_settings
+from synthetic_site import cohort_anchor, index_days, synthetic_site_settings
 from tiny_model import tiny_package
 from typer.testing import CliRunner
 
@@ -35,7 +36,9 @@ from riskbridge.staging_retention import purge_old
 pytestmark = pytest.mark.integration
 
 ZONE = "America/New_York"  # the synthetic cohort's fixed -05:00 in January
-WINDOW = (date(2024, 1, 1), date(2024, 1, 14))
+ANCHOR = cohort_anchor("test_pipeline")
+WINDOW: tuple[date, date] = index_days("test_pipeline")
+CLI_WINDOW = f"{WINDOW[0]}..{WINDOW[1]}"
 RATES = EdgeCaseRates(shared_mrn=0.1, no_fhir_patient=0.1, no_usable_series=0.1)
 RUN_TABLES = (
     "studies", "identity_decisions", "selections", "series_decisions", "retrievals", "clinical_values",
@@ -46,7 +49,7 @@ RUN_TABLES = (
 @pytest.fixture(scope="module")
 def truth(sandbox: Settings, tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
     out = tmp_path_factory.mktemp("pipeline") / "cohort"
-    generate(out, patients=16, seed=67, rates=RATES)
+    generate(out, patients=16, seed=67, rates=RATES, anchor=ANCHOR)
     load(out, f"http://127.0.0.1:{sandbox.sandbox.orthanc_http_port}", sandbox.fhir.base_url)
     return read_truth(out)
 
@@ -74,8 +77,7 @@ def settings(
         retrieve_chunk_size=4,
         clinical_chunk_size=5,
         model_package=package,
-        # The shared sandbox holds other tests' cohorts in this window, which this site's identity map does not
-        # know; the alert is switched on where it is tested.
+        # The cohort plants identity and series cases on purpose; the alert is switched on where it is tested.
         quarantine_alert_fraction=1.0,
     )
     writeback = sandbox.writeback.model_copy(
@@ -243,18 +245,18 @@ def test_riskbridge_run_on_a_window_prints_the_stage_table_and_resumes(
 
     monkeypatch.setattr(cli, "_settings", lambda: settings)
     runner = CliRunner()
-    stopped = runner.invoke(cli.app, ["run", "--window", "2024-01-01..2024-01-14", "--until", "select"])
+    stopped = runner.invoke(cli.app, ["run", "--window", CLI_WINDOW, "--until", "select"])
     assert stopped.exit_code == 0, stopped.output
     assert "stopped after select" in stopped.output
-    done = runner.invoke(cli.app, ["run", "--window", "2024-01-01..2024-01-14"])
+    done = runner.invoke(cli.app, ["run", "--window", CLI_WINDOW])
     assert done.exit_code == 0, done.output
     for word in ("discover", "write_back", "identity_conflict", "no_usable_series", "report:"):
         assert word in done.output, word
     with Ledger.connect(settings.database) as ledger:
-        run = ledger.run_by_key("cli:backfill:2024-01-01..2024-01-14")
+        run = ledger.run_by_key(f"cli:backfill:{CLI_WINDOW}")
     assert run.status == "success"
     _check_against_truth(settings, run.run_id, truth)
-    bad = runner.invoke(cli.app, ["run", "--window", "2024-01-14..2024-01-01"])
+    bad = runner.invoke(cli.app, ["run", "--window", f"{WINDOW[1]}..{WINDOW[0]}"])
     assert bad.exit_code == 2 and "before it starts" in bad.output
 
 
@@ -335,12 +337,12 @@ def test_a_run_whose_identity_map_matches_nothing_fails_with_the_quarantine_aler
         }
     )
     monkeypatch.setattr(cli, "_settings", lambda: wrong)
-    result = CliRunner().invoke(cli.app, ["run", "--window", "2024-01-01..2024-01-14"])
+    result = CliRunner().invoke(cli.app, ["run", "--window", CLI_WINDOW])
     assert result.exit_code == 2, result.output
     output = " ".join(result.output.split())
     assert "Most are identity_unmatched; likely cause:" in output and "[identity] issuer_systems" in output
     with Ledger.connect(settings.database) as ledger:
-        run = ledger.run_by_key("cli:backfill:2024-01-01..2024-01-14")
+        run = ledger.run_by_key(f"cli:backfill:{CLI_WINDOW}")
         summary = report_stage.run_summary(ledger, run.run_id)
     assert run.status == "failed"
     discovered = summary.stage_counts["discover"]["done"]
@@ -361,7 +363,7 @@ def test_overlapping_runs_send_each_key_once_and_write_one_risk_assessment_per_k
     one_at_a_time = settings.writeback.model_copy(update={"bundle_size": 1, "bundle_workers": 1})
     settings = settings.model_copy(update={"writeback": one_at_a_time})
     with Pipeline.from_settings(settings) as pipeline:
-        # On demand, by the cohort's accession numbers: the window holds other tests' cohorts too.
+        # On demand, by the cohort's accession numbers.
         first = pipeline.start_run("on_demand", "test:pipeline:overlap-a", accessions=_accessions(truth))
         pipeline.run_stages(first, until="score")
         second = pipeline.start_run("on_demand", "test:pipeline:overlap-b", accessions=_accessions(truth))

@@ -6,7 +6,7 @@ so both runs must quarantine the same studies for the same reasons and write Ris
 content; and with sampling off, dcmqrscp gives the failure the issue describes (no series chosen).
 
 The model is a tiny real package with seeded random weights (the scores mean nothing; equality across PACS is
-what is tested). The sandbox may hold other tests' cohorts in the window: assertions are about this cohort.
+what is tested). The cohort has an index window of its own (:data:`synthetic_site.COHORT_ANCHORS`) in both PACS.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from synthetic_site import synthetic_site_settings
+from synthetic_site import cohort_anchor, index_days, synthetic_site_settings
 from tiny_model import tiny_package
 
 from riskbridge.connectors.fhir import FhirClient
@@ -33,7 +33,7 @@ from riskbridge.stages import report as report_stage
 pytestmark = pytest.mark.integration
 
 ZONE = "America/New_York"
-WINDOW = (date(2024, 1, 1), date(2024, 1, 14))
+WINDOW: tuple[date, date] = index_days("test_pipeline_two_pacs")
 # pacs_mrn_in_other_ids: PatientID is the radiology system's own, the MRN only in OtherPatientIDsSequence, which
 # neither PACS returns in C-FIND: identity must read it from a sampled header.
 RATES = EdgeCaseRates(no_fhir_patient=0.15, no_usable_series=0.15, pacs_mrn_in_other_ids=0.25)
@@ -43,7 +43,7 @@ RATES = EdgeCaseRates(no_fhir_patient=0.15, no_usable_series=0.15, pacs_mrn_in_o
 def truth(sandbox: Settings, tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
     """A small cohort, loaded into Orthanc and HAPI FHIR and its DICOM also into the sandbox dcmqrscp."""
     out = tmp_path_factory.mktemp("two-pacs") / "cohort"
-    generate(out, patients=8, seed=4421, rates=RATES)
+    generate(out, patients=8, seed=4421, rates=RATES, anchor=cohort_anchor("test_pipeline_two_pacs"))
     load(out, f"http://127.0.0.1:{sandbox.sandbox.orthanc_http_port}", sandbox.fhir.base_url)
     report = load_dicom_into(dcmqrscp_pacs(sandbox), out)
     assert report.instances_sent > 0

@@ -19,7 +19,7 @@ from zoneinfo import ZoneInfo
 
 import pytest
 import requests
-from synthetic_site import phi_strings, synthetic_site_settings
+from synthetic_site import cohort_anchor, phi_strings, synthetic_site_settings
 from typer.testing import CliRunner
 
 from riskbridge import cli
@@ -54,7 +54,7 @@ def test_the_survey_names_what_it_cannot_map_and_retrieves_nothing(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     cohort = tmp_path / "cohort"
-    generate(cohort, patients=12, seed=9393)
+    generate(cohort, patients=12, seed=9393, anchor=cohort_anchor("test_survey_sandbox"))
     load(cohort, f"http://127.0.0.1:{sandbox.sandbox.orthanc_http_port}", sandbox.fhir.base_url)
     truth = read_truth(cohort)
     target = next(r for r in truth if r["quarantine"] is None and r["identity"]["fhir_patient_id"])

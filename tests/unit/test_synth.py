@@ -9,7 +9,7 @@ import io
 import json
 import math
 from collections import Counter, defaultdict
-from datetime import datetime, timedelta, timezone
+from datetime import date, datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +29,7 @@ from riskbridge.dev.synth import (
     read_manifest,
     read_truth,
 )
-from riskbridge.dev.synth.cohort import ASSERTIONS, PHRASES, build_cohort, truth_record
+from riskbridge.dev.synth.cohort import ANCHOR, ASSERTIONS, PHRASES, build_cohort, truth_record
 from riskbridge.dev.synth.dicom import series_instances
 from riskbridge.dev.synth.phantom import render_study
 
@@ -167,6 +167,27 @@ def test_a_lab_shift_moves_only_the_named_labs_and_names_another_cohort() -> Non
         build_cohort(SEED, 3, lab_shift={"ldl": 2.0})
     with pytest.raises(CohortError, match="factor"):
         build_cohort(SEED, 3, lab_shift={"crp": 0.0})
+
+
+def test_an_anchor_moves_every_time_of_the_cohort_and_names_another_cohort() -> None:
+    plain = build_cohort(SEED, 12)
+    assert build_cohort(SEED, 12, anchor=ANCHOR.date()).cohort_id == plain.cohort_id, "the default: the same cohort"
+    moved = build_cohort(SEED, 12, anchor=date(2003, 2, 9))
+    assert moved.cohort_id != plain.cohort_id and moved.anchor == datetime(2003, 2, 9, tzinfo=ANCHOR.tzinfo)
+    shift = moved.anchor - plain.anchor
+    for before, after in zip(plain.patients, moved.patients, strict=True):
+        assert after.mrn == before.mrn and after.lab_state == before.lab_state  # the same people, other days
+        assert [s.start - b.start for s, b in zip(after.studies, before.studies, strict=True)] == [shift] * len(
+            before.studies
+        )
+        assert [a.effective - b.effective for a, b in zip(after.labs, before.labs, strict=True)] == [shift] * len(
+            before.labs
+        )
+        assert {s.uid for s in after.studies}.isdisjoint({s.uid for s in before.studies})
+        window = moved.anchor - timedelta(days=14) <= after.index_study.start < moved.anchor
+        assert window, after.key
+    with pytest.raises(CohortError, match="January or February"):
+        build_cohort(SEED, 3, anchor=date(2003, 7, 1))  # the site is at -04:00 in summer
 
 
 def test_zero_rates_give_a_cohort_without_edge_cases() -> None:

@@ -5,7 +5,8 @@ everything the writers need (identities, studies and series with their UIDs, lab
 values, notes with their text) and everything the pipeline is expected to conclude (:func:`truth_record`).
 The same arguments always give the same cohort: every random draw comes from a ``numpy`` generator seeded from
 the seed and a fixed key, every UID is a hash of the cohort id and a fixed path, and every timestamp is an offset
-from the fixed :data:`ANCHOR`. docs/synthetic-cohort.md describes the model, the edge cases and the truth schema.
+from the cohort's anchor (:data:`ANCHOR` unless another winter date is given, so that cohorts can sit in windows
+of their own). docs/synthetic-cohort.md describes the model, the edge cases and the truth schema.
 """
 
 from __future__ import annotations
@@ -795,6 +796,7 @@ class Cohort:
     cohort_id: str
     patients: list[PatientSpec]
     lab_shift: dict[str, float] = field(default_factory=dict)
+    anchor: datetime = ANCHOR
 
     @property
     def preset(self) -> SizePreset:
@@ -825,14 +827,23 @@ def make_uuid(cohort_id: str, *parts: object) -> str:
 
 
 def cohort_id_for(
-    seed: int, patients: int, size: str, rates: EdgeCaseRates, lab_shift: Mapping[str, float] | None = None
+    seed: int,
+    patients: int,
+    size: str,
+    rates: EdgeCaseRates,
+    lab_shift: Mapping[str, float] | None = None,
+    anchor: datetime = ANCHOR,
 ) -> str:
     """Eight hex digits naming a cohort: a hash of the generator version and all parameters."""
     params: dict[str, Any] = {
         "version": GENERATOR_VERSION, "seed": seed, "patients": patients, "size": size, "rates": asdict(rates)
     }  # fmt: skip
-    if lab_shift:  # only when given: the ids of unshifted cohorts stay what they were
+    # Each only when it differs from the default: the ids of earlier cohorts stay what they were. A moved cohort
+    # gets UIDs of its own, because a PACS keeps the first copy of an instance it already holds.
+    if lab_shift:
         params["lab_shift"] = dict(sorted(lab_shift.items()))
+    if anchor != ANCHOR:
+        params["anchor"] = anchor.date().isoformat()
     return hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest()[:8]
 
 
@@ -1413,18 +1424,31 @@ def check_lab_shift(lab_shift: Mapping[str, float] | None) -> dict[str, float]:
     return shift
 
 
+def anchor_at(day: date | None) -> datetime:
+    """The anchor of a cohort whose index window ends (exclusive) at midnight starting ``day``: :data:`ANCHOR`
+    for ``None``. The cohort writes its times with the fixed offset -05:00, which the synthetic hospital's zone
+    (:data:`SITE_TIMEZONE`) keeps only in winter, so ``day`` must be in January or February."""
+    if day is None:
+        return ANCHOR
+    if day.month not in (1, 2):
+        raise CohortError(f"anchor: must be a day in January or February, when the site keeps -05:00 (value {day})")
+    return datetime(day.year, day.month, day.day, tzinfo=SITE_TZ)
+
+
 def build_cohort(
     seed: int,
     patients: int,
     size: str = "small",
     rates: EdgeCaseRates | None = None,
     lab_shift: Mapping[str, float] | None = None,
+    anchor: date | None = None,
 ) -> Cohort:
     """Generate the cohort's specification (no files): identities, studies, labs, notes, outcome.
 
     ``lab_shift`` (lab -> factor) multiplies the patients' true lab values, within the plausible limits, before
     anything is drawn from them: a population that differs from the training one (the monitor's drift test). The
-    outcome follows the shifted values, as it would in a sicker population.
+    outcome follows the shifted values, as it would in a sicker population. ``anchor`` moves the index window to
+    the :data:`INDEX_WINDOW_DAYS` days before that day (:func:`anchor_at`), and the cohort gets an id of its own.
     """
     if size not in SIZES:
         raise CohortError(f"size: must be one of {', '.join(SIZES)} (value {size!r})")
@@ -1433,7 +1457,8 @@ def build_cohort(
     rates = rates or EdgeCaseRates()
     shift = check_lab_shift(lab_shift)
     preset = SIZES[size]
-    cohort_id = cohort_id_for(seed, patients, size, rates, shift)
+    moment = anchor_at(anchor)
+    cohort_id = cohort_id_for(seed, patients, size, rates, shift, moment)
     cases = _assign_edge_cases(seed, patients, rates)
     ordinals = {
         code: _variant_counter(cases, code)
@@ -1452,7 +1477,7 @@ def build_cohort(
         family = NAMES_FAMILY[int(rng.integers(0, len(NAMES_FAMILY)))]
         given = NAMES_GIVEN[int(rng.integers(0, len(NAMES_GIVEN)))]
         age_days = int(rng.integers(40 * 365, 88 * 365))
-        birth = (ANCHOR - timedelta(days=age_days)).date()
+        birth = (moment - timedelta(days=age_days)).date()
         mrn = mrns[i]
         if "pacs_id_leading_zeros" in mine:
             variant, pacs_id, issuer = "leading_zeros", mrn.zfill(10), PACS_ISSUER
@@ -1472,7 +1497,7 @@ def build_cohort(
             if ordinals["shared_mrn"][i] % 2 == 0:  # a duplicate chart of the same person
                 fhir_patients.append(FhirPatient(f"{fhir_id}-dup", mrn, family, given, birth, sex, f"{key}-dup"))
             else:  # another person registered under the same MRN
-                other_birth = (ANCHOR - timedelta(days=int(rng.integers(20 * 365, 90 * 365)))).date()
+                other_birth = (moment - timedelta(days=int(rng.integers(20 * 365, 90 * 365)))).date()
                 other_family = NAMES_FAMILY[(NAMES_FAMILY.index(family) + 7) % len(NAMES_FAMILY)]
                 fhir_patients.append(
                     FhirPatient(
@@ -1487,7 +1512,7 @@ def build_cohort(
                 )
             next(extra_mrns)  # reserved so the MRN space of other patients does not depend on this case
         day = int(rng.integers(1, INDEX_WINDOW_DAYS + 1))
-        start = ANCHOR - timedelta(days=day) + timedelta(seconds=int(rng.integers(7 * 3600, 22 * 3600)))
+        start = moment - timedelta(days=day) + timedelta(seconds=int(rng.integers(7 * 3600, 22 * 3600)))
         body_scale = round(float(rng.uniform(0.88, 1.08)), 3)
         studies = [
             _make_study(
@@ -1580,7 +1605,7 @@ def build_cohort(
         patient.outcome_onset = _floor_minute(acquired + timedelta(days=onset_days)) if patient.label else None
         patient.follow_up = _floor_minute(acquired + timedelta(days=follow_up_days))
         out.append(patient)
-    return Cohort(seed=seed, size=size, rates=rates, cohort_id=cohort_id, patients=out, lab_shift=shift)
+    return Cohort(seed=seed, size=size, rates=rates, cohort_id=cohort_id, patients=out, lab_shift=shift, anchor=moment)
 
 
 # --- ground truth ----------------------------------------------------------------------------------------

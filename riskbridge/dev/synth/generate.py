@@ -19,12 +19,11 @@ from collections import Counter
 from collections.abc import Callable, Mapping
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
-from datetime import timedelta
+from datetime import date, timedelta
 from pathlib import Path
 from typing import Any
 
 from riskbridge.dev.synth.cohort import (
-    ANCHOR,
     CORRECT_SERIES_KIND,
     EDGE_CASE_CODES,
     GENERATOR_VERSION,
@@ -131,7 +130,7 @@ def _write_dicom(cohort: Cohort, root: Path, workers: int, progress: Progress | 
 def _manifest(
     cohort: Cohort, counts: dict[str, Any], edge: dict[str, int], quarantine: dict[str, int]
 ) -> dict[str, Any]:
-    start = ANCHOR - timedelta(days=INDEX_WINDOW_DAYS)
+    start = cohort.anchor - timedelta(days=INDEX_WINDOW_DAYS)
     return {
         "generator": "riskbridge.synth",
         "version": GENERATOR_VERSION,
@@ -141,7 +140,7 @@ def _manifest(
         "size": cohort.size,
         "rates": asdict(cohort.rates),
         "lab_shift": cohort.lab_shift,
-        "index_window": {"start": iso(start), "end": iso(ANCHOR)},
+        "index_window": {"start": iso(start), "end": iso(cohort.anchor)},
         "policy": {
             "lab_window_hours_before_index": LAB_WINDOW.total_seconds() / 3600.0,
             "note_lookback_days": NOTE_LOOKBACK.days,
@@ -165,17 +164,20 @@ def generate(
     progress: Progress | None = None,
     workers: int | None = None,
     lab_shift: Mapping[str, float] | None = None,
+    anchor: date | None = None,
 ) -> CohortSummary:
     """Generate a cohort into ``out_dir`` (see the module docstring); the same arguments give the same files.
 
     ``progress(stage, done, total)`` is called per patient for the stages "dicom" and "fhir". ``workers``
     processes write DICOM in parallel (default: up to 4, one per CPU); the output does not depend on it.
     ``lab_shift`` (lab -> factor) shifts the population's labs (:func:`build_cohort`); the manifest records it.
+    ``anchor`` (a day in January or February) moves the index window to the days before it, so that this cohort
+    shares no window with others loaded into the same servers; the manifest's ``index_window`` says where it is.
     Raises :class:`CohortError` for bad parameters or a non-empty ``out_dir`` that is not a cohort.
     """
     began = time.perf_counter()
     out_dir = Path(out_dir)
-    cohort = build_cohort(seed, patients, size, rates, lab_shift)
+    cohort = build_cohort(seed, patients, size, rates, lab_shift, anchor)
     _prepare(out_dir)
     log.info("synth: cohort %s, %d patients, size %s", cohort.cohort_id, patients, size)
     workers = workers if workers is not None else min(4, os.cpu_count() or 1)
