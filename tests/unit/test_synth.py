@@ -546,3 +546,22 @@ def test_site_environment_configures_the_synthetic_hospital(monkeypatch: pytest.
     assert settings.site.timezone == "America/New_York"
     assert settings.identity.issuer_systems == {"SYNTH_HOSP": "http://hospital.example/mrn"}
     assert settings.identity.default_issuer == "SYNTH_HOSP"
+
+
+def test_riskbridge_synth_anchor_puts_the_index_window_before_that_day(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from riskbridge import cli
+
+    out = tmp_path / "cohort"
+    done = CliRunner().invoke(cli.app, ["synth", "-n", "2", "--seed", "5", "--out", str(out), "--anchor", "2003-02-09"])
+    assert done.exit_code == 0, done.output
+    assert read_manifest(out)["index_window"] == {
+        "start": "2003-01-26T00:00:00-05:00",
+        "end": "2003-02-09T00:00:00-05:00",
+    }
+    for argument, message in (("2003-02-30", "--anchor takes a date"), ("2003-07-01", "January or February")):
+        refused = CliRunner().invoke(
+            cli.app, ["synth", "-n", "2", "--out", str(tmp_path / argument), "--anchor", argument]
+        )
+        assert refused.exit_code != 0 and message in " ".join(refused.output.split()), refused.output
